@@ -1,0 +1,23 @@
+"""Masking of student views (SPEC 4, 6): which patches each view keeps, and moving them.
+
+Mask generation lives in ``sslam_kernels`` (GPU kernel with a PyTorch reference); this module
+turns a [V, P] mask into the index form the gather/scatter steps use.
+"""
+import torch
+
+
+def visible_index(masks: torch.Tensor) -> torch.Tensor:
+    """[V, P] bool masks (True = masked) -> [V, K] ascending indices of the visible patches.
+
+    Every view must keep the same number K of patches (the exact counts of SPEC 4 guarantee it).
+    """
+    if masks.dtype != torch.bool or masks.dim() != 2:
+        raise ValueError(f"masks must be a bool tensor [V, P], got {masks.dtype} {list(masks.shape)}")
+    kept = (~masks).sum(dim=1)
+    if kept.numel() and bool((kept != kept[0]).any()):
+        raise ValueError(
+            f"every view must keep the same number of patches; got counts from {int(kept.min())} to {int(kept.max())}"
+        )
+    k = int(kept[0]) if kept.numel() else 0
+    # A stable sort of the mask puts visible (False) positions first, in ascending order.
+    return masks.to(torch.uint8).sort(dim=1, stable=True).indices[:, :k]

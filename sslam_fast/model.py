@@ -1,0 +1,190 @@
+"""The encoder (student and teacher share it) and the CNN decoder of SSLAM / EAT (SPEC 3, 6)."""
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import SSLAMConfig
+
+
+def sincos_table(embed_dim: int, time_patches: int, freq_patches: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions [time_patches * freq_patches, embed_dim], time-major.
+
+    The first half of the channels encodes the frequency index, the second half the time index
+    (the MAE/EAT convention); each half is [sin, cos] over geometric frequencies.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be a multiple of 4 for the 2-D sin-cos table, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    t, f = torch.meshgrid(torch.arange(time_patches, dtype=torch.float64),
+                          torch.arange(freq_patches, dtype=torch.float64), indexing="ij")
+
+    def encode(pos):
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(f), encode(t)], dim=1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mode: str = "auto"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.mode = mode
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, self.mode)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Post-LN transformer block that also returns its MLP output r (the teachers' target source)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, attn_mode: str):
+        super().__init__()
+        self.attn = Attention(dim, num_heads, attn_mode)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm1(x + self.attn(x))
+        r = self.mlp(x)
+        return self.norm2(x + r), r
+
+
+def as_fbank_batch(fbank: torch.Tensor, num_mel_bins: int, patch_size: int, max_frames: int) -> torch.Tensor:
+    """Accept [B, T, F] or [B, 1, T, F]; return [B, 1, T, F] after checking T and F."""
+    if fbank.dim() == 3:
+        fbank = fbank.unsqueeze(1)
+    if fbank.dim() != 4 or fbank.shape[1] != 1:
+        raise ValueError(f"fbank must be [B, T, {num_mel_bins}] or [B, 1, T, {num_mel_bins}], got {list(fbank.shape)}")
+    T, Fb = fbank.shape[-2:]
+    if Fb != num_mel_bins:
+        raise ValueError(f"fbank has {Fb} mel bins, the model expects {num_mel_bins}")
+    if T % patch_size or not 0 < T <= max_frames:
+        raise ValueError(f"fbank has {T} frames; it must be a positive multiple of {patch_size} up to {max_frames}")
+    return fbank
+
+
+class Encoder(nn.Module):
+    """Patch embedding + fixed positions, CLS, LayerNorm, post-LN blocks (no final norm)."""
+
+    def __init__(self, cfg: SSLAMConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = nn.Conv2d(1, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.register_buffer("pos_table", sincos_table(D, cfg.max_time_patches, cfg.freq_patches), persistent=False)
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attention) for _ in range(cfg.depth)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # BERT-style init of the linear layers as in fairseq; xavier on the flattened patch kernel.
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token)
+
+    @property
+    def max_frames(self) -> int:
+        return self.cfg.max_time_patches * self.cfg.patch_size
+
+    def patchify(self, fbank: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, F] -> patch embeddings [B, P, D] (P = T/16 * F/16, time-major), no positions."""
+        fbank = as_fbank_batch(fbank, self.cfg.num_mel_bins, self.cfg.patch_size, self.max_frames)
+        return self.patch_embed(fbank.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+
+    def positions(self, num_patches: int) -> torch.Tensor:
+        return self.pos_table[:num_patches]
+
+    def embed(self, fbank: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings plus positions, [B, P, D]."""
+        x = self.patchify(fbank)
+        return x + self.positions(x.shape[1]).to(x.dtype)
+
+    def with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+
+    def run_blocks(self, x: torch.Tensor, collect: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """LayerNorm then the blocks on [N, 1 + L, D] (CLS first); returns the output and, when
+        ``collect``, each block's MLP output without the CLS position."""
+        x = self.norm(x)
+        layers = []
+        for block in self.blocks:
+            x, r = block(x)
+            if collect:
+                layers.append(r[:, 1:])
+        return x, layers
+
+    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
+        """Unmasked encoding [B, 1 + P, D], CLS first."""
+        return self.run_blocks(self.with_cls(self.embed(fbank)))[0]
+
+    def extract_features(self, fbank: torch.Tensor, granularity: str = "all") -> torch.Tensor:
+        """Features of [B, T, 128] or [B, 1, T, 128] fbank (T a multiple of 16, up to 12288 frames).
+
+        "all": [B, 1 + P, D] (CLS first); "frame": the patch tokens [B, P, D]; "utterance": CLS [B, D].
+        """
+        if granularity not in ("all", "frame", "utterance"):
+            raise ValueError(f"granularity must be 'all', 'frame' or 'utterance', got {granularity!r}")
+        x = self.forward(fbank)
+        if granularity == "frame":
+            return x[:, 1:]
+        if granularity == "utterance":
+            return x[:, 0]
+        return x
+
+
+class CNNDecoder(nn.Module):
+    """Residual [grouped conv 3x3 -> LayerNorm over channels (no affine) -> GELU] x L, then Linear."""
+
+    def __init__(self, cfg: SSLAMConfig):
+        super().__init__()
+        D = cfg.embed_dim
+        self.eps = cfg.decoder_norm_eps
+        self.convs = nn.ModuleList(
+            nn.Conv2d(D, D, kernel_size=cfg.decoder_kernel, padding=cfg.decoder_kernel // 2, groups=cfg.decoder_groups)
+            for _ in range(cfg.decoder_layers)
+        )
+        self.proj = nn.Linear(D, D)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """x: [V, P, D] tokens on a (time, freq) patch grid -> predictions [V, P, D]."""
+        V, P, D = x.shape
+        h = x.transpose(1, 2).reshape(V, D, *grid)
+        for conv in self.convs:
+            y = conv(h)
+            y = F.layer_norm(y.transpose(1, 3), (D,), eps=self.eps).transpose(1, 3)
+            h = h + F.gelu(y)
+        return self.proj(h.reshape(V, D, P).transpose(1, 2))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,183 @@
+"""One SSLAM / EAT pretraining step as a pure function of (weights, batch, draws): SPEC 4-7."""
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import sslam_kernels
+
+from .config import SSLAMConfig
+from .masking import visible_index
+from .mixing import check_windows, draw_mix_windows, mixed_rows, partial_mixture
+from .model import CNNDecoder, Encoder, as_fbank_batch
+from .objectives import feature_std, layer_averaged_target, regression_loss, source_retention_target
+from .teacher import ema_decay_at, ema_update, make_teacher
+
+
+@dataclass
+class Draws:
+    """Every random draw of one step; a missing field is drawn internally.
+
+    masks: BoolTensor[V, P], True = masked. V views are ordered [clip0 x clone, clip1 x clone,
+        ..., then (stage 2) the mixtures in the same order]; P patches, time-major.
+    mix_windows: (w1, w2), the two unmixed windows in frames (stage 2).
+    decoder_noise: Tensor[V, P, D], the decoder's input at masked positions (values at visible
+        positions are ignored).
+    """
+
+    masks: Optional[torch.Tensor] = None
+    mix_windows: Optional[Tuple[int, int]] = None
+    decoder_noise: Optional[torch.Tensor] = None
+
+
+class SSLAMPretrainer(nn.Module):
+    """Student encoder, CNN decoder and EMA teacher; ``forward(fbank)`` returns the step's losses.
+
+    Call ``update_teacher(step)`` after each optimizer step (step = updates done so far).
+    """
+
+    def __init__(self, cfg: SSLAMConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.student = Encoder(cfg)
+        self.decoder = CNNDecoder(cfg)
+        self.teacher = make_teacher(self.student)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ----------------------------------------------------------------------- teacher
+    def ema_decay(self, step: int) -> float:
+        c = self.cfg
+        return ema_decay_at(step, c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step)
+
+    def update_teacher(self, step: int, student_params=None) -> float:
+        """EMA step with the decay of ``step``; ``student_params`` defaults to the student's own
+        parameters (pass fp32 master copies where the optimizer keeps them). Returns the decay."""
+        decay = self.ema_decay(step)
+        if decay < 1:
+            ema_update(self.teacher, self.student.parameters() if student_params is None else student_params, decay)
+        return decay
+
+    # ----------------------------------------------------------------------- draws
+    def draw(self, batch_size: int, num_frames: int, device, generator: Optional[torch.Generator] = None,
+             draws: Optional[Draws] = None) -> Draws:
+        """Fill the missing fields of ``draws`` for a batch of ``batch_size`` clips."""
+        c = self.cfg
+        draws = draws or Draws()
+        grid = (num_frames // c.patch_size, c.freq_patches)
+        inputs = batch_size * (2 if c.stage == 2 else 1)
+        masks = draws.masks
+        if masks is None:
+            masks = sslam_kernels.inverse_block_mask_reference(
+                batch_size * c.clone_batch, grid, c.mask_prob, c.mask_length, c.mask_prob_adjust,
+                generator=generator, device=device)
+            if c.stage == 2:
+                masks = torch.cat([masks, masks])  # each mixture reuses its base clip's masks
+        views, patches = inputs * c.clone_batch, grid[0] * grid[1]
+        if masks.shape != (views, patches) or masks.dtype != torch.bool:
+            raise ValueError(f"draws.masks must be bool [{views}, {patches}], got {masks.dtype} {list(masks.shape)}")
+        windows = draws.mix_windows
+        if c.stage == 2:
+            windows = check_windows(
+                windows if windows is not None
+                else draw_mix_windows(generator, num_frames, c.mix_window, c.mix_w1_max, c.mix_w2_max, c.mix_step),
+                num_frames, c.mix_window, c.mix_step)
+        noise = draws.decoder_noise
+        if noise is None:
+            noise = torch.empty(views, patches, c.embed_dim, device=device).normal_(0, c.mask_noise_std, generator=generator)
+        if noise.shape != (views, patches, c.embed_dim):
+            raise ValueError(f"draws.decoder_noise must be [{views}, {patches}, {c.embed_dim}], got {list(noise.shape)}")
+        return Draws(masks=masks.to(device), mix_windows=windows, decoder_noise=noise.to(device))
+
+    # ----------------------------------------------------------------------- step
+    def forward(self, fbank: torch.Tensor, draws: Optional[Draws] = None,
+                mixture: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """fbank: [B, 1, T, 128] normalised log-mel. ``mixture`` (stage 2) may come precomputed from
+        the data pipeline for ``draws.mix_windows``. Returns loss (= (patch_loss + cls_loss +
+        srl_loss) / sample_size), the three summed terms, sample_size, target_var, pred_var, and
+        the draws used."""
+        c = self.cfg
+        fbank = as_fbank_batch(fbank, c.num_mel_bins, c.patch_size, self.student.max_frames)
+        B, _, T, _ = fbank.shape
+        if c.stage == 2 and mixture is not None and (draws is None or draws.mix_windows is None):
+            raise ValueError("a precomputed mixture needs the draws.mix_windows it was made with")
+        draws = self.draw(B, T, fbank.device, generator, draws)
+        grid = (T // c.patch_size, c.freq_patches)
+        clone = c.clone_batch
+        scale = c.loss_scale if c.loss_scale is not None else c.embed_dim ** -0.5
+
+        if c.stage == 2:
+            if mixture is None:
+                mixture = partial_mixture(fbank, draws.mix_windows, c.mix_window)
+            inputs = torch.cat([fbank, mixture.to(fbank.dtype)])
+        else:
+            inputs = fbank
+
+        # Student: visible patches (+ positions) of every view, CLS, blocks; decoder on the full grid.
+        masks = draws.masks
+        keep = visible_index(masks)
+        patches = self.student.patchify(inputs)
+        pos = self.student.positions(patches.shape[1])
+        view_clip = torch.arange(masks.shape[0], device=masks.device) // clone
+        visible = (patches + pos.to(patches.dtype))[view_clip[:, None], keep]
+        x, _ = self.student.run_blocks(self.student.with_cls(visible))
+        student_cls = x[:, 0]
+        dec_in = draws.decoder_noise.to(x.dtype).scatter(
+            1, keep[:, :, None].expand(-1, -1, x.shape[-1]), x[:, 1:])
+        pred = self.decoder(dec_in, grid)
+
+        targets = self.teacher_targets(inputs, B, draws.mix_windows, grid)
+
+        # Losses at masked positions; view v's target is its clip's, v // clone.
+        vi, pi = masks.nonzero(as_tuple=True)
+        sample_size = vi.numel()
+        pred_masked = pred[vi, pi]
+        target_masked = targets["patch"][vi // clone, pi]
+        patch_loss = regression_loss(pred_masked, target_masked, scale) * c.patch_loss_weight
+        cls_target = targets["cls"].repeat_interleave(clone, 0)
+        cls_loss = regression_loss(student_cls, cls_target, scale) * (c.cls_loss_weight * sample_size)
+        if c.stage == 2:
+            half = masks.shape[0] // 2
+            mvi, mpi = masks[half:].nonzero(as_tuple=True)
+            srl_loss = regression_loss(pred[half + mvi, mpi], targets["srl"][mvi // clone, mpi], scale) * c.srl_loss_weight
+        else:
+            srl_loss = torch.zeros((), device=fbank.device)
+        loss = (patch_loss + cls_loss + srl_loss) / sample_size
+        return {
+            "loss": loss,
+            "patch_loss": patch_loss.detach(),
+            "cls_loss": cls_loss.detach(),
+            "srl_loss": srl_loss.detach(),
+            "sample_size": torch.tensor(sample_size, device=fbank.device),
+            "target_var": feature_std(target_masked),
+            "pred_var": feature_std(pred_masked),
+            "draws": draws,
+        }
+
+    @torch.no_grad()
+    def teacher_targets(self, inputs: torch.Tensor, batch_size: int, windows, grid) -> Dict[str, torch.Tensor]:
+        """Teacher on the full inputs: patch targets [N, P, D] (top-K layer average) and utterance
+        targets [N, D] (stage 1: the same average; stage 2: the last layer). Stage 2 adds the Source
+        Retention target [B, P, D] from a pass over the originals with the unmixed rows dropped."""
+        c = self.cfg
+        t = self.teacher
+        K = c.average_top_k_layers
+        tokens = t.embed(inputs)
+        _, layers = t.run_blocks(t.with_cls(tokens), collect=True)
+        patch = layer_averaged_target(layers[-K:], c.instance_norm_eps, c.target_norm_eps)
+        if c.stage == 1:
+            return {"patch": patch, "cls": patch.mean(dim=1)}
+        last = layer_averaged_target(layers[-1:], c.instance_norm_eps, c.target_norm_eps)
+        rows = mixed_rows(grid[0], windows, c.mix_window, c.patch_size, tokens.device)
+        N, P, D = tokens.shape
+        kept = tokens[:batch_size].view(batch_size, grid[0], grid[1], D)[:, rows].reshape(batch_size, -1, D)
+        _, dropped_layers = t.run_blocks(t.with_cls(kept), collect=True)
+        partner = layer_averaged_target(dropped_layers[-K:], c.instance_norm_eps, c.target_norm_eps)
+        srl = source_retention_target(patch[:batch_size], partner, rows, grid[1])
+        return {"patch": patch, "cls": last.mean(dim=1), "srl": srl}
