@@ -1,19 +1,41 @@
 """EMA teacher update: teacher <- decay * teacher + (1 - decay) * student.
 
-The PyTorch references (also the CPU fallback). The teacher is kept in fp32; the student may be
-fp32 or bf16.
+The teacher is kept in fp32; the student may be fp32 or bf16. Three implementations of the same
+update:
+
+- ``ema_update_reference``: a per-tensor loop in fairseq's order (scale, then add); the CPU
+  fallback and the test oracle.
+- ``ema_update_foreach``: torch's multi-tensor ops.
+- ``ema_update_triton``: every (teacher, student) pair in ONE launch. A table holds one row per
+  chunk of ``BLOCK`` elements (teacher address, student address, element count), so ~150 tensors
+  of any sizes cost one launch; ``decay`` is a runtime scalar (no recompilation per value).
+
+``ema_update`` dispatches: Triton for CUDA tensors, the reference otherwise.
+
+Sharded students (ZeRO-3) are handled by pairing slices: each pair may name an element range of
+the teacher (``EMAPair``), so a rank holding only its local student shard updates only the
+matching slice of a full teacher, or its own teacher shard.
 """
-from typing import Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from ._triton import triton, tl, triton_available
+
+BLOCK = 4096  # elements per program: 16 fp32 vector loads per thread at 4 warps
+_ALIGN_BYTES = 16
 
 
 @torch.no_grad()
 def ema_update_reference(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
                          decay: float) -> None:
-    """Per-tensor loop, in the order fairseq's EMAModule applies it (scale, then add)."""
+    """Per-tensor loop, in the order fairseq's EMAModule applies it (scale, then add).
+
+    teacher: fp32 tensors, updated in place. student: tensors of the same numels (fp32 or bf16).
+    """
     for t, s in zip(teacher, student):
-        t.mul_(decay).add_(s.to(t.dtype), alpha=1 - decay)
+        t.mul_(decay).add_(s.to(t.dtype).view(t.shape), alpha=1 - decay)
 
 
 @torch.no_grad()
@@ -21,6 +43,174 @@ def ema_update_foreach(teacher: Sequence[torch.Tensor], student: Sequence[torch.
                        decay: float) -> None:
     """Same update with torch's multi-tensor ops (few launches on the GPU)."""
     teacher = list(teacher)
-    student = [s.to(t.dtype) for t, s in zip(teacher, student)]
+    student = [s.to(t.dtype).view(t.shape) for t, s in zip(teacher, student)]
     torch._foreach_mul_(teacher, decay)
     torch._foreach_add_(teacher, student, alpha=1 - decay)
+
+
+@dataclass(frozen=True)
+class EMAPair:
+    """One unit of the update: ``teacher.view(-1)[t_start : t_start + count]`` is blended with
+    ``student.view(-1)[:count]``. Both tensors contiguous; teacher fp32; student fp32 or bf16."""
+
+    teacher: torch.Tensor
+    student: torch.Tensor
+    t_start: int = 0
+    count: Optional[int] = None
+
+    def resolved_count(self) -> int:
+        return self.student.numel() if self.count is None else self.count
+
+
+if triton_available:
+
+    @triton.jit
+    def _ema_kernel(table_ptr, num_chunks, decay, one_minus_decay,
+                    S_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+        # table rows (int64): [0] teacher chunk address, [1] student chunk address, [2] count
+        chunk = tl.program_id(0)
+        t_ptr = tl.load(table_ptr + chunk).to(tl.pointer_type(tl.float32))
+        s_ptr = tl.load(table_ptr + num_chunks + chunk).to(tl.pointer_type(S_DTYPE))
+        n = tl.load(table_ptr + 2 * num_chunks + chunk)
+        if ALIGNED:
+            t_ptr = tl.multiple_of(t_ptr, 16)
+            s_ptr = tl.multiple_of(s_ptr, 16)
+        offs = tl.arange(0, BLOCK)
+        if n == BLOCK:
+            t = tl.load(t_ptr + offs)
+            s = tl.load(s_ptr + offs).to(tl.float32)
+            tl.store(t_ptr + offs, t * decay + s * one_minus_decay)
+        else:
+            m = offs < n
+            t = tl.load(t_ptr + offs, mask=m)
+            s = tl.load(s_ptr + offs, mask=m).to(tl.float32)
+            tl.store(t_ptr + offs, t * decay + s * one_minus_decay, mask=m)
+
+
+_TL_DTYPES = {}
+if triton_available:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+class EMAPlan:
+    """The chunk tables for a fixed list of pairs (rebuilt only when storage moves).
+
+    One table (and one launch) per (student dtype, alignment) group; for the usual case of one
+    student dtype and allocator-aligned parameters that is a single launch.
+    """
+
+    def __init__(self, pairs: Sequence[EMAPair]):
+        self.pairs = list(pairs)
+        self.groups: List[Tuple[torch.dtype, bool, torch.Tensor, int]] = []
+        by_key = {}
+        for p in self.pairs:
+            _check_pair(p)
+            t_addr = p.teacher.data_ptr() + 4 * p.t_start
+            s_addr = p.student.data_ptr()
+            aligned = t_addr % _ALIGN_BYTES == 0 and s_addr % _ALIGN_BYTES == 0
+            by_key.setdefault((p.student.dtype, aligned), []).append(
+                (t_addr, s_addr, p.resolved_count(), p.student.element_size()))
+        device = self.pairs[0].teacher.device if self.pairs else None
+        for (dtype, aligned), rows in by_key.items():
+            t_col, s_col, n_col = [], [], []
+            for t_addr, s_addr, count, s_size in rows:
+                for start in range(0, count, BLOCK):
+                    t_col.append(t_addr + 4 * start)
+                    s_col.append(s_addr + s_size * start)
+                    n_col.append(min(BLOCK, count - start))
+            if not n_col:
+                continue
+            table = torch.tensor([t_col, s_col, n_col], dtype=torch.int64).to(device)
+            self.groups.append((dtype, aligned, table, len(n_col)))
+        self.key = _storage_key(self.pairs)
+
+    def launch(self, decay: float) -> None:
+        for dtype, aligned, table, num_chunks in self.groups:
+            _ema_kernel[(num_chunks,)](table, num_chunks, float(decay), float(1.0 - decay),
+                                       S_DTYPE=_TL_DTYPES[dtype], ALIGNED=aligned, BLOCK=BLOCK,
+                                       num_warps=4)
+
+
+def _storage_key(pairs: Sequence[EMAPair]) -> Tuple[int, ...]:
+    return tuple(x for p in pairs for x in (p.teacher.data_ptr(), p.student.data_ptr()))
+
+
+def _check_pair(p: EMAPair) -> None:
+    if p.teacher.dtype != torch.float32:
+        raise TypeError(f"EMA teacher must be fp32, got {p.teacher.dtype}")
+    if p.student.dtype not in _TL_DTYPES:
+        raise TypeError(f"EMA student must be fp32/bf16/fp16, got {p.student.dtype}")
+    if not (p.teacher.is_contiguous() and p.student.is_contiguous()):
+        raise ValueError("EMA tensors must be contiguous")
+    if p.teacher.device != p.student.device:
+        raise ValueError(f"teacher on {p.teacher.device}, student on {p.student.device}")
+    count = p.resolved_count()
+    if count > p.student.numel() or p.t_start + count > p.teacher.numel() or p.t_start < 0:
+        raise ValueError(f"EMA pair out of range: teacher {tuple(p.teacher.shape)} from "
+                         f"{p.t_start}, student {tuple(p.student.shape)}, count {count}")
+
+
+def as_pairs(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> List[EMAPair]:
+    """Whole-tensor pairs; each teacher/student pair must have the same numel."""
+    teacher, student = list(teacher), list(student)
+    if len(teacher) != len(student):
+        raise ValueError(f"{len(teacher)} teacher tensors vs {len(student)} student tensors")
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        if t.numel() != s.numel():
+            raise ValueError(f"pair {i}: teacher numel {t.numel()} != student numel {s.numel()}")
+    return [EMAPair(t, s) for t, s in zip(teacher, student)]
+
+
+@torch.no_grad()
+def ema_update_triton(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                      decay: float) -> None:
+    """The Triton update over all pairs in one launch (per student dtype).
+
+    teacher: list of fp32 contiguous tensors (updated in place).
+    student: list of contiguous fp32 / bf16 / fp16 tensors, numel equal to the teacher's.
+    decay: python float in [0, 1].
+    """
+    EMAPlan(as_pairs(teacher, student)).launch(decay)
+
+
+@torch.no_grad()
+def ema_update_pairs(pairs: Sequence[EMAPair], decay: float, plan: Optional[EMAPlan] = None,
+                     backend: str = "auto") -> Optional[EMAPlan]:
+    """Update a list of ``EMAPair``. backend: "auto" (Triton for CUDA tensors, the reference
+    otherwise), "triton" or "torch".
+
+    Returns the plan so callers can pass it back (it is rebuilt if any storage moved)."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown EMA backend {backend!r}")
+    pairs = list(pairs)
+    if not pairs:
+        return plan
+    if backend == "triton" or (backend == "auto" and pairs[0].teacher.is_cuda and triton_available):
+        if plan is None or plan.key != _storage_key(pairs):
+            plan = EMAPlan(pairs)
+        plan.launch(decay)
+        return plan
+    for p in pairs:
+        _check_pair(p)
+        count = p.resolved_count()
+        t = p.teacher.view(-1)[p.t_start:p.t_start + count]
+        t.mul_(decay).add_(p.student.view(-1)[:count].to(torch.float32), alpha=1 - decay)
+    return plan
+
+
+@torch.no_grad()
+def ema_update(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+               decay: float) -> None:
+    """teacher[i] <- decay * teacher[i] + (1 - decay) * student[i], for all i.
+
+    teacher: list of fp32 contiguous tensors, updated in place.
+    student: list of fp32 or bf16 contiguous tensors with the same numels (shapes may differ,
+        e.g. a flat local shard).
+    decay: python float; changing it between calls never recompiles.
+    On CUDA: one Triton launch for all tensors. On CPU: ``ema_update_reference``.
+    """
+    teacher, student = list(teacher), list(student)
+    if teacher and teacher[0].is_cuda and triton_available:
+        ema_update_triton(teacher, student, decay)
+    else:
+        ema_update_reference(teacher, student, decay)
