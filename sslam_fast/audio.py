@@ -1,0 +1,312 @@
+"""Audio front end of SPEC section 2: decode, mono, resample to 16 kHz, Kaldi fbank, pad/crop, normalise.
+
+Everything here is plain PyTorch, batched over clips with per-clip lengths, and runs unchanged on
+the CPU and on a GPU. `kaldi_fbank` equals `torchaudio.compliance.kaldi.fbank` with the arguments
+SSLAM uses and `resample` equals `torchaudio.functional.resample` with its defaults; both are
+checked against arrays that the real torchaudio produced (tests/fixtures/golden/).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import BinaryIO, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+NUM_MEL_BINS = 128
+TARGET_LENGTH = 1024
+NORM_MEAN = -4.268  # AudioSet (SPEC section 2, step 6)
+NORM_STD = 4.569
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+PREEMPHASIS = 0.97
+LOW_FREQ = 20.0
+# The longest clip we agree to decode (samples at the file's own rate): one hour at 48 kHz.
+MAX_SAMPLES = 48000 * 3600
+
+PathOrFile = Union[str, os.PathLike, BinaryIO]
+
+
+class AudioError(ValueError):
+    """A file that cannot be turned into audio: missing, unreadable, empty, non-finite, too long."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES) -> Tuple[np.ndarray, int]:
+    """Read wav/flac/ogg/mp3 and average channels: returns (float32 [N] mono, sample rate).
+
+    Raises AudioError for a missing, unreadable, empty, non-finite or longer-than-`max_samples` file.
+    """
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+        if info.frames > max_samples:
+            raise AudioError(path, f"{info.frames} samples, more than the limit {max_samples}")
+        if hasattr(path, "seek"):
+            path.seek(0)
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except Exception as err:  # libsndfile reports missing, truncated and foreign files alike
+        raise AudioError(path, f"cannot decode: {err}") from err
+    if data.shape[0] == 0:
+        raise AudioError(path, "no samples")
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioError(path, "NaN or Inf samples")
+    return np.ascontiguousarray(mono), int(rate)
+
+
+def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """File -> mono float32 waveform [N] at `sample_rate` (channels averaged first, then resampled)."""
+    mono, rate = decode(path)
+    return resample(torch.from_numpy(mono), rate, sample_rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resampling (torchaudio.functional.resample, method "sinc_interp_hann", width 6, rolloff 0.99)
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _sinc_kernel(orig: int, new: int, width_taps: int, rolloff: float, device: str, dtype: torch.dtype):
+    """Polyphase Hann-windowed sinc kernel [new, 1, 2*width + orig], built in the waveform's dtype as
+    torchaudio builds it, so that even its rounding matches."""
+    base = min(orig, new) * rolloff
+    width = math.ceil(width_taps * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + idx
+    t *= base
+    t = t.clamp_(-width_taps, width_taps)
+    window = torch.cos(t * math.pi / width_taps / 2) ** 2
+    t *= math.pi
+    kernel = torch.where(t == 0, torch.tensor(1.0).to(t), t.sin() / t)
+    kernel *= window * (base / orig)
+    return kernel, width
+
+
+def resampled_length(length: int, orig_freq: int, new_freq: int) -> int:
+    """Samples after resampling `length` samples from orig_freq to new_freq (ceil, as torchaudio)."""
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    return -(-new * int(length) // orig)
+
+
+def resample(
+    waveform: torch.Tensor,
+    orig_freq: int,
+    new_freq: int = SAMPLE_RATE,
+    lowpass_filter_width: int = 6,
+    rolloff: float = 0.99,
+) -> torch.Tensor:
+    """Band-limited resampling of [..., N] (float) from orig_freq to new_freq, equal to
+    torchaudio.functional.resample with the same arguments. Returns [..., ceil(N * new / orig)].
+
+    Zero padding at the end of a clip inside a batch does not change that clip's first
+    `resampled_length(len, orig, new)` outputs, so padded batches of one source rate can be resampled
+    together and each row cut to its own length.
+    """
+    if int(orig_freq) != orig_freq or int(new_freq) != new_freq or orig_freq <= 0 or new_freq <= 0:
+        raise ValueError(f"sample rates must be positive integers, got {orig_freq} -> {new_freq}")
+    if orig_freq == new_freq:
+        return waveform
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    kernel, width = _sinc_kernel(orig, new, lowpass_filter_width, rolloff, str(waveform.device), waveform.dtype)
+    shape = waveform.shape
+    flat = waveform.reshape(-1, shape[-1])
+    padded = F.pad(flat, (width, width + orig))
+    out = F.conv1d(padded[:, None], kernel, stride=orig)  # [B, new, n_blocks]: one row per phase
+    out = out.transpose(1, 2).reshape(flat.shape[0], -1)
+    out = out[:, : resampled_length(shape[-1], orig, new)]
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Kaldi fbank (torchaudio.compliance.kaldi.fbank with SSLAM's arguments)
+# ----------------------------------------------------------------------------------------------
+
+
+def _frame_geometry(sample_rate: int) -> Tuple[int, int, int]:
+    size = int(sample_rate * FRAME_LENGTH_MS / 1000)
+    shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
+    return size, shift, 1 << (size - 1).bit_length()
+
+
+def num_frames(length: Union[int, torch.Tensor], sample_rate: int = SAMPLE_RATE):
+    """Kaldi frames (snip_edges) of a clip of `length` samples: 1 + (length - 400) // 160, 0 if short."""
+    size, shift, _ = _frame_geometry(sample_rate)
+    if isinstance(length, torch.Tensor):
+        return torch.where(length >= size, 1 + torch.div(length - size, shift, rounding_mode="floor"), 0)
+    return 1 + (length - size) // shift if length >= size else 0
+
+
+def _mel_scale(freq):
+    return 1127.0 * (1.0 + freq / 700.0).log()
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_banks(num_bins: int, sample_rate: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Triangular HTK-mel filters, [n_fft // 2 + 1, num_bins], triangles linear in mel (Kaldi's)."""
+    _, _, n_fft = _frame_geometry(sample_rate)
+    nyquist = 0.5 * sample_rate
+    mel_low = 1127.0 * math.log(1.0 + LOW_FREQ / 700.0)
+    mel_high = 1127.0 * math.log(1.0 + nyquist / 700.0)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    b = torch.arange(num_bins).unsqueeze(1)
+    left = mel_low + b * delta
+    center = mel_low + (b + 1.0) * delta
+    right = mel_low + (b + 2.0) * delta
+    mel = _mel_scale((sample_rate / n_fft) * torch.arange(n_fft // 2)).unsqueeze(0)
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    banks = torch.clamp(torch.min(up, down), min=0.0)
+    banks = F.pad(banks, (0, 1))  # the Nyquist bin gets no weight
+    return banks.t().contiguous().to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_banks_interleaved(num_bins: int, sample_rate: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """The filters with each FFT bin's row twice, [2 * (n_fft // 2 + 1), num_bins], so that one matmul
+    over (re^2, im^2) pairs also does the power sum re^2 + im^2."""
+    return _mel_banks(num_bins, sample_rate, device, dtype).repeat_interleave(2, dim=0).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _window(size: int, n_fft: int, device: str, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kaldi's 'hanning' window (symmetric Hann) and its spectrum, zero-padded to n_fft."""
+    window = torch.hann_window(size, periodic=False, device=device, dtype=dtype)
+    return window, torch.fft.rfft(window, n=n_fft)
+
+
+def _log_mel(batch: torch.Tensor, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
+    """Kaldi log-mel of every full frame of [B, N] -> [B, T, num_mel_bins].
+
+    Kaldi takes each frame x, removes its mean m, pre-emphasises inside the frame (the first sample
+    against itself), windows, and FFTs. The symmetric Hann window is 0 at the first sample, so the
+    windowed frame equals window * (g - 0.03 m) with g = x[n] - 0.97 x[n-1] taken once over the
+    whole signal, and by linearity its spectrum is FFT(window * g) - 0.03 m * FFT(window): one
+    elementwise pass over the [T, 400] frames instead of four.
+    """
+    size, shift, n_fft = _frame_geometry(sample_rate)
+    device, dtype = str(batch.device), batch.dtype
+    window, window_spectrum = _window(size, n_fft, device, dtype)
+    emphasised = torch.cat([batch[:, :1] * (1.0 - PREEMPHASIS), batch[:, 1:] - PREEMPHASIS * batch[:, :-1]], dim=1)
+    frame_mean = batch.unfold(1, size, shift).mean(dim=2)
+    spectrum = torch.fft.rfft(emphasised.unfold(1, size, shift) * window, n=n_fft)
+    dc = ((1.0 - PREEMPHASIS) * frame_mean)[..., None].to(spectrum.dtype)
+    spectrum = torch.addcmul(spectrum, dc, window_spectrum, value=-1)
+    power_parts = torch.view_as_real(spectrum).square_()  # [B, T, n_fft/2+1, (re, im)]
+    mel = torch.matmul(power_parts.flatten(2), _mel_banks_interleaved(num_mel_bins, sample_rate, device, dtype))
+    return mel.clamp_min_(torch.finfo(torch.float32).eps).log_()
+
+
+def kaldi_fbank(
+    waveform: torch.Tensor,
+    sample_rate: int = SAMPLE_RATE,
+    num_mel_bins: int = NUM_MEL_BINS,
+    lengths: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Log-mel filter bank of SPEC section 2 step 4, equal to
+    torchaudio.compliance.kaldi.fbank(w[None], htk_compat=True, sample_frequency=sample_rate,
+    use_energy=False, window_type='hanning', num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10).
+
+    waveform: float [N] (one clip) or [B, N] (a zero-padded batch; `lengths` [B] gives each clip's
+    own sample count, default all N). Returns float [T, num_mel_bins] or [B, T_max, num_mel_bins],
+    T = num_frames(N); a clip's frames past its own count are 0.0 (the value step 5 pads with).
+    """
+    single = waveform.dim() == 1
+    batch = waveform[None] if single else waveform
+    if batch.dim() != 2:
+        raise ValueError(f"waveform must be [N] or [B, N], got shape {tuple(waveform.shape)}")
+    if not batch.is_floating_point():
+        raise TypeError(f"waveform must be floating point, got {batch.dtype}")
+    n_frames = num_frames(batch.shape[1], sample_rate)
+    if n_frames == 0:
+        out = batch.new_zeros(batch.shape[0], 0, num_mel_bins)
+        return out[0] if single else out
+    # On the CPU, about one 10 s clip at a time keeps the intermediates in cache (several times
+    # faster than one big batch); a GPU wants the whole batch at once.
+    step = batch.shape[0] if batch.is_cuda else max(1, 1024 // n_frames)
+    out = torch.cat([_log_mel(batch[i : i + step], sample_rate, num_mel_bins) for i in range(0, batch.shape[0], step)])
+    if lengths is not None and not single:
+        own = num_frames(lengths.to(device=batch.device, dtype=torch.long), sample_rate)
+        valid = torch.arange(n_frames, device=batch.device)[None, :] < own[:, None]
+        out = out * valid[..., None]
+    return out[0] if single else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Features: the model input
+# ----------------------------------------------------------------------------------------------
+
+
+def pad_or_crop(fbank: torch.Tensor, target_length: int = TARGET_LENGTH) -> torch.Tensor:
+    """Zero-pad (log-mel domain) or crop at the end along the frame axis (-2) to target_length."""
+    n = fbank.shape[-2]
+    if n >= target_length:
+        return fbank[..., :target_length, :]
+    return F.pad(fbank, (0, 0, 0, target_length - n))
+
+
+def normalise(fbank: torch.Tensor, norm_mean: float = NORM_MEAN, norm_std: float = NORM_STD) -> torch.Tensor:
+    """(x - mean) / (2 * std), SPEC section 2 step 6."""
+    return (fbank - norm_mean) / (2.0 * norm_std)
+
+
+def subtract_mean(waveform: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Subtract each clip's own mean (over its own samples; zero padding stays zero)."""
+    if waveform.dim() == 1 or lengths is None:
+        return waveform - waveform.mean(dim=-1, keepdim=True)
+    lengths = lengths.to(device=waveform.device)
+    mean = waveform.sum(dim=1, keepdim=True) / lengths.clamp_min(1)[:, None].to(waveform.dtype)
+    valid = torch.arange(waveform.shape[1], device=waveform.device)[None, :] < lengths[:, None]
+    return (waveform - mean) * valid
+
+
+def fbank_features(
+    waveform: torch.Tensor,
+    sample_rate: int = SAMPLE_RATE,
+    lengths: Optional[torch.Tensor] = None,
+    target_length: int = TARGET_LENGTH,
+    norm_mean: float = NORM_MEAN,
+    norm_std: float = NORM_STD,
+    num_mel_bins: int = NUM_MEL_BINS,
+) -> torch.Tensor:
+    """Mono waveform(s) at `sample_rate` -> normalised model input (SPEC section 2, steps 2-6).
+
+    waveform: float [N] or zero-padded [B, N] with `lengths` [B]. Returns [target_length, F] or
+    [B, target_length, F]. Resamples to 16 kHz first when sample_rate differs.
+    """
+    if sample_rate != SAMPLE_RATE:
+        waveform = resample(waveform, sample_rate, SAMPLE_RATE)
+        if lengths is not None:
+            lengths = torch.tensor([resampled_length(int(x), sample_rate, SAMPLE_RATE) for x in lengths])
+    waveform = subtract_mean(waveform, lengths)
+    fbank = kaldi_fbank(waveform, SAMPLE_RATE, num_mel_bins, lengths)
+    return normalise(pad_or_crop(fbank, target_length), norm_mean, norm_std)
+
+
+def load_features(
+    path: PathOrFile,
+    target_length: int = TARGET_LENGTH,
+    norm_mean: float = NORM_MEAN,
+    norm_std: float = NORM_STD,
+) -> torch.Tensor:
+    """File -> normalised fbank [target_length, 128] in one call (decode, mono, resample, fbank...)."""
+    return fbank_features(load_audio(path), SAMPLE_RATE, target_length=target_length, norm_mean=norm_mean, norm_std=norm_std)

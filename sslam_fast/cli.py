@@ -1,0 +1,89 @@
+"""`sslam-fast` command line: a registry of subcommands (manifest, norm-stats, demo-data, ...).
+
+A subcommand is registered with `register(name, help, add_arguments, run)`; `run(args)` returns the
+exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+SUBCOMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int]) -> None:
+    if name in SUBCOMMANDS:
+        raise ValueError(f"subcommand {name!r} registered twice")
+    SUBCOMMANDS[name] = (help, add_arguments, run)
+
+
+def _manifest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="folder scanned recursively for wav/flac/ogg/mp3")
+    p.add_argument("-o", "--output", help="manifest to write (default: DIRECTORY/train.tsv)")
+
+
+def _manifest_run(args: argparse.Namespace) -> int:
+    from .data import write_manifest
+
+    out = args.output or os.path.join(args.directory, "train.tsv")
+    written, bad = write_manifest(args.directory, out)
+    for path, reason in bad:
+        print(f"left out {path}: {reason}", file=sys.stderr)
+    print(f"wrote {out}: {written} entries, {len(bad)} unreadable files left out")
+    return 0
+
+
+def _norm_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="fairseq manifest (.tsv) or a folder of audio files")
+    p.add_argument("--target-length", type=int, default=1024)
+    p.add_argument("--max-clips", type=int, default=None, help="use only the first N clips (manifest order)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+
+
+def _norm_stats_run(args: argparse.Namespace) -> int:
+    from .data import norm_stats
+
+    mean, std, clips = norm_stats(args.manifest, args.target_length, args.max_clips, args.num_workers)
+    print(f"clips {clips}\nnorm_mean {mean:.4f}\nnorm_std {std:.4f}")
+    return 0
+
+
+def _demo_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="output folder (audio/ and train.tsv are written there)")
+    p.add_argument("--num-clips", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _demo_data_run(args: argparse.Namespace) -> int:
+    from .data import make_demo_dataset
+
+    manifest = make_demo_dataset(args.directory, args.num_clips, args.seconds, args.sample_rate, args.seed)
+    print(f"wrote {args.num_clips} clips and {manifest}")
+    return 0
+
+
+register("manifest", "write a fairseq manifest for a folder of audio files", _manifest_args, _manifest_run)
+register("norm-stats", "mean and std of a dataset's padded fbanks (for --norm-mean/--norm-std)", _norm_stats_args, _norm_stats_run)
+register("demo-data", "write a small synthetic dataset with a manifest (no downloads)", _demo_data_args, _demo_data_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslam-fast", description="Fast SSLAM / EAT audio self-supervised pretraining")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, add_arguments, _) in SUBCOMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return SUBCOMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
