@@ -1,0 +1,208 @@
+"""Front end parity with the real torchaudio (golden arrays) on every backend that runs here."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from sslam_fast import audio
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
+META = json.load(open(os.path.join(GOLDEN, "kaldi_fbank_golden.json")))
+ARRAYS = np.load(os.path.join(GOLDEN, "kaldi_fbank_golden.npz"))
+CASES = sorted(META["cases"])
+RAW_TOL, FEATURE_TOL, LOUD = 2e-3, 1e-3, -10.0
+
+# Where the Debian packages install the recordings that the golden cases were made from.
+SOURCE_FILES = {
+    "alsa_front_center_48k": "/usr/share/sounds/alsa/Front_Center.wav",
+    "alsa_noise_48k": "/usr/share/sounds/alsa/Noise.wav",
+    "freedesktop_phone_44k1_stereo": "/usr/share/sounds/freedesktop/stereo/phone-incoming-call.oga",
+    "freedesktop_bell_44k1_stereo_short": "/usr/share/sounds/freedesktop/stereo/bell.oga",
+    "freedesktop_alarm_48k_stereo": "/usr/share/sounds/freedesktop/stereo/alarm-clock-elapsed.oga",
+    "soundicons_cembalo_16k": "/usr/share/sounds/sound-icons/cembalo-2.wav",
+    "asterisk_vm_deleted_8k": "/usr/share/asterisk/sounds/en_US_f_Allison/vm-deleted.wav",
+    "asterisk_dir_intro_8k_long": "/usr/share/asterisk/sounds/en_US_f_Allison/dir-intro.wav",
+}
+APT_PACKAGES = "alsa-utils sound-theme-freedesktop sound-icons asterisk-core-sounds-en-wav"
+
+
+def mono(name):
+    wave = ARRAYS["wave__" + name]
+    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+
+
+def check_raw(name, got):
+    golden = ARRAYS["raw_fbank__" + name]
+    got = np.asarray(got)[: golden.shape[0]]
+    golden = golden[: got.shape[0]]  # a backend that crops to 1024 frames is compared up to there
+    assert got.shape == golden.shape and got.shape[0] in (1024, META["cases"][name]["frames"]), name
+    loud = golden > LOUD
+    err = np.abs(got - golden)[loud]
+    assert err.size == 0 or err.max() < RAW_TOL, f"{name}: raw fbank error {err.max():.2e}"
+
+
+def check_features(name, got):
+    golden = ARRAYS["features__" + name]
+    got = np.asarray(got)
+    assert got.shape == golden.shape, name
+    loud = np.zeros(golden.shape, dtype=bool)
+    raw = ARRAYS["raw_fbank__" + name][: golden.shape[0]]
+    loud[: raw.shape[0]] = raw > LOUD
+    loud[raw.shape[0]:] = True  # the zero padding must come out exactly
+    err = np.abs(got - golden)[loud]
+    assert err.max() < FEATURE_TOL, f"{name}: features error {err.max():.2e}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_resample_matches_torchaudio(name):
+    rate = META["cases"][name]["sample_rate"]
+    got = audio.resample(torch.from_numpy(mono(name)), rate, 16000)
+    golden = ARRAYS["wave16k__" + name]
+    assert got.shape == golden.shape
+    assert audio.resampled_length(mono(name).shape[0], rate, 16000) == golden.shape[0]
+    np.testing.assert_allclose(got.numpy(), golden, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_kaldi_fbank_matches_torchaudio(name):
+    wave = audio.subtract_mean(torch.from_numpy(ARRAYS["wave16k__" + name]))
+    got = audio.kaldi_fbank(wave)
+    assert got.shape[0] == META["cases"][name]["frames"] == audio.num_frames(wave.shape[0])
+    check_raw(name, got)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fbank_features_match_torchaudio(name):
+    check_features(name, audio.fbank_features(torch.from_numpy(mono(name)), META["cases"][name]["sample_rate"]))
+
+
+def padded_golden_batch(device="cpu"):
+    waves = [audio.subtract_mean(torch.from_numpy(ARRAYS["wave16k__" + n])) for n in CASES]
+    lengths = torch.tensor([w.shape[0] for w in waves])
+    return torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device), lengths
+
+
+def check_batch(fbank, lengths, features):
+    for i, name in enumerate(CASES):
+        n = audio.num_frames(int(lengths[i]))
+        check_raw(name, fbank[i].cpu())
+        assert torch.all(fbank[i, n:] == 0), f"{name}: frames past the clip are not zero"
+        check_features(name, features[i].cpu())
+
+
+def test_batched_fbank_with_lengths_matches_each_clip():
+    padded, lengths = padded_golden_batch()
+    fbank = audio.kaldi_fbank(padded, lengths=lengths)
+    features = audio.fbank_features(padded, lengths=lengths)
+    check_batch(fbank, lengths, features)
+
+
+def test_resample_batch_of_one_rate_equals_per_clip():
+    rng = np.random.default_rng(0)
+    clips = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for n in (44100, 30011, 1234)]
+    padded = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
+    batch = audio.resample(padded, 44100, 16000)
+    for i, clip in enumerate(clips):
+        own = audio.resample(clip, 44100, 16000)
+        torch.testing.assert_close(batch[i, : own.shape[0]], own, rtol=0, atol=1e-6)
+
+
+def test_short_clip_has_no_frames():
+    assert audio.kaldi_fbank(torch.zeros(399)).shape == (0, 128)
+    assert audio.num_frames(400) == 1 and audio.num_frames(160000) == 998
+
+
+def test_decode_averages_channels_before_resampling(tmp_path):
+    t = np.arange(44100) / 44100
+    left, right = np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 3000 * t)
+    path = tmp_path / "stereo.flac"
+    sf.write(path, np.stack([left, right], axis=1).astype(np.float32), 44100, subtype="PCM_24")
+    wave, rate = audio.decode(str(path))
+    assert rate == 44100 and wave.dtype == np.float32 and wave.shape == (44100,)
+    np.testing.assert_allclose(wave, (left + right) / 2, atol=1e-5)
+    loaded = audio.load_audio(str(path))
+    expected = audio.resample(torch.from_numpy(((left + right) / 2).astype(np.float32)), 44100, 16000)
+    assert loaded.shape == (16000,)
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,subtype", [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS"), ("mp3", "MPEG_LAYER_III")])
+def test_decode_formats(tmp_path, fmt, subtype):
+    t = np.arange(32000) / 32000
+    path = tmp_path / f"tone.{fmt}"
+    sf.write(path, (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), 32000, format=fmt.upper(), subtype=subtype)
+    features = audio.load_features(str(path))
+    assert features.shape == (1024, 128) and torch.isfinite(features).all()
+    peak_bin = int(audio.kaldi_fbank(audio.load_audio(str(path)))[20:80].mean(0).argmax())
+    assert 40 <= peak_bin <= 50, f"{fmt}: 1 kHz tone peaks in mel bin {peak_bin}"
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "not_audio", "nan"])
+def test_decode_rejects_bad_input_naming_the_file(tmp_path, problem):
+    path = tmp_path / f"{problem}.wav"
+    if problem == "empty":
+        sf.write(path, np.zeros(0, np.float32), 16000)
+    elif problem == "not_audio":
+        path.write_text("this is not a wav file\n" * 50)
+    elif problem == "nan":
+        sf.write(path, np.array([0.1, np.nan, 0.2] * 1000, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(audio.AudioError, match=str(path)):
+        audio.decode(str(path))
+
+
+@pytest.mark.parametrize("name", sorted(SOURCE_FILES))
+def test_load_features_from_the_real_recording(name):
+    path = SOURCE_FILES[name]
+    if not os.path.exists(path):
+        pytest.skip(f"{path} missing: apt-get install {APT_PACKAGES}")
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert digest == META["cases"][name]["sha256"], f"{path} is not the file the golden arrays were made from"
+    wave, rate = audio.decode(path)
+    assert rate == META["cases"][name]["sample_rate"]
+    np.testing.assert_allclose(wave, mono(name), rtol=0, atol=1e-6)
+    check_features(name, audio.load_features(path))
+
+
+def test_dali_cpu_fbank_matches_torchaudio():
+    pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
+    from sslam_fast.data_dali import DaliFbank
+
+    padded, lengths = padded_golden_batch()
+    waves = [padded[i, : lengths[i]] for i in range(len(CASES))]
+    fbank = DaliFbank(len(CASES), device_id=None)(waves)
+    assert fbank.shape == (len(CASES), 1024, 128)
+    check_batch(fbank, lengths, audio.normalise(fbank))
+
+
+@pytest.mark.gpu
+def test_gpu_fbank_matches_torchaudio():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    padded, lengths = padded_golden_batch("cuda")
+    fbank = audio.kaldi_fbank(padded, lengths=lengths)
+    features = audio.fbank_features(padded, lengths=lengths)
+    assert fbank.is_cuda
+    check_batch(fbank, lengths, features)
+    for name in CASES:
+        rate = META["cases"][name]["sample_rate"]
+        got = audio.resample(torch.from_numpy(mono(name)).cuda(), rate, 16000).cpu().numpy()
+        np.testing.assert_allclose(got, ARRAYS["wave16k__" + name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_dali_gpu_fbank_matches_torchaudio():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
+    from sslam_fast.data_dali import DaliFbank
+
+    padded, lengths = padded_golden_batch()
+    waves = [padded[i, : lengths[i]] for i in range(len(CASES))]
+    fbank = DaliFbank(len(CASES), device_id=0)(waves)
+    assert fbank.is_cuda
+    check_batch(fbank.cpu(), lengths, audio.normalise(fbank).cpu())
