@@ -1,0 +1,289 @@
+"""Manifests, labels, the sharded resumable loader, bad input, backends, mixtures, demo data, CLI."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from sslam_fast import audio, cli
+from sslam_fast.data import (
+    ManifestError,
+    build_loader,
+    epoch_order,
+    make_demo_dataset,
+    norm_stats,
+    read_label_descriptors,
+    read_labels,
+    read_manifest,
+    write_manifest,
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """12 one-second clips at 22.05 kHz (so the loader resamples)."""
+    return make_demo_dataset(str(tmp_path_factory.mktemp("demo")), num_clips=12, seconds=1.0, sample_rate=22050, seed=3)
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+
+
+def test_read_manifest_fairseq_layout(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("/data/audioset\nbal/a b.wav\t320000\nunbal/c.flac\t160000\n")
+    m = read_manifest(str(path))
+    assert m.root == "/data/audioset" and len(m) == 2
+    assert m.paths == ["bal/a b.wav", "unbal/c.flac"] and m.sizes == [320000, 160000]
+    assert m.path(1) == "/data/audioset/unbal/c.flac"
+
+
+@pytest.mark.parametrize(
+    "body,line,message",
+    [
+        ("/root\na.wav\t10\nb.wav 20\n", 3, "expected"),
+        ("/root\na.wav\tten\n", 2, "not an integer"),
+        ("/root\na.wav\t10\n\nb.wav\t3\n", 3, "expected"),
+        ("\na.wav\t10\n", 1, "root directory"),
+        ("/root\na.wav\t-5\n", 2, "negative"),
+    ],
+)
+def test_malformed_manifest_names_file_and_line(tmp_path, body, line, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(body)
+    with pytest.raises(ManifestError, match=rf"bad\.tsv:{line}: .*{message}"):
+        read_manifest(str(path))
+
+
+def test_labels_and_descriptors(tmp_path):
+    (tmp_path / "label_descriptors.csv").write_text('0,/m/09x0r,Speech\n1,/m/04rlf,"Music, live"\n\n2,/m/0jbk,Animal\n')
+    (tmp_path / "train.tsv").write_text("/r\na.wav\t10\nb.wav\t10\n")
+    (tmp_path / "train.lbl").write_text("a\t/m/09x0r,/m/0jbk\nb\t/m/04rlf\n")
+    descriptors = read_label_descriptors(str(tmp_path / "label_descriptors.csv"))
+    assert descriptors == {"/m/09x0r": 0, "/m/04rlf": 1, "/m/0jbk": 2}
+    manifest = read_manifest(str(tmp_path / "train.tsv"))
+    assert read_labels(str(tmp_path / "train.lbl"), descriptors, manifest) == [[0, 2], [1]]
+    (tmp_path / "bad.lbl").write_text("a\t/m/09x0r\nb\t/m/nope\n")
+    with pytest.raises(ManifestError, match=r"bad\.lbl:2: label '/m/nope'"):
+        read_labels(str(tmp_path / "bad.lbl"), descriptors)
+    (tmp_path / "short.lbl").write_text("a\t/m/09x0r\n")
+    with pytest.raises(ManifestError, match="1 label lines for 2 entries"):
+        read_labels(str(tmp_path / "short.lbl"), descriptors, manifest)
+
+
+def test_manifest_command_writes_readable_manifest(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    sf.write(tmp_path / "sub" / "x.flac", np.zeros(1234, np.float32), 8000)
+    sf.write(tmp_path / "y.wav", np.zeros(4321, np.float32), 16000)
+    (tmp_path / "junk.wav").write_text("not audio")
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert cli.main(["manifest", str(tmp_path), "-o", str(tmp_path / "m.tsv")]) == 0
+    assert "2 entries, 1 unreadable" in capsys.readouterr().out
+    m = read_manifest(str(tmp_path / "m.tsv"))
+    assert m.root == str(tmp_path) and m.paths == ["sub/x.flac", "y.wav"] and m.sizes == [1234, 4321]
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+def test_shards_are_disjoint_and_reshuffled_per_epoch():
+    shards = [epoch_order(103, seed=1, epoch=0, rank=r, world_size=4) for r in range(4)]
+    assert all(len(s) == 25 for s in shards)
+    flat = np.concatenate(shards)
+    assert len(set(flat.tolist())) == 100
+    assert not np.array_equal(epoch_order(103, 1, 0), epoch_order(103, 1, 1))
+    assert np.array_equal(epoch_order(103, 1, 5, 2, 4), epoch_order(103, 1, 5, 2, 4))
+    assert not np.array_equal(epoch_order(103, 1, 0), epoch_order(103, 2, 0))
+
+
+def test_loader_batches_and_features(demo):
+    loader = build_loader(demo, batch_size=4, backend="torch", num_workers=0, infinite=False)
+    batches = list(loader)
+    assert len(batches) == 3
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(12))
+    first = batches[0]
+    assert first["fbank"].shape == (4, 1, 1024, 128) and first["fbank"].dtype == torch.float32
+    manifest = read_manifest(demo)
+    for row, index in enumerate(first["index"].tolist()):
+        expected = audio.load_features(manifest.path(index))
+        torch.testing.assert_close(first["fbank"][row, 0], expected, rtol=0, atol=1e-5)
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
+
+
+def test_loader_ranks_see_disjoint_clips(demo):
+    seen = []
+    for rank in range(3):
+        loader = build_loader(demo, batch_size=2, rank=rank, world_size=3, backend="torch", num_workers=0, infinite=False)
+        seen.append(torch.cat([b["index"] for b in loader]).tolist())
+    assert all(len(s) == 4 for s in seen)
+    assert len(set(sum(seen, []))) == 12
+
+
+def test_resume_continues_with_the_same_batches(demo):
+    reference = take(build_loader(demo, batch_size=5, seed=7, backend="torch", num_workers=2), 6)  # crosses epochs
+    loader = build_loader(demo, batch_size=5, seed=7, backend="torch", num_workers=2)
+    take(loader, 3)
+    state = loader.state_dict()
+    resumed = build_loader(demo, batch_size=5, seed=7, backend="torch", num_workers=0)
+    resumed.load_state_dict(state)
+    for want, got in zip(reference[3:], take(resumed, 3)):
+        assert torch.equal(want["index"], got["index"])
+        torch.testing.assert_close(want["fbank"], got["fbank"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(demo, batch_size=5, seed=8).load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def broken_folder(tmp_path_factory):
+    """Good clips mixed with every kind of broken file; returns (manifest, good paths, bad paths)."""
+    root = tmp_path_factory.mktemp("broken")
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(7):
+        rate = (16000, 32000, 44100)[i % 3]
+        path = root / f"good_{i}.{('wav', 'flac', 'ogg')[i % 3]}"
+        sf.write(path, (0.1 * rng.standard_normal(rate // 2)).astype(np.float32), rate)
+        good.append(path)
+    bad = {
+        "empty.wav": lambda p: sf.write(p, np.zeros(0, np.float32), 16000),
+        "truncated.flac": lambda p: p.write_bytes(_flac_bytes(root)[:300]),
+        "not_audio.wav": lambda p: p.write_text("hello\n" * 100),
+        "nan.wav": lambda p: sf.write(p, np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT"),
+        "inf.wav": lambda p: sf.write(p, np.array([0.0, np.inf] * 4000, np.float32), 16000, subtype="FLOAT"),
+        "too_long.wav": lambda p: sf.write(p, np.zeros(16000 * 5, np.int16), 16000),
+        "too_short.wav": lambda p: sf.write(p, np.zeros(100, np.float32), 16000),
+        "unreadable.wav": lambda p: p.mkdir(),
+    }
+    for name, make in bad.items():
+        make(root / name)
+    entries = [p.name for p in good] + list(bad) + ["missing.wav"]
+    order = np.random.default_rng(1).permutation(len(entries))
+    manifest = root / "train.tsv"
+    manifest.write_text(f"{root}\n" + "".join(f"{entries[i]}\t1000\n" for i in order))
+    return str(manifest), sorted(str(p) for p in good), sorted(str(root / n) for n in list(bad) + ["missing.wav"])
+
+
+def _flac_bytes(root):
+    path = root / "_source.flac"
+    sf.write(path, np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.1, 16000)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_bad_files_are_skipped_reported_and_batches_refilled(broken_folder, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    manifest, good, bad = broken_folder
+    loader = build_loader(manifest, batch_size=3, backend=backend, num_workers=2, infinite=False, drop_last=False, max_seconds=4.0)
+    m = read_manifest(manifest)
+    for epoch in range(2):
+        batches = list(loader)
+        delivered = sorted(m.path(i) for b in batches for i in b["index"].tolist())
+        assert delivered == good, f"epoch {epoch}"
+        assert [len(b["index"]) for b in batches] == [3, 3, 1]
+        for b in batches:
+            assert torch.isfinite(b["fbank"]).all()
+        skipped = [s for s in loader.skipped if s.epoch == epoch]
+        assert sorted(s.path for s in skipped) == bad
+    reasons = {os.path.basename(s.path): s.reason for s in loader.skipped}
+    assert "NaN or Inf" in reasons["nan.wav"] and "NaN or Inf" in reasons["inf.wav"]
+    assert "limit" in reasons["too_long.wav"] and "shorter than one" in reasons["too_short.wav"]
+    assert loader.num_skipped == 2 * len(bad)
+
+
+# ---------------------------------------------------------------------------------------------- backends, mixture
+
+
+def test_dali_backend_equals_torch_backend(demo):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    kwargs = dict(batch_size=4, seed=2, num_workers=0, infinite=False)
+    torch_batches = list(build_loader(demo, backend="torch", **kwargs))
+    dali_batches = list(build_loader(demo, backend="dali", **kwargs))
+    assert len(torch_batches) == len(dali_batches) == 3
+    for t, d in zip(torch_batches, dali_batches):
+        assert torch.equal(t["index"], d["index"])
+        torch.testing.assert_close(d["fbank"], t["fbank"], rtol=0, atol=5e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_mixture_batch_equals_model_side_mixing(demo, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    from sslam_fast.mixing import partial_mixture
+
+    given = build_loader(demo, batch_size=4, backend=backend, num_workers=0, mixture=True, mix_windows=(32, 400))
+    batch = next(iter(given))
+    assert batch["mix_windows"].tolist() == [32, 400]
+    assert torch.equal(batch["mixture"], partial_mixture(batch["fbank"], (32, 400)))
+    assert torch.equal(batch["mixture"][:, :, 32:272], batch["fbank"][:, :, 32:272])
+
+    drawn = take(build_loader(demo, batch_size=4, backend=backend, num_workers=0, mixture=True, seed=5), 4)
+    for b in drawn:
+        w1, w2 = b["mix_windows"].tolist()
+        assert w1 % 16 == 0 and w2 % 16 == 0 and 0 <= w1 <= 496 and w1 + 240 <= w2 <= 782
+        assert torch.equal(b["mixture"], partial_mixture(b["fbank"], (w1, w2)))
+    assert len({tuple(b["mix_windows"].tolist()) for b in drawn}) > 1
+    resumed = build_loader(demo, batch_size=4, backend=backend, num_workers=0, mixture=True, seed=5)
+    resumed.load_state_dict({"epoch": 0, "position": 8})
+    assert torch.equal(next(iter(resumed))["mix_windows"], drawn[2]["mix_windows"])
+
+
+@pytest.mark.gpu
+def test_gpu_device_loader_equals_cpu(demo):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    kwargs = dict(batch_size=4, seed=2, num_workers=0, infinite=False)
+    cpu = list(build_loader(demo, backend="torch", **kwargs))
+    gpu = list(build_loader(demo, backend="torch", device="cuda", **kwargs))
+    for c, g in zip(cpu, gpu):
+        assert g["fbank"].is_cuda and torch.equal(c["index"], g["index"])
+        torch.testing.assert_close(g["fbank"].cpu(), c["fbank"], rtol=0, atol=5e-4)
+
+
+# ---------------------------------------------------------------------------------------------- demo data, stats, CLI
+
+
+def test_demo_dataset_is_deterministic_and_varied(tmp_path):
+    a = make_demo_dataset(str(tmp_path / "a"), num_clips=5, seconds=2.0, seed=1)
+    b = make_demo_dataset(str(tmp_path / "b"), num_clips=5, seconds=2.0, seed=1)
+    c = make_demo_dataset(str(tmp_path / "c"), num_clips=5, seconds=2.0, seed=2)
+    ma, mb, mc = read_manifest(a), read_manifest(b), read_manifest(c)
+    assert ma.sizes == [32000] * 5
+    clips = [sf.read(ma.path(i))[0] for i in range(5)]
+    for i in range(5):
+        assert np.array_equal(clips[i], sf.read(mb.path(i))[0])
+    assert not np.array_equal(clips[0], sf.read(mc.path(0))[0])
+    assert len({round(float(np.std(x)), 4) for x in clips}) == 5
+    assert all(np.abs(x).max() > 0.02 for x in clips)
+
+
+def test_norm_stats_of_padded_fbanks(demo, capsys):
+    mean, std, clips = norm_stats(demo)
+    m = read_manifest(demo)
+    raw = torch.stack([audio.pad_or_crop(audio.kaldi_fbank(audio.subtract_mean(audio.load_audio(m.path(i))))) for i in range(len(m))]).double()
+    assert clips == 12
+    assert mean == pytest.approx(float(raw.mean()), abs=1e-6)
+    assert std == pytest.approx(float(raw.std(unbiased=False)), abs=1e-6)
+    assert cli.main(["norm-stats", demo, "--num-workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"norm_mean {mean:.4f}" in out and f"norm_std {std:.4f}" in out
+
+
+def test_demo_data_command(tmp_path, capsys):
+    assert cli.main(["demo-data", str(tmp_path / "d"), "--num-clips", "3", "--seconds", "0.5"]) == 0
+    m = read_manifest(str(tmp_path / "d" / "train.tsv"))
+    assert len(m) == 3 and all(os.path.exists(m.path(i)) for i in range(3))
+
+
+def test_cli_registry_rejects_duplicates():
+    with pytest.raises(ValueError, match="manifest"):
+        cli.register("manifest", "again", lambda p: None, lambda a: 0)
+    assert {"manifest", "norm-stats", "demo-data"} <= set(cli.SUBCOMMANDS)
