@@ -4,14 +4,23 @@ Every op dispatches to Triton for CUDA tensors and to its PyTorch reference othe
 """
 from .ema import EMAPair, ema_update, ema_update_foreach, ema_update_reference
 from .fused_ema import FusedEMA
-from .masking import inverse_block_mask_reference, mask_counts
+from .gather import (decoder_input_scatter, decoder_input_scatter_reference, embed_mask_gather,
+                     embed_mask_gather_reference)
+from .masking import (inverse_block_mask, inverse_block_mask_reference, keep_index_from_mask,
+                      mask_counts)
 
 __all__ = [
     "EMAPair",
     "FusedEMA",
+    "decoder_input_scatter",
+    "decoder_input_scatter_reference",
     "ema_update",
     "ema_update_foreach",
     "ema_update_reference",
+    "embed_mask_gather",
+    "embed_mask_gather_reference",
+    "inverse_block_mask",
     "inverse_block_mask_reference",
+    "keep_index_from_mask",
     "mask_counts",
 ]

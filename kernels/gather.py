@@ -1,0 +1,271 @@
+"""Moving patch rows between the full grid and the visible set, in one pass each way.
+
+- ``embed_mask_gather``: out[v] = cat(prefix, (patches[v // clone] + pos)[keep_index[v]]), i.e.
+  positional add, visible-patch gather, CLS prepend and the clone_batch expansion in one kernel
+  (no [V, P, D] copy is materialised). Backward sums the clones' gradients per clip without
+  atomics (deterministic), through the inverse index map.
+- ``decoder_input_scatter``: out[v] = noise[v] with visible[v, k] put back at keep_index[v, k].
+  Backward is a gather.
+
+Each has a plain-indexing PyTorch reference (``*_reference``), used on CPU and as the test oracle.
+"""
+from typing import Optional
+
+import torch
+
+from ._triton import tl, triton, triton_available
+
+_empty = torch.empty  # every kernel output is allocated here (tests poison it)
+
+BLOCK_R = 16
+
+
+def _prefix_2d(cls: Optional[torch.Tensor], dim: int) -> Optional[torch.Tensor]:
+    return None if cls is None else cls.reshape(-1, dim)
+
+
+def embed_mask_gather_reference(patches: torch.Tensor, pos: Optional[torch.Tensor],
+                                cls: Optional[torch.Tensor], keep_index: Optional[torch.Tensor],
+                                clone: int = 1) -> torch.Tensor:
+    """Plain-indexing reference of ``embed_mask_gather`` (same arguments, same result)."""
+    N, P, D = patches.shape
+    x = patches.float() if pos is None else patches.float() + pos.float()
+    x = x.repeat_interleave(clone, dim=0)
+    if keep_index is not None:
+        x = x[torch.arange(x.shape[0], device=x.device)[:, None], keep_index]
+    prefix = _prefix_2d(cls, D)
+    if prefix is not None:
+        x = torch.cat([prefix.float().expand(x.shape[0], -1, -1), x], dim=1)
+    return x.to(patches.dtype)
+
+
+def decoder_input_scatter_reference(visible: torch.Tensor, keep_index: torch.Tensor,
+                                    noise: torch.Tensor) -> torch.Tensor:
+    """Plain-indexing reference of ``decoder_input_scatter``."""
+    out = noise.to(visible.dtype).clone()
+    out[torch.arange(out.shape[0], device=out.device)[:, None], keep_index] = visible
+    return out
+
+
+def inverse_index(keep_index: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """int32 [V, P]: k where keep_index[v, k] == p, else -1."""
+    V, K = keep_index.shape
+    inv = torch.full((V, num_patches), -1, dtype=torch.int32, device=keep_index.device)
+    slots = torch.arange(K, dtype=torch.int32, device=keep_index.device).expand(V, K)
+    return inv.scatter_(1, keep_index.long(), slots)
+
+
+def _block_d(D: int) -> int:
+    return min(256, triton.next_power_of_2(D))
+
+
+if triton_available:
+
+    @triton.jit
+    def _gather_rows_kernel(out_ptr, src_ptr, pos_ptr, prefix_ptr, idx_ptr, K,
+                            s_src_n, s_src_p, s_src_d, s_pos_p, s_pos_d, s_pre_r, s_pre_d,
+                            D: tl.constexpr, CLONE: tl.constexpr, PREFIX: tl.constexpr,
+                            HAS_POS: tl.constexpr, HAS_INDEX: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[v, j] = prefix[j] for j < PREFIX, else src[v // CLONE, idx[v, j - PREFIX]] (+ pos).
+        v = tl.program_id(0)
+        j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        L = PREFIX + K
+        is_patch = (j >= PREFIX) & (j < L)
+        if HAS_INDEX:
+            idx = tl.load(idx_ptr + v.to(tl.int64) * K + (j - PREFIX), mask=is_patch, other=0)
+        else:
+            idx = j - PREFIX
+        idx = idx.to(tl.int64)
+        src_row = src_ptr + (v // CLONE).to(tl.int64) * s_src_n + idx * s_src_p
+        out_row = out_ptr + (v.to(tl.int64) * L + j) * D
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = (d < D)[None, :]
+            x = tl.load(src_row[:, None] + d[None, :] * s_src_d, mask=is_patch[:, None] & dm,
+                        other=0.0).to(tl.float32)
+            if HAS_POS:
+                x += tl.load(pos_ptr + idx[:, None] * s_pos_p + d[None, :] * s_pos_d,
+                             mask=is_patch[:, None] & dm, other=0.0).to(tl.float32)
+            if PREFIX > 0:
+                is_pre = (j < PREFIX)[:, None]
+                pre = tl.load(prefix_ptr + j[:, None] * s_pre_r + d[None, :] * s_pre_d,
+                              mask=is_pre & dm, other=0.0).to(tl.float32)
+                x = tl.where(is_pre, pre, x)
+            tl.store(out_row[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty),
+                     mask=(j < L)[:, None] & dm)
+
+    @triton.jit
+    def _scatter_rows_kernel(out_ptr, rows_ptr, fill_ptr, inv_ptr, P, L, SUM_ROWS_FROM,
+                             s_rows_v, s_rows_k, s_rows_d, s_fill_v, s_fill_p, s_fill_d,
+                             D: tl.constexpr, CLONE: tl.constexpr, HAS_FILL: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[n, p] = sum over the CLONE views v of clip n of rows[v, SUM_ROWS_FROM + inv[v, p]]
+        # (where inv >= 0), else fill[n, p] (or 0). Every output element is written.
+        n = tl.program_id(0)
+        p = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        pm = p < P
+        out_row = out_ptr + (n.to(tl.int64) * P + p) * D
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = (d < D)[None, :]
+            acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            hit_any = tl.zeros((BLOCK_R,), dtype=tl.int1)
+            for c in range(CLONE):
+                v = (n * CLONE + c).to(tl.int64)
+                k = tl.load(inv_ptr + v * P + p, mask=pm, other=-1).to(tl.int64)
+                hit = k >= 0
+                hit_any |= hit
+                acc += tl.load(rows_ptr + v * s_rows_v + (SUM_ROWS_FROM + k)[:, None] * s_rows_k
+                               + d[None, :] * s_rows_d, mask=hit[:, None] & dm,
+                               other=0.0).to(tl.float32)
+            if HAS_FILL:
+                fill = tl.load(fill_ptr + n.to(tl.int64) * s_fill_v + p[:, None] * s_fill_p
+                               + d[None, :] * s_fill_d, mask=(~hit_any & pm)[:, None] & dm,
+                               other=0.0).to(tl.float32)
+                acc = tl.where(hit_any[:, None], acc, fill)
+            tl.store(out_row[:, None] + d[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=pm[:, None] & dm)
+
+
+def _gather_rows(src, pos, prefix, index, clone, num_views, out_dtype):
+    """Launch ``_gather_rows_kernel``; returns [num_views, PREFIX + K, D] of ``out_dtype``."""
+    _, P, D = src.shape
+    K = P if index is None else index.shape[1]
+    n_prefix = 0 if prefix is None else prefix.shape[0]
+    out = _empty(num_views, n_prefix + K, D, dtype=out_dtype, device=src.device)
+    if out.numel() == 0:
+        return out
+    pos_strides = (0, 0) if pos is None else pos.stride()
+    pre_strides = (0, 0) if prefix is None else prefix.stride()
+    grid = (num_views, triton.cdiv(n_prefix + K, BLOCK_R))
+    _gather_rows_kernel[grid](
+        out, src, src if pos is None else pos, src if prefix is None else prefix,
+        src if index is None else index, K, *src.stride(), *pos_strides, *pre_strides,
+        D=D, CLONE=clone, PREFIX=n_prefix, HAS_POS=pos is not None, HAS_INDEX=index is not None,
+        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(D), num_warps=4)
+    return out
+
+
+def _scatter_rows(rows, fill, inv, num_out, clone, rows_from, out_dtype):
+    """Launch ``_scatter_rows_kernel``; returns [num_out, P, D] of ``out_dtype``."""
+    P, D = inv.shape[1], rows.shape[2]
+    out = _empty(num_out, P, D, dtype=out_dtype, device=rows.device)
+    if out.numel() == 0:
+        return out
+    fill_strides = (0, 0, 0) if fill is None else fill.stride()
+    _scatter_rows_kernel[(num_out, triton.cdiv(P, BLOCK_R))](
+        out, rows, rows if fill is None else fill, inv, P, rows.shape[1], rows_from,
+        *rows.stride(), *fill_strides, D=D, CLONE=clone, HAS_FILL=fill is not None,
+        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(D), num_warps=4)
+    return out
+
+
+class EmbedMaskGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patches, pos, prefix, keep_index, clone):
+        num_views = patches.shape[0] * clone
+        index = None if keep_index is None else keep_index.contiguous()
+        ctx.save_for_backward(index)
+        ctx.shape = patches.shape
+        ctx.clone = clone
+        ctx.n_prefix = 0 if prefix is None else prefix.shape[0]
+        ctx.pos_needs_grad = pos is not None and pos.requires_grad
+        ctx.dtypes = (patches.dtype, None if pos is None else pos.dtype,
+                      None if prefix is None else prefix.dtype)
+        return _gather_rows(patches, pos, prefix, index, clone, num_views, patches.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        N, P, D = ctx.shape
+        grad_out = grad_out.contiguous()
+        V = grad_out.shape[0]
+        if index is None:
+            index = torch.arange(P, device=grad_out.device).expand(V, P)
+        inv = inverse_index(index, P)
+        p_dtype, pos_dtype, pre_dtype = ctx.dtypes
+        need_fp32 = ctx.pos_needs_grad and ctx.needs_input_grad[1]
+        grad = _scatter_rows(grad_out, None, inv, N, ctx.clone, ctx.n_prefix,
+                             torch.float32 if need_fp32 else p_dtype)
+        grad_pos = grad.sum(0).to(pos_dtype) if need_fp32 else None
+        grad_patches = grad.to(p_dtype) if ctx.needs_input_grad[0] else None
+        grad_prefix = None
+        if ctx.n_prefix and ctx.needs_input_grad[2]:
+            grad_prefix = grad_out[:, :ctx.n_prefix].float().sum(0).to(pre_dtype)
+        return grad_patches, grad_pos, grad_prefix, None, None
+
+
+class DecoderInputScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, visible, keep_index, noise):
+        index = keep_index.contiguous()
+        ctx.save_for_backward(index)
+        ctx.visible_dtype = visible.dtype
+        inv = inverse_index(index, noise.shape[1])
+        return _scatter_rows(visible, noise, inv, noise.shape[0], 1, 0, visible.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        grad_visible = _gather_rows(grad_out, None, None, index, 1, grad_out.shape[0],
+                                    ctx.visible_dtype)
+        return grad_visible, None, None
+
+
+def _check_gather_args(patches, pos, prefix, keep_index, clone):
+    if patches.dim() != 3:
+        raise ValueError(f"patches must be [N, P, D], got {tuple(patches.shape)}")
+    N, P, D = patches.shape
+    if pos is not None and tuple(pos.shape) != (P, D):
+        raise ValueError(f"pos must be [{P}, {D}], got {tuple(pos.shape)}")
+    if keep_index is not None and (keep_index.dim() != 2 or keep_index.shape[0] != N * clone):
+        raise ValueError(f"keep_index must be [{N * clone}, K], got {tuple(keep_index.shape)}")
+    if prefix is not None and prefix.numel() % D:
+        raise ValueError(f"cls must hold whole rows of {D}, got {tuple(prefix.shape)}")
+
+
+def embed_mask_gather(patches: torch.Tensor, pos: Optional[torch.Tensor],
+                      cls: Optional[torch.Tensor], keep_index: Optional[torch.Tensor],
+                      clone: int = 1, use_triton: Optional[bool] = None) -> torch.Tensor:
+    """Positional add + visible-patch gather + CLS prepend (+ clone_batch expansion), fused.
+
+    patches: [N, P, D] patch embeddings of N clips (fp32 / bf16 / fp16; any strides).
+    pos: [P, D] positional table (any float dtype) or None. Usually fixed; if it requires grad
+        it gets one (the sum over all views, as a learned table would).
+    cls: prefix tokens prepended without positions: [1, 1, D], [D] or [C, D] (C tokens), or None.
+    keep_index: int64 [V, K], V = N * clone, the visible positions of each view (unique per
+        row; ascending keeps the grid order), or None for all P positions in order.
+    clone: views per clip; view v uses clip v // clone (no repeat_interleave copy is made).
+    use_triton: None = Triton for CUDA tensors (reference otherwise); True / False forces.
+    Returns [V, C + K, D] of patches.dtype: out[v, :C] = cls,
+        out[v, C + k] = patches[v // clone, keep_index[v, k]] + pos[keep_index[v, k]]
+    (sums in fp32, rounded once). Differentiable w.r.t. patches, cls and (if it requires grad) pos.
+    """
+    _check_gather_args(patches, pos, cls, keep_index, clone)
+    if use_triton is None:
+        use_triton = patches.is_cuda and triton_available
+    if not use_triton:
+        return embed_mask_gather_reference(patches, pos, cls, keep_index, clone)
+    return EmbedMaskGather.apply(patches, pos, _prefix_2d(cls, patches.shape[2]), keep_index, clone)
+
+
+def decoder_input_scatter(visible: torch.Tensor, keep_index: torch.Tensor, noise: torch.Tensor,
+                          use_triton: Optional[bool] = None) -> torch.Tensor:
+    """Decoder input: noise everywhere, the visible outputs put back at their positions.
+
+    visible: [V, K, D] encoder outputs of the visible patches (CLS already dropped; any strides).
+    keep_index: int64 [V, K], unique positions in [0, P) per row.
+    noise: [V, P, D] fill for the masked positions (e.g. N(0, 0.01) draws); no gradient.
+    use_triton: None = Triton for CUDA tensors (reference otherwise); True / False forces.
+    Returns [V, P, D] of visible.dtype; differentiable w.r.t. visible.
+    """
+    V, K, D = visible.shape
+    if keep_index.shape != (V, K) or noise.shape[0] != V or noise.shape[2] != D:
+        raise ValueError(f"visible {tuple(visible.shape)}, keep_index {tuple(keep_index.shape)} "
+                         f"and noise {tuple(noise.shape)} do not match")
+    if use_triton is None:
+        use_triton = visible.is_cuda and triton_available
+    if not use_triton:
+        return decoder_input_scatter_reference(visible, keep_index, noise)
+    return DecoderInputScatter.apply(visible, keep_index, noise)
