@@ -34,7 +34,7 @@ def test_loss_falls_and_targets_stay_healthy():
         torch.nn.utils.clip_grad_norm_(params, 4.0)
         opt.step()
         model.update_teacher(step + 1)
-        history.append({k: float(out[k]) / (float(out["sample_size"]) if k.endswith("_loss") else 1)
+        history.append({k: float(out[k].detach()) / (float(out["sample_size"]) if k.endswith("_loss") else 1)
                         for k in ("loss", "patch_loss", "cls_loss", "target_var", "pred_var")})
     first, last = history[:10], history[-10:]
 
