@@ -4,8 +4,8 @@ Every op dispatches to Triton for CUDA tensors and to its PyTorch reference othe
 """
 from .ema import EMAPair, ema_update, ema_update_foreach, ema_update_reference
 from .fused_ema import FusedEMA
-from .gather import (decoder_input_scatter, decoder_input_scatter_reference, embed_mask_gather,
-                     embed_mask_gather_reference)
+from .gather import (decoder_input_gather, decoder_input_gather_reference, decoder_input_scatter,
+                     decoder_input_scatter_reference, embed_mask_gather, embed_mask_gather_reference)
 from .targets import layer_averaged_target, layer_averaged_target_reference
 from .masking import (inverse_block_mask, inverse_block_mask_reference, keep_index_from_mask,
                       mask_counts)
@@ -13,6 +13,8 @@ from .masking import (inverse_block_mask, inverse_block_mask_reference, keep_ind
 __all__ = [
     "EMAPair",
     "FusedEMA",
+    "decoder_input_gather",
+    "decoder_input_gather_reference",
     "decoder_input_scatter",
     "decoder_input_scatter_reference",
     "ema_update",

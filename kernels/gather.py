@@ -98,29 +98,37 @@ if triton_available:
     @triton.jit
     def _scatter_rows_kernel(out_ptr, rows_ptr, fill_ptr, inv_ptr, P, L, SUM_ROWS_FROM,
                              s_rows_v, s_rows_k, s_rows_d, s_fill_v, s_fill_p, s_fill_d,
-                             D: tl.constexpr, CLONE: tl.constexpr, HAS_FILL: tl.constexpr,
+                             D: tl.constexpr, CLONE: tl.constexpr, FILL: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         # out[n, p] = sum over the CLONE views v of clip n of rows[v, SUM_ROWS_FROM + inv[v, p]]
-        # (where inv >= 0), else fill[n, p] (or 0). Every output element is written.
+        # where 0 <= inv[v, p] < L - SUM_ROWS_FROM; elsewhere 0 (FILL == 0), fill[n, p]
+        # (FILL == 1, dense) or fill[n, inv[n, p] - (L - SUM_ROWS_FROM)] (FILL == 2, compact, as
+        # a gather from cat(rows, fill) would give). Every output element is written.
         n = tl.program_id(0)
         p = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         pm = p < P
+        num_rows = L - SUM_ROWS_FROM
         out_row = out_ptr + (n.to(tl.int64) * P + p) * D
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dm = (d < D)[None, :]
             acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
             hit_any = tl.zeros((BLOCK_R,), dtype=tl.int1)
+            k = tl.zeros((BLOCK_R,), dtype=tl.int64)
             for c in range(CLONE):
                 v = (n * CLONE + c).to(tl.int64)
                 k = tl.load(inv_ptr + v * P + p, mask=pm, other=-1).to(tl.int64)
-                hit = k >= 0
+                hit = (k >= 0) & (k < num_rows)
                 hit_any |= hit
                 acc += tl.load(rows_ptr + v * s_rows_v + (SUM_ROWS_FROM + k)[:, None] * s_rows_k
                                + d[None, :] * s_rows_d, mask=hit[:, None] & dm,
                                other=0.0).to(tl.float32)
-            if HAS_FILL:
-                fill = tl.load(fill_ptr + n.to(tl.int64) * s_fill_v + p[:, None] * s_fill_p
+            if FILL > 0:
+                if FILL == 1:
+                    fill_row = p
+                else:
+                    fill_row = k - num_rows
+                fill = tl.load(fill_ptr + n.to(tl.int64) * s_fill_v + fill_row[:, None] * s_fill_p
                                + d[None, :] * s_fill_d, mask=(~hit_any & pm)[:, None] & dm,
                                other=0.0).to(tl.float32)
                 acc = tl.where(hit_any[:, None], acc, fill)
@@ -132,6 +140,7 @@ def _gather_rows(src, pos, prefix, index, clone, num_views, out_dtype):
     """Launch ``_gather_rows_kernel``; returns [num_views, PREFIX + K, D] of ``out_dtype``."""
     _, P, D = src.shape
     K = P if index is None else index.shape[1]
+    index = None if index is None else index.contiguous()
     n_prefix = 0 if prefix is None else prefix.shape[0]
     out = _empty(num_views, n_prefix + K, D, dtype=out_dtype, device=src.device)
     if out.numel() == 0:
@@ -147,7 +156,7 @@ def _gather_rows(src, pos, prefix, index, clone, num_views, out_dtype):
     return out
 
 
-def _scatter_rows(rows, fill, inv, num_out, clone, rows_from, out_dtype):
+def _scatter_rows(rows, fill, inv, num_out, clone, rows_from, out_dtype, compact_fill=False):
     """Launch ``_scatter_rows_kernel``; returns [num_out, P, D] of ``out_dtype``."""
     P, D = inv.shape[1], rows.shape[2]
     out = _empty(num_out, P, D, dtype=out_dtype, device=rows.device)
@@ -156,7 +165,8 @@ def _scatter_rows(rows, fill, inv, num_out, clone, rows_from, out_dtype):
     fill_strides = (0, 0, 0) if fill is None else fill.stride()
     _scatter_rows_kernel[(num_out, triton.cdiv(P, BLOCK_R))](
         out, rows, rows if fill is None else fill, inv, P, rows.shape[1], rows_from,
-        *rows.stride(), *fill_strides, D=D, CLONE=clone, HAS_FILL=fill is not None,
+        *rows.stride(), *fill_strides, D=D, CLONE=clone,
+        FILL=0 if fill is None else (2 if compact_fill else 1),
         BLOCK_R=BLOCK_R, BLOCK_D=_block_d(D), num_warps=4)
     return out
 
@@ -211,6 +221,36 @@ class DecoderInputScatter(torch.autograd.Function):
         grad_visible = _gather_rows(grad_out, None, None, index, 1, grad_out.shape[0],
                                     ctx.visible_dtype)
         return grad_visible, None, None
+
+
+class DecoderInputGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids_restore, mask_tokens, num_extra):
+        restore = ids_restore.contiguous()
+        ctx.save_for_backward(restore)
+        ctx.num_extra = num_extra
+        ctx.num_visible = x.shape[1] - num_extra
+        ctx.dtypes = (x.dtype, mask_tokens.dtype)
+        return _scatter_rows(x, mask_tokens, restore, x.shape[0], 1, num_extra, x.dtype,
+                             compact_fill=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (restore,) = ctx.saved_tensors
+        V, T, D = grad_out.shape
+        grad_out = grad_out.contiguous()
+        position = torch.empty_like(restore, dtype=torch.int64).scatter_(
+            1, restore.long(), torch.arange(T, device=restore.device).expand(V, T))
+        num_extra = ctx.num_extra
+        x_dtype, m_dtype = ctx.dtypes
+        num_visible = ctx.num_visible
+        grad_x = grad_m = None
+        if ctx.needs_input_grad[0]:
+            zeros = grad_out.new_zeros(num_extra, D) if num_extra else None
+            grad_x = _gather_rows(grad_out, None, zeros, position[:, :num_visible], 1, V, x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_m = _gather_rows(grad_out, None, None, position[:, num_visible:], 1, V, m_dtype)
+        return grad_x, None, grad_m, None
 
 
 def _check_gather_args(patches, pos, prefix, keep_index, clone):
@@ -269,3 +309,34 @@ def decoder_input_scatter(visible: torch.Tensor, keep_index: torch.Tensor, noise
     if not use_triton:
         return decoder_input_scatter_reference(visible, keep_index, noise)
     return DecoderInputScatter.apply(visible, keep_index, noise)
+
+
+def decoder_input_gather_reference(x: torch.Tensor, ids_restore: torch.Tensor,
+                                   mask_tokens: torch.Tensor, num_extra: int = 0) -> torch.Tensor:
+    """data2vec 2.0 / EAT's decoder input: gather(cat(x[:, num_extra:], mask_tokens), ids_restore)."""
+    x_ = torch.cat([x[:, num_extra:], mask_tokens.to(x.dtype)], dim=1)
+    return torch.gather(x_, 1, ids_restore.long()[..., None].expand(-1, -1, x.shape[2]))
+
+
+def decoder_input_gather(x: torch.Tensor, ids_restore: torch.Tensor, mask_tokens: torch.Tensor,
+                         num_extra: int = 0, use_triton: Optional[bool] = None) -> torch.Tensor:
+    """The decoder input in data2vec 2.0 / EAT's layout, without the concatenated copy.
+
+    x: [V, num_extra + K, D] encoder output (extra tokens such as CLS first, then the K visible
+        patches in the order of the mask's ids_keep).
+    ids_restore: int [V, P] (a permutation of 0..P-1 per row): position p takes visible row
+        ids_restore[v, p] if it is < K, else mask_tokens[v, ids_restore[v, p] - K].
+    mask_tokens: [V, P - K, D] fill rows (noise). use_triton: as ``embed_mask_gather``.
+    Returns [V, P, D] of x.dtype; differentiable w.r.t. x and mask_tokens.
+    """
+    V, L, D = x.shape
+    if ids_restore.dim() == 3:  # EAT keeps it expanded over D
+        ids_restore = ids_restore[:, :, 0]
+    if ids_restore.shape[0] != V or mask_tokens.shape != (V, ids_restore.shape[1] - L + num_extra, D):
+        raise ValueError(f"x {tuple(x.shape)}, ids_restore {tuple(ids_restore.shape)} and mask_tokens "
+                         f"{tuple(mask_tokens.shape)} do not match")
+    if use_triton is None:
+        use_triton = x.is_cuda and triton_available
+    if not use_triton:
+        return decoder_input_gather_reference(x, ids_restore, mask_tokens, num_extra)
+    return DecoderInputGather.apply(x, ids_restore, mask_tokens, num_extra)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import sslam_kernels.gather as gather_module
-from sslam_kernels import decoder_input_scatter, embed_mask_gather
-from sslam_kernels.gather import decoder_input_scatter_reference, embed_mask_gather_reference
+from sslam_kernels import decoder_input_gather, decoder_input_scatter, embed_mask_gather
+from sslam_kernels.gather import (decoder_input_gather_reference, decoder_input_scatter_reference,
+                                  embed_mask_gather_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -136,3 +137,18 @@ def test_decoder_input_scatter_bf16_gpu():
     grad = torch.randn(out.shape, generator=gen).to(DEVICE, torch.bfloat16)
     torch.testing.assert_close(torch.autograd.grad(out, visible, grad)[0],
                                grad[torch.arange(V, device=DEVICE)[:, None], keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("V,P,D,K,num_extra", [(1, 1, 1, 1, 0), (4, 13, 37, 5, 1), (3, 65, 300, 17, 2)])
+def test_decoder_input_gather_matches_eat_layout(V, P, D, K, num_extra):
+    gen = torch.Generator().manual_seed(V + P + K)
+    x = torch.randn(V, num_extra + K, D, generator=gen).to(DEVICE).requires_grad_(True)
+    tokens = torch.randn(V, P - K, D, generator=gen).to(DEVICE).requires_grad_(True)
+    shuffle = torch.stack([torch.randperm(P, generator=gen) for _ in range(V)]).to(DEVICE)
+    restore = shuffle.argsort(1)
+    out = decoder_input_gather(x, restore[..., None].expand(-1, -1, D), tokens, num_extra, use_triton=True)
+    ref = decoder_input_gather_reference(x, restore, tokens, num_extra)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=gen).to(DEVICE)
+    for g, r in zip(torch.autograd.grad(out, (x, tokens), grad), torch.autograd.grad(ref, (x, tokens), grad)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
