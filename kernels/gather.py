@@ -26,7 +26,7 @@ def _prefix_2d(cls: Optional[torch.Tensor], dim: int) -> Optional[torch.Tensor]:
 
 def embed_mask_gather_reference(patches: torch.Tensor, pos: Optional[torch.Tensor],
                                 cls: Optional[torch.Tensor], keep_index: Optional[torch.Tensor],
-                                clone: int = 1) -> torch.Tensor:
+                                clone: int = 1, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Plain-indexing reference of ``embed_mask_gather`` (same arguments, same result)."""
     N, P, D = patches.shape
     x = patches.float() if pos is None else patches.float() + pos.float()
@@ -36,7 +36,7 @@ def embed_mask_gather_reference(patches: torch.Tensor, pos: Optional[torch.Tenso
     prefix = _prefix_2d(cls, D)
     if prefix is not None:
         x = torch.cat([prefix.float().expand(x.shape[0], -1, -1), x], dim=1)
-    return x.to(patches.dtype)
+    return x.to(out_dtype or patches.dtype)
 
 
 def decoder_input_scatter_reference(visible: torch.Tensor, keep_index: torch.Tensor,
@@ -173,7 +173,7 @@ def _scatter_rows(rows, fill, inv, num_out, clone, rows_from, out_dtype, compact
 
 class EmbedMaskGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, patches, pos, prefix, keep_index, clone):
+    def forward(ctx, patches, pos, prefix, keep_index, clone, out_dtype):
         num_views = patches.shape[0] * clone
         index = None if keep_index is None else keep_index.contiguous()
         ctx.save_for_backward(index)
@@ -183,7 +183,7 @@ class EmbedMaskGather(torch.autograd.Function):
         ctx.pos_needs_grad = pos is not None and pos.requires_grad
         ctx.dtypes = (patches.dtype, None if pos is None else pos.dtype,
                       None if prefix is None else prefix.dtype)
-        return _gather_rows(patches, pos, prefix, index, clone, num_views, patches.dtype)
+        return _gather_rows(patches, pos, prefix, index, clone, num_views, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -203,7 +203,7 @@ class EmbedMaskGather(torch.autograd.Function):
         grad_prefix = None
         if ctx.n_prefix and ctx.needs_input_grad[2]:
             grad_prefix = grad_out[:, :ctx.n_prefix].float().sum(0).to(pre_dtype)
-        return grad_patches, grad_pos, grad_prefix, None, None
+        return grad_patches, grad_pos, grad_prefix, None, None, None
 
 
 class DecoderInputScatter(torch.autograd.Function):
@@ -267,7 +267,8 @@ def _check_gather_args(patches, pos, prefix, keep_index, clone):
 
 def embed_mask_gather(patches: torch.Tensor, pos: Optional[torch.Tensor],
                       cls: Optional[torch.Tensor], keep_index: Optional[torch.Tensor],
-                      clone: int = 1, use_triton: Optional[bool] = None) -> torch.Tensor:
+                      clone: int = 1, use_triton: Optional[bool] = None,
+                      out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Positional add + visible-patch gather + CLS prepend (+ clone_batch expansion), fused.
 
     patches: [N, P, D] patch embeddings of N clips (fp32 / bf16 / fp16; any strides).
@@ -278,7 +279,8 @@ def embed_mask_gather(patches: torch.Tensor, pos: Optional[torch.Tensor],
         row; ascending keeps the grid order), or None for all P positions in order.
     clone: views per clip; view v uses clip v // clone (no repeat_interleave copy is made).
     use_triton: None = Triton for CUDA tensors (reference otherwise); True / False forces.
-    Returns [V, C + K, D] of patches.dtype: out[v, :C] = cls,
+    out_dtype: dtype of the result (default patches.dtype).
+    Returns [V, C + K, D] of out_dtype: out[v, :C] = cls,
         out[v, C + k] = patches[v // clone, keep_index[v, k]] + pos[keep_index[v, k]]
     (sums in fp32, rounded once). Differentiable w.r.t. patches, cls and (if it requires grad) pos.
     """
@@ -286,8 +288,9 @@ def embed_mask_gather(patches: torch.Tensor, pos: Optional[torch.Tensor],
     if use_triton is None:
         use_triton = patches.is_cuda and triton_available
     if not use_triton:
-        return embed_mask_gather_reference(patches, pos, cls, keep_index, clone)
-    return EmbedMaskGather.apply(patches, pos, _prefix_2d(cls, patches.shape[2]), keep_index, clone)
+        return embed_mask_gather_reference(patches, pos, cls, keep_index, clone, out_dtype)
+    return EmbedMaskGather.apply(patches, pos, _prefix_2d(cls, patches.shape[2]), keep_index, clone,
+                                 out_dtype or patches.dtype)
 
 
 def decoder_input_scatter(visible: torch.Tensor, keep_index: torch.Tensor, noise: torch.Tensor,
