@@ -181,39 +181,66 @@ def _mel_banks(num_bins: int, sample_rate: int, device: str, dtype: torch.dtype)
 
 
 @functools.lru_cache(maxsize=16)
-def _mel_banks_interleaved(num_bins: int, sample_rate: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """The filters with each FFT bin's row twice, [2 * (n_fft // 2 + 1), num_bins], so that one matmul
-    over (re^2, im^2) pairs also does the power sum re^2 + im^2."""
-    return _mel_banks(num_bins, sample_rate, device, dtype).repeat_interleave(2, dim=0).contiguous()
+def _mel_bank_blocks(num_bins: int, sample_rate: int, device: str, dtype: torch.dtype):
+    """The filters in groups of 16 with the FFT-bin range each group touches: [(lo, hi, block
+    [hi - lo, 16])]. The matrix is 98% zeros, and on the CPU these small products are 6x faster
+    than the one dense product."""
+    banks = _mel_banks(num_bins, sample_rate, device, dtype)
+    used = banks != 0
+    blocks = []
+    for j in range(0, num_bins, 16):
+        rows = used[:, j : j + 16].any(dim=1).nonzero()[:, 0]
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 1)
+        blocks.append((lo, hi, banks[lo:hi, j : j + 16].contiguous()))
+    return blocks
+
+
+def mel_project(power: torch.Tensor, num_mel_bins: int = NUM_MEL_BINS, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Power spectra [..., n_fft/2 + 1] -> Kaldi mel energies [..., num_mel_bins] (not yet logged)."""
+    device, dtype = str(power.device), power.dtype
+    if power.is_cuda:
+        return torch.matmul(power, _mel_banks(num_mel_bins, sample_rate, device, dtype))
+    return torch.cat([torch.matmul(power[..., lo:hi], block) for lo, hi, block in _mel_bank_blocks(num_mel_bins, sample_rate, device, dtype)], dim=-1)
+
+
+def log_mel(mel: torch.Tensor) -> torch.Tensor:
+    """Natural log with Kaldi's floor at float32 epsilon (in place)."""
+    return mel.clamp_min_(torch.finfo(torch.float32).eps).log_()
 
 
 @functools.lru_cache(maxsize=16)
-def _window(size: int, n_fft: int, device: str, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Kaldi's 'hanning' window (symmetric Hann) and its spectrum, zero-padded to n_fft."""
-    window = torch.hann_window(size, periodic=False, device=device, dtype=dtype)
-    return window, torch.fft.rfft(window, n=n_fft)
+def _window(size: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Kaldi's 'hanning' window: the symmetric Hann window."""
+    return torch.hann_window(size, periodic=False, device=device, dtype=dtype)
 
 
 def _log_mel(batch: torch.Tensor, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
     """Kaldi log-mel of every full frame of [B, N] -> [B, T, num_mel_bins].
 
     Kaldi takes each frame x, removes its mean m, pre-emphasises inside the frame (the first sample
-    against itself), windows, and FFTs. The symmetric Hann window is 0 at the first sample, so the
+    against itself), windows and FFTs. The symmetric Hann window is 0 at the first sample, so the
     windowed frame equals window * (g - 0.03 m) with g = x[n] - 0.97 x[n-1] taken once over the
-    whole signal, and by linearity its spectrum is FFT(window * g) - 0.03 m * FFT(window): one
-    elementwise pass over the [T, 400] frames instead of four.
+    whole signal: two elementwise passes over the [T, 400] frames instead of five.
     """
     size, shift, n_fft = _frame_geometry(sample_rate)
-    device, dtype = str(batch.device), batch.dtype
-    window, window_spectrum = _window(size, n_fft, device, dtype)
+    window = _window(size, str(batch.device), batch.dtype)
+    n_frames = num_frames(batch.shape[1], sample_rate)
     emphasised = torch.cat([batch[:, :1] * (1.0 - PREEMPHASIS), batch[:, 1:] - PREEMPHASIS * batch[:, :-1]], dim=1)
-    frame_mean = batch.unfold(1, size, shift).mean(dim=2)
-    spectrum = torch.fft.rfft(emphasised.unfold(1, size, shift) * window, n=n_fft)
-    dc = ((1.0 - PREEMPHASIS) * frame_mean)[..., None].to(spectrum.dtype)
-    spectrum = torch.addcmul(spectrum, dc, window_spectrum, value=-1)
-    power_parts = torch.view_as_real(spectrum).square_()  # [B, T, n_fft/2+1, (re, im)]
-    mel = torch.matmul(power_parts.flatten(2), _mel_banks_interleaved(num_mel_bins, sample_rate, device, dtype))
-    return mel.clamp_min_(torch.finfo(torch.float32).eps).log_()
+    dc = (1.0 - PREEMPHASIS) * _frame_means(batch, n_frames, size, shift)
+    frames = (emphasised.unfold(1, size, shift) - dc[..., None]) * window
+    spectrum = torch.view_as_real(torch.fft.rfft(frames, n=n_fft))
+    power = torch.addcmul(spectrum[..., 0].square(), spectrum[..., 1], spectrum[..., 1])
+    return log_mel(mel_project(power, num_mel_bins, sample_rate))
+
+
+def _frame_means(batch: torch.Tensor, n_frames: int, size: int, shift: int) -> torch.Tensor:
+    """Mean of each frame, [B, T]. With 400-sample frames every 160 samples, a frame is five 80-sample
+    blocks; summing blocks first avoids a slow reduction over the overlapping frames view."""
+    block = math.gcd(size, shift)
+    per_frame, step = size // block, shift // block
+    used = (n_frames - 1) * shift + size
+    sums = batch[:, :used].reshape(batch.shape[0], -1, block).sum(dim=2)
+    return sums.unfold(1, per_frame, step).sum(dim=2) / size
 
 
 def kaldi_fbank(

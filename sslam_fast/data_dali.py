@@ -32,7 +32,7 @@ class DaliFbank:
                  num_threads: int = 2, num_mel_bins: int = audio.NUM_MEL_BINS):
         self.target_length = target_length
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        self.banks = audio._mel_banks(num_mel_bins, audio.SAMPLE_RATE, str(self.device), torch.float32)
+        self.num_mel_bins = num_mel_bins
         self.pipe = _build_pipeline(max_batch_size, device_id, num_threads, target_length)
         self.pipe.build()
 
@@ -42,7 +42,7 @@ class DaliFbank:
         # The DLPack view aliases DALI's output buffer; the matmul reads it before the next run().
         power = torch.from_dlpack(spectra.as_tensor())
         n_frames = torch.from_dlpack(frames.as_tensor()).to(device=self.device, dtype=torch.long).reshape(-1)
-        mel = torch.matmul(power, self.banks).clamp_min_(torch.finfo(torch.float32).eps).log_()
+        mel = audio.log_mel(audio.mel_project(power, self.num_mel_bins))
         valid = torch.arange(self.target_length, device=self.device)[None, :] < n_frames[:, None]
         return mel * valid[..., None]
 

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from sslam_fast import audio
@@ -118,6 +117,7 @@ def test_short_clip_has_no_frames():
 
 
 def test_decode_averages_channels_before_resampling(tmp_path):
+    sf = pytest.importorskip("soundfile")
     t = np.arange(44100) / 44100
     left, right = np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 3000 * t)
     path = tmp_path / "stereo.flac"
@@ -133,6 +133,7 @@ def test_decode_averages_channels_before_resampling(tmp_path):
 
 @pytest.mark.parametrize("fmt,subtype", [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS"), ("mp3", "MPEG_LAYER_III")])
 def test_decode_formats(tmp_path, fmt, subtype):
+    sf = pytest.importorskip("soundfile")
     t = np.arange(32000) / 32000
     path = tmp_path / f"tone.{fmt}"
     sf.write(path, (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), 32000, format=fmt.upper(), subtype=subtype)
@@ -144,6 +145,7 @@ def test_decode_formats(tmp_path, fmt, subtype):
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "not_audio", "nan"])
 def test_decode_rejects_bad_input_naming_the_file(tmp_path, problem):
+    sf = pytest.importorskip("soundfile")
     path = tmp_path / f"{problem}.wav"
     if problem == "empty":
         sf.write(path, np.zeros(0, np.float32), 16000)
@@ -158,6 +160,7 @@ def test_decode_rejects_bad_input_naming_the_file(tmp_path, problem):
 @pytest.mark.parametrize("name", sorted(SOURCE_FILES))
 def test_load_features_from_the_real_recording(name):
     path = SOURCE_FILES[name]
+    pytest.importorskip("soundfile")
     if not os.path.exists(path):
         pytest.skip(f"{path} missing: apt-get install {APT_PACKAGES}")
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()

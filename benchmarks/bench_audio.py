@@ -1,0 +1,192 @@
+"""Front end throughput on 10-second 32 kHz clips: each backend next to a per-clip reference.
+
+The reference does what the original SSLAM loader does for every clip, one at a time: decode,
+torchaudio's resample (sinc kernel rebuilt on every call, conv1d) and torchaudio's kaldi.fbank
+(window and mel banks rebuilt on every call, as torchaudio does), then pad and normalise. It is
+written here from those algorithms because torchaudio cannot be installed beside this torch.
+Run: pytest benchmarks/bench_audio.py --benchmark-columns=min,mean,rounds
+Each entry's extra_info holds clips_per_s and speedup (vs the reference of the same run).
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslam_fast import audio
+from sslam_fast.data import build_loader
+
+NUM_CLIPS = 16
+RATE = 32000
+SECONDS = 10.0
+RESULTS = {}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    sf = pytest.importorskip("soundfile")
+    root = tmp_path_factory.mktemp("bench_clips")
+    rng = np.random.default_rng(0)
+    n = int(RATE * SECONDS)
+    t = np.arange(n) / RATE
+    rows = []
+    for i in range(NUM_CLIPS):
+        wave = 0.1 * rng.standard_normal(n) + 0.3 * np.sin(2 * np.pi * (200 + 300 * i) * t)
+        sf.write(root / f"clip_{i:03d}.wav", wave.astype(np.float32), RATE, subtype="PCM_16")
+        rows.append(f"clip_{i:03d}.wav\t{n}\n")
+    (root / "train.tsv").write_text(f"{root}\n" + "".join(rows))
+    return str(root / "train.tsv"), [str(root / f"clip_{i:03d}.wav") for i in range(NUM_CLIPS)]
+
+
+def reference_resample(wave, orig, new):
+    g = math.gcd(orig, new)
+    orig, new = orig // g, new // g
+    base = min(orig, new) * 0.99
+    width = math.ceil(6 * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=wave.dtype, device=wave.device)[None, None] / orig
+    t = (torch.arange(0, -new, -1, dtype=wave.dtype, device=wave.device)[:, None, None] / new + idx) * base
+    t = t.clamp(-6, 6)
+    window = torch.cos(t * math.pi / 12) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.tensor(1.0, device=wave.device), t.sin() / t) * window * (base / orig)
+    out = F.conv1d(F.pad(wave[None], (width, width + orig))[:, None], kernel, stride=orig)
+    return out.transpose(1, 2).reshape(-1)[: math.ceil(new * wave.shape[0] / orig)]
+
+
+def reference_fbank(wave):
+    frames = wave.unfold(0, 400, 160)
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    shifted = F.pad(frames.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)
+    frames = (frames - 0.97 * shifted[:, :-1]) * torch.hann_window(400, periodic=False, device=wave.device)
+    power = torch.fft.rfft(F.pad(frames, (0, 112))).abs().pow(2.0)
+    mel = lambda f: 1127.0 * (1.0 + f / 700.0).log()  # noqa: E731
+    lo, hi = 1127.0 * math.log(1 + 20 / 700), 1127.0 * math.log(1 + 8000 / 700)
+    delta = (hi - lo) / 129
+    b = torch.arange(128).unsqueeze(1)
+    m = mel(31.25 * torch.arange(256)).unsqueeze(0)
+    up = (m - (lo + b * delta)) / delta
+    down = ((lo + (b + 2.0) * delta) - m) / delta
+    banks = F.pad(torch.clamp(torch.min(up, down), min=0.0), (0, 1)).to(wave.device)
+    return torch.max(torch.mm(power, banks.T), torch.tensor(torch.finfo(torch.float).eps, device=wave.device)).log()
+
+
+def reference_features(path):
+    import soundfile as sf
+
+    wave, rate = sf.read(path, dtype="float32")
+    wave = torch.from_numpy(wave)
+    wave = reference_resample(wave, rate, 16000)
+    fbank = reference_fbank(wave - wave.mean())
+    fbank = F.pad(fbank, (0, 0, 0, 1024 - fbank.shape[0])) if fbank.shape[0] < 1024 else fbank[:1024]
+    return (fbank + 4.268) / (2 * 4.569)
+
+
+def record(benchmark, name, clips_per_round):
+    if benchmark.stats is None:  # --benchmark-disable: the functions ran once, nothing to record
+        return
+    seconds = benchmark.stats.stats.min
+    RESULTS[name] = clips_per_round / seconds
+    benchmark.extra_info["clips_per_s"] = round(RESULTS[name], 1)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    if "reference" in RESULTS and name != "reference":
+        benchmark.extra_info["speedup"] = round(RESULTS[name] / RESULTS["reference"], 2)
+
+
+def test_reference_per_clip(benchmark, clips):
+    _, paths = clips
+    out = benchmark.pedantic(lambda: [reference_features(p) for p in paths], rounds=3, iterations=1, warmup_rounds=1)
+    torch.testing.assert_close(out[0], audio.load_features(paths[0]), rtol=0, atol=1e-3)
+    record(benchmark, "reference", len(paths))
+
+
+def _epoch(manifest, backend, workers, device=None):
+    loader = build_loader(manifest, batch_size=NUM_CLIPS // 2, backend=backend, num_workers=workers, infinite=False, device=device)
+    return [b["fbank"] for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_loader_cpu(benchmark, clips, workers):
+    manifest, _ = clips
+    out = benchmark.pedantic(lambda: _epoch(manifest, "torch", workers), rounds=3, iterations=1, warmup_rounds=1)
+    assert sum(b.shape[0] for b in out) == NUM_CLIPS
+    record(benchmark, f"torch_cpu_workers{workers}", NUM_CLIPS)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dali_loader_cpu(benchmark, clips, workers):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    manifest, _ = clips
+    out = benchmark.pedantic(lambda: _epoch(manifest, "dali", workers), rounds=3, iterations=1, warmup_rounds=1)
+    assert sum(b.shape[0] for b in out) == NUM_CLIPS
+    record(benchmark, f"dali_cpu_workers{workers}", NUM_CLIPS)
+
+
+def test_fbank_only_cpu(benchmark, clips):
+    """kaldi_fbank + pad + normalise on already resampled clips (the compute the workers share)."""
+    _, paths = clips
+    waves = torch.stack([audio.subtract_mean(audio.load_audio(p)) for p in paths])
+    benchmark.pedantic(lambda: audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves))), rounds=3, iterations=1, warmup_rounds=1)
+    record(benchmark, "fbank_only_cpu", NUM_CLIPS)
+
+
+def gpu_clips(batch, rate):
+    """`batch` 10-second clips at `rate` (noise plus a tone) made on the GPU: the device image has no
+    soundfile, and decoding is CPU work that the GPU figures must not include."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n = int(rate * SECONDS)
+    t = torch.arange(n, device="cuda") / rate
+    tones = torch.sin(2 * math.pi * (200 + 300 * torch.arange(batch, device="cuda")[:, None] % 20) * t)
+    return 0.1 * torch.randn(batch, n, device="cuda", generator=g) + 0.3 * tones
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [64, 256])
+def test_fbank_gpu(benchmark, batch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    waves = audio.subtract_mean(gpu_clips(batch, 16000))
+
+    def run():
+        out = audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves)))
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=3)
+    record(benchmark, f"fbank_gpu_batch{batch}", batch)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+
+
+@pytest.mark.gpu
+def test_resample_and_fbank_gpu(benchmark):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    raw = gpu_clips(256, RATE)
+
+    def run():
+        waves = audio.subtract_mean(audio.resample(raw, RATE, 16000))
+        out = audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves)))
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=3)
+    record(benchmark, "resample_fbank_gpu_batch256", raw.shape[0])
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+
+
+@pytest.mark.gpu
+def test_reference_per_clip_gpu(benchmark):
+    """The per-clip reference on the GPU (16 clips one at a time), for the ratio on that card."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    raw = gpu_clips(16, RATE)
+
+    def run():
+        out = [reference_fbank(reference_resample(w, RATE, 16000)) for w in raw]
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    record(benchmark, "reference_per_clip_gpu", raw.shape[0])
