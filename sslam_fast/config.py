@@ -99,6 +99,7 @@ class SSLAMConfig:
     max_time_patches: int = 768
     norm_eps: float = 1e-6
     attention: str = "auto"  # auto: flash-attn if it imports, else SDPA; "sdpa"; "eager" (reference)
+    use_kernels: bool = True  # Triton kernels on CUDA; False runs the plain PyTorch reference ops
     # masking (SPEC 4)
     mask_prob: float = 0.8
     mask_length: int = 5

@@ -5,6 +5,8 @@ turns a [V, P] mask into the index form the gather/scatter steps use.
 """
 import torch
 
+from sslam_kernels import keep_index_from_mask
+
 
 def visible_index(masks: torch.Tensor) -> torch.Tensor:
     """[V, P] bool masks (True = masked) -> [V, K] ascending indices of the visible patches.
@@ -18,6 +20,4 @@ def visible_index(masks: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"every view must keep the same number of patches; got counts from {int(kept.min())} to {int(kept.max())}"
         )
-    k = int(kept[0]) if kept.numel() else 0
-    # A stable sort of the mask puts visible (False) positions first, in ascending order.
-    return masks.to(torch.uint8).sort(dim=1, stable=True).indices[:, :k]
+    return keep_index_from_mask(masks, int(kept[0]) if kept.numel() else 0)

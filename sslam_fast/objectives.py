@@ -1,20 +1,5 @@
 """Teacher targets and the losses of EAT (stage 1) and SSLAM (stage 2), SPEC 5-7."""
-from typing import Sequence
-
 import torch
-import torch.nn.functional as F
-
-
-def layer_averaged_target(layers: Sequence[torch.Tensor], instance_eps: float = 1e-5,
-                          layer_eps: float = 1e-5) -> torch.Tensor:
-    """K layer outputs [N, T, D] -> fp32 target [N, T, D]: instance-norm each layer over time per
-    channel (no affine), average the K layers, then LayerNorm over channels (no affine)."""
-    total = None
-    for layer in layers:
-        normed = F.instance_norm(layer.float().transpose(1, 2), eps=instance_eps).transpose(1, 2)
-        total = normed if total is None else total + normed
-    y = total / len(layers)
-    return F.layer_norm(y, y.shape[-1:], eps=layer_eps)
 
 
 def source_retention_target(own: torch.Tensor, partner_mixed_rows: torch.Tensor, rows: torch.Tensor,

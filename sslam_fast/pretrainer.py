@@ -11,7 +11,7 @@ from .config import SSLAMConfig
 from .masking import visible_index
 from .mixing import check_windows, draw_mix_windows, mixed_rows, partial_mixture
 from .model import CNNDecoder, Encoder, as_fbank_batch
-from .objectives import feature_std, layer_averaged_target, regression_loss, source_retention_target
+from .objectives import feature_std, regression_loss, source_retention_target
 from .teacher import ema_decay_at, ema_update, make_teacher
 
 
@@ -60,7 +60,8 @@ class SSLAMPretrainer(nn.Module):
         parameters (pass fp32 master copies where the optimizer keeps them). Returns the decay."""
         decay = self.ema_decay(step)
         if decay < 1:
-            ema_update(self.teacher, self.student.parameters() if student_params is None else student_params, decay)
+            ema_update(self.teacher, self.student.parameters() if student_params is None else student_params, decay,
+                       use_kernels=self.cfg.use_kernels)
         return decay
 
     # ----------------------------------------------------------------------- draws
@@ -71,15 +72,15 @@ class SSLAMPretrainer(nn.Module):
         draws = draws or Draws()
         grid = (num_frames // c.patch_size, c.freq_patches)
         inputs = batch_size * (2 if c.stage == 2 else 1)
-        masks = draws.masks
+        views, patches = inputs * c.clone_batch, grid[0] * grid[1]
+        masks, keep = draws.masks, None
         if masks is None:
-            masks = sslam_kernels.inverse_block_mask_reference(
-                batch_size * c.clone_batch, grid, c.mask_prob, c.mask_length, c.mask_prob_adjust,
-                generator=generator, device=device)
+            draw_masks = sslam_kernels.inverse_block_mask if c.use_kernels else sslam_kernels.inverse_block_mask_reference
+            masks = draw_masks(batch_size * c.clone_batch, grid, c.mask_prob, c.mask_length, c.mask_prob_adjust,
+                               generator=generator, device=device)
             if c.stage == 2:
                 masks = torch.cat([masks, masks])  # each mixture reuses its base clip's masks
-        views, patches = inputs * c.clone_batch, grid[0] * grid[1]
-        if masks.shape != (views, patches) or masks.dtype != torch.bool:
+        elif masks.shape != (views, patches) or masks.dtype != torch.bool:
             raise ValueError(f"draws.masks must be bool [{views}, {patches}], got {masks.dtype} {list(masks.shape)}")
         windows = draws.mix_windows
         if c.stage == 2:
@@ -107,6 +108,7 @@ class SSLAMPretrainer(nn.Module):
         B, _, T, _ = fbank.shape
         if c.stage == 2 and mixture is not None and (draws is None or draws.mix_windows is None):
             raise ValueError("a precomputed mixture needs the draws.mix_windows it was made with")
+        given_masks = draws is not None and draws.masks is not None
         draws = self.draw(B, T, fbank.device, generator, draws)
         grid = (T // c.patch_size, c.freq_patches)
         clone = c.clone_batch
@@ -119,17 +121,21 @@ class SSLAMPretrainer(nn.Module):
         else:
             inputs = fbank
 
-        # Student: visible patches (+ positions) of every view, CLS, blocks; decoder on the full grid.
+        # Student: positions added, visible patches of every view gathered, CLS prepended (one
+        # fused op); blocks; decoder input = noise with the visible outputs put back in place.
         masks = draws.masks
-        keep = visible_index(masks)
-        patches = self.student.patchify(inputs)
-        pos = self.student.positions(patches.shape[1])
-        view_clip = torch.arange(masks.shape[0], device=masks.device) // clone
-        visible = (patches + pos.to(patches.dtype))[view_clip[:, None], keep]
-        x, _ = self.student.run_blocks(self.student.with_cls(visible))
+        if given_masks:
+            keep = visible_index(masks)  # checks that every view keeps the same number of patches
+        else:
+            num_keep = sslam_kernels.mask_counts(masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
+            keep = sslam_kernels.keep_index_from_mask(masks, num_keep)
+        kernels = None if c.use_kernels else False
+        emb = self.student.patchify(inputs)
+        tokens = sslam_kernels.embed_mask_gather(emb, self.student.positions(masks.shape[1]), self.student.cls_token,
+                                                 keep, clone, use_triton=kernels)
+        x, _ = self.student.run_blocks(tokens)
         student_cls = x[:, 0]
-        dec_in = draws.decoder_noise.to(x.dtype).scatter(
-            1, keep[:, :, None].expand(-1, -1, x.shape[-1]), x[:, 1:])
+        dec_in = sslam_kernels.decoder_input_scatter(x[:, 1:], keep, draws.decoder_noise, use_triton=kernels)
         pred = self.decoder(dec_in, grid)
 
         targets = self.teacher_targets(inputs, B, draws.mix_windows, grid)
@@ -168,16 +174,43 @@ class SSLAMPretrainer(nn.Module):
         c = self.cfg
         t = self.teacher
         K = c.average_top_k_layers
+
+        def target(layers):
+            return sslam_kernels.layer_averaged_target(layers, c.instance_norm_eps, c.target_norm_eps,
+                                                       use_triton=None if c.use_kernels else False)
+
         tokens = t.embed(inputs)
         _, layers = t.run_blocks(t.with_cls(tokens), collect=True)
-        patch = layer_averaged_target(layers[-K:], c.instance_norm_eps, c.target_norm_eps)
+        patch = target(layers[-K:])
         if c.stage == 1:
             return {"patch": patch, "cls": patch.mean(dim=1)}
-        last = layer_averaged_target(layers[-1:], c.instance_norm_eps, c.target_norm_eps)
+        last = target(layers[-1:])
         rows = mixed_rows(grid[0], windows, c.mix_window, c.patch_size, tokens.device)
         N, P, D = tokens.shape
         kept = tokens[:batch_size].view(batch_size, grid[0], grid[1], D)[:, rows].reshape(batch_size, -1, D)
         _, dropped_layers = t.run_blocks(t.with_cls(kept), collect=True)
-        partner = layer_averaged_target(dropped_layers[-K:], c.instance_norm_eps, c.target_norm_eps)
+        partner = target(dropped_layers[-K:])
         srl = source_retention_target(patch[:batch_size], partner, rows, grid[1])
         return {"patch": patch, "cls": last.mean(dim=1), "srl": srl}
+
+
+def step_flops_per_clip(cfg: SSLAMConfig, num_frames: int = 1024) -> float:
+    """Training FLOPs per clip of one step (SPEC 10): teacher forward(s), plus student and decoder
+    forward + backward (3x forward) for each view. Matmul FLOPs only (2 per multiply-add)."""
+    D, depth = cfg.embed_dim, cfg.depth
+    patches = num_frames // cfg.patch_size * cfg.freq_patches
+    visible = sslam_kernels.mask_counts(patches, cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust)[1] + 1
+
+    def encoder(tokens: int) -> float:
+        per_token = 2 * D * D * (4 + 2 * cfg.mlp_ratio) + 4 * tokens * D
+        return depth * tokens * per_token
+
+    conv = 2 * (D // cfg.decoder_groups) * cfg.decoder_kernel**2 * D * patches * cfg.decoder_layers
+    decoder = conv + 2 * D * D * patches
+    views = cfg.clone_batch
+    teacher = encoder(patches + 1)
+    if cfg.stage == 2:
+        views *= 2
+        mixed = (num_frames - 2 * cfg.mix_window) // cfg.patch_size * cfg.freq_patches
+        teacher = 2 * teacher + encoder(mixed + 1)
+    return teacher + views * 3 * (encoder(visible) + decoder)

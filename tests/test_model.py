@@ -5,7 +5,7 @@ from sslam_fast import Draws, SSLAMConfig, SSLAMPretrainer
 from sslam_fast.config import ConfigError, from_dict
 from sslam_fast.mixing import mixed_rows
 from sslam_fast.model import Encoder, count_parameters, sincos_table
-from sslam_fast.objectives import layer_averaged_target
+from sslam_kernels import layer_averaged_target
 
 from helpers import fbank_batch, tiny_config, tiny_model
 
