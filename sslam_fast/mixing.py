@@ -12,9 +12,10 @@ def draw_mix_windows(generator: Optional[torch.Generator] = None, num_frames: in
         raise ValueError(
             f"mixing windows do not fit {num_frames} frames (window {window}, w1_max {w1_max}, w2_max {w2_max})"
         )
-    w1 = step * int(torch.randint(0, w1_max // step + 1, (1,), generator=generator))
+    device = generator.device if generator is not None else None
+    w1 = step * int(torch.randint(0, w1_max // step + 1, (1,), generator=generator, device=device))
     choices = range(w1 + window, w2_max + 1, step)
-    w2 = choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
+    w2 = choices[int(torch.randint(0, len(choices), (1,), generator=generator, device=device))]
     return w1, w2
 
 
