@@ -2,5 +2,16 @@
 from .config import ConfigError, SSLAMConfig
 from .model import CNNDecoder, Encoder
 from .pretrainer import Draws, SSLAMPretrainer
+from .formats import CheckpointError, load_pretrainer, save_pretrainer
 
-__all__ = ["ConfigError", "SSLAMConfig", "Encoder", "CNNDecoder", "Draws", "SSLAMPretrainer"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "SSLAMConfig",
+    "Encoder",
+    "CNNDecoder",
+    "Draws",
+    "SSLAMPretrainer",
+    "load_pretrainer",
+    "save_pretrainer",
+]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslam_fast.formats import CheckpointError, load_pretrainer, save_pretrainer
+from sslam_fast import CheckpointError, load_pretrainer, save_pretrainer
 
 from helpers import fbank_batch, tiny_model
 
