@@ -100,6 +100,15 @@ def _sinc_kernel(orig: int, new: int, width_taps: int, rolloff: float, device: s
     return kernel, width
 
 
+def _conv1d_fp32(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> torch.Tensor:
+    """conv1d in full float32: cuDNN would otherwise take TF32 (10-bit mantissa) on an Ampere+ GPU."""
+    if not x.is_cuda:
+        return F.conv1d(x, kernel, stride=stride)
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+        return F.conv1d(x, kernel, stride=stride)
+
+
 def resampled_length(length: int, orig_freq: int, new_freq: int) -> int:
     """Samples after resampling `length` samples from orig_freq to new_freq (ceil, as torchaudio)."""
     g = math.gcd(int(orig_freq), int(new_freq))
@@ -131,7 +140,7 @@ def resample(
     shape = waveform.shape
     flat = waveform.reshape(-1, shape[-1])
     padded = F.pad(flat, (width, width + orig))
-    out = F.conv1d(padded[:, None], kernel, stride=orig)  # [B, new, n_blocks]: one row per phase
+    out = _conv1d_fp32(padded[:, None], kernel, orig)  # [B, new, n_blocks]: one row per phase
     out = out.transpose(1, 2).reshape(flat.shape[0], -1)
     out = out[:, : resampled_length(shape[-1], orig, new)]
     return out.reshape(*shape[:-1], out.shape[-1])
