@@ -1,0 +1,151 @@
+"""The training run as data: one JSON file validated into dataclasses, plus ``--set key=value``.
+
+Sections: model (``SSLAMConfig``), data, train, optim, checkpoint, logging, deepspeed. Batch sizes,
+the LR schedule and the EMA schedule are stated in clips and optimizer updates, never per GPU, so
+the same file means the same run on 1, 8 or 64 GPUs (SPEC section 8).
+"""
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .config import ConfigError, SSLAMConfig, from_dict, to_dict
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # fairseq manifest (first line root, then rel/path<TAB>n) or a folder
+    demo_clips: int = 0  # > 0: write this many synthetic clips under checkpoint.dir and train on them
+    target_length: int = 1024
+    norm_mean: float = -4.268
+    norm_std: float = 4.569
+    backend: str = "auto"  # "torch", "dali", or "auto" (DALI where installed)
+    num_workers: int = 8
+
+    def validate(self, where: str = "data") -> None:
+        if not self.manifest and self.demo_clips <= 0:
+            raise ConfigError(f"{where}.manifest: set a manifest (or data.demo_clips for synthetic clips)")
+
+
+@dataclass
+class TrainSection:
+    global_batch: int = 48  # clips per optimizer update, over all GPUs and accumulation steps
+    max_micro_batch: int = 12  # most clips per GPU per forward; gradient accumulation covers the rest
+    max_steps: int = 400_000  # optimizer updates; the run stops here
+    precision: str = "bf16"  # "bf16" (DeepSpeed bf16 + autocast; fp32 master weights) or "fp32"
+    seed: int = 1
+    init_from: Optional[str] = None  # weights to start from (stage 2: a stage-1 or EAT checkpoint)
+    ema_from: str = "master"  # "master": EMA from the fp32 master weights; "model": from the bf16 weights
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    min_target_var: float = 0.1  # collapse alarm thresholds (SPEC 6), checked after collapse_after steps
+    min_pred_var: float = 0.01
+    collapse_after: int = 5000
+    stop_on_collapse: bool = False
+
+    def validate(self, where: str = "train") -> None:
+        if self.global_batch < 1 or self.max_micro_batch < 1:
+            raise ConfigError(f"{where}.global_batch: batch sizes must be positive")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"{where}.precision: must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.ema_from not in ("master", "model"):
+            raise ConfigError(f"{where}.ema_from: must be 'master' or 'model', got {self.ema_from!r}")
+        if self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps: must be at least 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # peak
+    min_lr: float = 0.0
+    warmup_steps: int = 53_333
+    cosine_steps: Optional[int] = None  # update at which the cosine reaches min_lr; None: train.max_steps
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # not on biases, 1-D parameters and the CLS token
+    clip_grad: float = 4.0
+
+    def validate(self, where: str = "optim") -> None:
+        if self.clip_grad <= 0:
+            # DeepSpeed's fp32 ZeRO optimizer only checks for non-finite gradients when clipping.
+            raise ConfigError(f"{where}.clip_grad: must be positive (the recipe uses 4.0)")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/as2m"
+    every_steps: int = 10_000
+    keep_last: int = 3
+    resume: bool = True  # continue from the newest complete checkpoint in dir
+
+    def validate(self, where: str = "checkpoint") -> None:
+        if self.keep_last < 1 or self.every_steps < 1:
+            raise ConfigError(f"{where}.keep_last: keep_last and every_steps must be at least 1")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 50  # metrics lines (JSON lines + TensorBoard) and progress-bar refresh
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+    def validate(self, where: str = "deepspeed") -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2 (ZeRO-3 is not supported: the "
+                              "pretrainer reads student parameters outside module forwards)")
+
+
+@dataclass
+class TrainConfig:
+    model: SSLAMConfig = field(default_factory=SSLAMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    @property
+    def cosine_steps(self) -> int:
+        return self.optim.cosine_steps or self.train.max_steps
+
+
+def apply_override(data: Dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` to the raw config dict; value is JSON, else a plain string."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    *path, last = key.split(".")
+    node = data
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[last] = value
+
+
+def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainConfig:
+    """Read ``path`` (JSON), apply ``overrides``, validate; unknown keys raise ConfigError naming them."""
+    data: Dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    data.pop("_comment", None)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(TrainConfig, data, where=path or "config")
+
+
+def config_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    return to_dict(cfg)

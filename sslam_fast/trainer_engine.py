@@ -1,0 +1,135 @@
+"""What the trainer hands to DeepSpeed, and how it gets the fp32 weights back out.
+
+The engine owns the student and the decoder (``StudentAndDecoder``); the EMA teacher stays outside
+it, in fp32, on every rank, and is updated from the fp32 master weights. With bf16 (any ZeRO stage)
+or ZeRO-1/2 those masters are flat fp32 partitions spread over the ranks; ``MasterWeights`` gathers
+them with one all-gather per parameter group into a persistent fp32 buffer and exposes per-parameter
+views. Cost per step: one fp32 copy of the student + decoder received by every rank (~350 MB for
+ViT-B), which is why ``train.ema_from = "model"`` (EMA from the bf16 weights, as the fp16 original
+did) exists as the cheap alternative.
+"""
+import atexit
+import os
+import socket
+import sys
+from typing import Any, Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .optim import BatchPlan
+from .pretrainer import SSLAMPretrainer
+from .trainer_config import TrainConfig
+
+
+def init_distributed(local_rank: int = -1) -> torch.device:
+    """Join the process group set up by deepspeed / torchrun, or make a one-process group.
+
+    The group lives until the process exits (DeepSpeed caches its sub-groups, so a second run in
+    the same process reuses the first group rather than making a new one).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    if local_rank >= 0:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPUs (minutes); gloo does the job here.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StudentAndDecoder(nn.Module):
+    """The trainable part of an ``SSLAMPretrainer``, as a module for the engine.
+
+    Its children are the pretrainer's own student and decoder (shared, not copied); the pretrainer
+    is held without registering it, so the teacher is neither cast, nor sharded, nor optimized.
+    """
+
+    def __init__(self, model: SSLAMPretrainer):
+        super().__init__()
+        self.student = model.student
+        self.decoder = model.decoder
+        object.__setattr__(self, "pretrainer", model)
+
+    def forward(self, fbank: torch.Tensor, generator: torch.Generator) -> Dict[str, Any]:
+        return self.pretrainer(fbank, generator=generator)
+
+
+def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> Dict[str, Any]:
+    ds = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "steps_per_print": 2**62,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _merge(ds, cfg.deepspeed.extra)
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class MasterWeights:
+    """fp32 master copies of ``params`` (engine-owned parameters), gathered on every rank."""
+
+    def __init__(self, engine, params: Sequence[nn.Parameter]):
+        opt = engine.optimizer
+        if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+            flats, parts = opt.bit16_groups_flat, opt.single_partition_of_fp32_groups
+        elif hasattr(opt, "fp32_groups_flat_partition"):  # bf16 without ZeRO
+            flats, parts = opt.bf16_groups_flat, opt.fp32_groups_flat_partition
+        else:  # fp32 without ZeRO: the parameters are the masters
+            flats, parts = [], []
+        self.parts = parts
+        self.full = [torch.empty(flat.numel(), dtype=torch.float32, device=flat.device) for flat in flats]
+        for part, full in zip(parts, self.full):
+            if part.numel() * dist.get_world_size() != full.numel():
+                raise RuntimeError("DeepSpeed's fp32 partitions do not tile its flat buffer; use train.ema_from=model")
+        self.views: List[torch.Tensor] = [self._locate(p, flats) for p in params]
+
+    def _locate(self, p: nn.Parameter, flats: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not flats:
+            return p
+        for flat, full in zip(flats, self.full):
+            start = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+            if 0 <= start and start + p.numel() <= flat.numel():
+                return full[start:start + p.numel()].view(p.shape)
+        raise RuntimeError(f"parameter of shape {list(p.shape)} is not in the optimizer's flat buffers")
+
+    @torch.no_grad()
+    def gather(self) -> List[torch.Tensor]:
+        """Refresh the fp32 copies from every rank's partition and return them, in ``params`` order."""
+        world = dist.get_world_size()
+        for part, full in zip(self.parts, self.full):
+            if world == 1:
+                full.copy_(part)
+            elif dist.get_backend() == "nccl":
+                dist.all_gather_into_tensor(full, part)
+            else:
+                dist.all_gather(list(full.chunk(world)), part)
+        return [v.detach() for v in self.views]
