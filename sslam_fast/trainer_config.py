@@ -109,6 +109,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
+    def validate(self, where: str = "config") -> None:
+        """Check every section, including those left at their defaults."""
+        for name in ("model", "data", "train", "optim", "checkpoint", "deepspeed"):
+            getattr(self, name).validate(f"{where}.{name}")
+
     @property
     def cosine_steps(self) -> int:
         return self.optim.cosine_steps or self.train.max_steps
