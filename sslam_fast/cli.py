@@ -72,6 +72,21 @@ register("norm-stats", "mean and std of a dataset's padded fbanks (for --norm-me
 register("demo-data", "write a small synthetic dataset with a manifest (no downloads)", _demo_data_args, _demo_data_run)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .train import add_arguments
+
+    add_arguments(p)
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from .train import run_from_args
+
+    return run_from_args(args)
+
+
+register("train", "pretrain (stage 1 or 2) from a JSON config; multi-GPU: deepspeed sslam_fast/train.py", _train_args, _train_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslam-fast", description="Fast SSLAM / EAT audio self-supervised pretraining")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -289,25 +289,27 @@ class Trainer:
         return status
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sslam_fast/train.py", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON train config (configs/as2m.json, as2m_sslam.json, demo.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=1000 --set checkpoint.dir=runs/x")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
-    return p.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         logger.error("config error: %s", e)
         return 1
-    device = init_distributed(args.local_rank)
-    return Trainer(cfg, device).run()
+    return Trainer(cfg, init_distributed(args.local_rank)).run()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="sslam_fast/train.py", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":

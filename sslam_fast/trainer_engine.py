@@ -99,22 +99,26 @@ class MasterWeights:
 
     def __init__(self, engine, params: Sequence[nn.Parameter]):
         opt = engine.optimizer
-        if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-            flats, parts = opt.bit16_groups_flat, opt.single_partition_of_fp32_groups
-        elif hasattr(opt, "fp32_groups_flat_partition"):  # bf16 without ZeRO
-            flats, parts = opt.bf16_groups_flat, opt.fp32_groups_flat_partition
-        else:  # fp32 without ZeRO: the parameters are the masters
-            flats, parts = [], []
-        self.parts = parts
+        flats, self.parts = [], []
+        if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2: flat, sharded
+            flats, self.parts = opt.bit16_groups_flat, opt.single_partition_of_fp32_groups
+        elif hasattr(opt, "fp32_groups_flat_partition"):  # DeepSpeed's BF16_Optimizer: flat, sharded
+            flats, self.parts = opt.bf16_groups_flat, opt.fp32_groups_flat_partition
         self.full = [torch.empty(flat.numel(), dtype=torch.float32, device=flat.device) for flat in flats]
-        for part, full in zip(parts, self.full):
+        for part, full in zip(self.parts, self.full):
             if part.numel() * dist.get_world_size() != full.numel():
                 raise RuntimeError("DeepSpeed's fp32 partitions do not tile its flat buffer; use train.ema_from=model")
-        self.views: List[torch.Tensor] = [self._locate(p, flats) for p in params]
+        if flats:
+            self.views: List[torch.Tensor] = [self._locate(p, flats) for p in params]
+        elif hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # ZeRO-0 bf16: one fp32 copy per param
+            copies = {id(p): m for ps, ms in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(ps, ms)}
+            self.views = [copies[id(p)] for p in params]
+        else:
+            self.views = list(params)
+        if any(v.dtype != torch.float32 for v in self.views):
+            raise RuntimeError(f"no fp32 master weights found in {type(opt).__name__}; use train.ema_from=model")
 
     def _locate(self, p: nn.Parameter, flats: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not flats:
-            return p
         for flat, full in zip(flats, self.full):
             start = (p.data_ptr() - flat.data_ptr()) // p.element_size()
             if 0 <= start and start + p.numel() <= flat.numel():

@@ -274,3 +274,30 @@ def test_two_process_zero2_keeps_ranks_identical_and_shards_disjoint(tmp_path):
     # the checkpoint's fp32 student is the one both ranks hold (fp32 masters == weights in fp32)
     student = torch.cat([v.reshape(-1) for k, v in ckpt["model"].items() if not k.startswith("teacher.")])
     assert student.numel() == r0["trainable"].numel()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_bf16_teacher_follows_the_fp32_masters(tmp_path, monkeypatch, zero_stage):
+    from sslam_fast.trainer_config import load_config
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    args = [a for a in sets(tmp_path, "train.max_steps=2", "train.precision=bf16", f"deepspeed.zero_stage={zero_stage}")
+            if a != "--set"]
+    trainer = train.Trainer(load_config(None, args), train.init_distributed())
+    sources = []
+    update = trainer.model.update_teacher
+    monkeypatch.setattr(trainer.model, "update_teacher",
+                        lambda step, params: (sources.append([p.clone() for p in params]), update(step, params))[1])
+    assert trainer.run() == 0
+    student = list(trainer.model.student.parameters())
+    assert len(sources) == 2 and all(p.dtype == torch.bfloat16 for p in student)
+    masters = sources[-1]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert all(torch.equal(m.to(torch.bfloat16), p) for m, p in zip(masters, student))
+    assert any(not torch.equal(m, p.float()) for m, p in zip(masters, student))  # real fp32, not upcast bf16
+    assert all(t.dtype == torch.float32 for t in trainer.model.teacher.parameters())
+    saved = torch.load(tmp_path / "step_000000002" / "train.pt", weights_only=False)["model"]
+    names = [n for n, _ in trainer.model.student.named_parameters()]
+    assert all(torch.equal(saved[f"student.{n}"], m) for n, m in zip(names, masters))
