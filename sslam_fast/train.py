@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from typing import Dict, List, Optional
 
 import torch
@@ -61,7 +60,7 @@ class Trainer:
         if cfg.train.init_from and resume_from is None:
             self._init_weights(cfg.train.init_from)
         self.model.to(device)
-        self.trainable = StudentAndDecoder(self.model)
+        self.trainable = StudentAndDecoder(self.model, torch.bfloat16 if cfg.train.precision == "bf16" else None)
         optimizer = build_optimizer(self.trainable, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.cosine_steps)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -69,8 +68,6 @@ class Trainer:
             model=self.trainable, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.plan))
         self.masters = MasterWeights(self.engine, list(self.trainable.parameters()))
         self.num_student_params = len(list(self.model.student.parameters()))
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                         else nullcontext())
 
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
         self.loader = self._build_loader()
@@ -141,8 +138,7 @@ class Trainer:
             batch = self._next_batch()
             fbank = batch["fbank"].to(self.device, non_blocking=True)
             data_s += time.perf_counter() - t
-            with self.autocast:
-                out = self.engine(fbank, generator=self.generator)
+            out = self.engine(fbank, generator=self.generator)
             self.engine.backward(out["loss"])
             self.engine.step()
             ss = out["sample_size"].double()

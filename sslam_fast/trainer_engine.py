@@ -12,7 +12,7 @@ import atexit
 import os
 import socket
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -61,16 +61,20 @@ class StudentAndDecoder(nn.Module):
 
     Its children are the pretrainer's own student and decoder (shared, not copied); the pretrainer
     is held without registering it, so the teacher is neither cast, nor sharded, nor optimized.
+    ``autocast``: the dtype the whole step (the fp32 teacher included) computes in; it is set here,
+    inside the engine's forward, because DeepSpeed switches off an autocast entered outside it.
     """
 
-    def __init__(self, model: SSLAMPretrainer):
+    def __init__(self, model: SSLAMPretrainer, autocast: Optional[torch.dtype] = None):
         super().__init__()
         self.student = model.student
         self.decoder = model.decoder
+        self.autocast = autocast
         object.__setattr__(self, "pretrainer", model)
 
     def forward(self, fbank: torch.Tensor, generator: torch.Generator) -> Dict[str, Any]:
-        return self.pretrainer(fbank, generator=generator)
+        with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.pretrainer(fbank, generator=generator)
 
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> Dict[str, Any]:
