@@ -31,6 +31,7 @@ from sslam_fast.metrics import RunLog
 from sslam_fast.optim import build_optimizer, build_scheduler, plan_batch
 from sslam_fast.pretrainer import SSLAMPretrainer
 from sslam_fast.trainer_config import TrainConfig, load_config
+from sslam_fast.trainer_data import Prefetcher
 from sslam_fast.trainer_engine import MasterWeights, StudentAndDecoder, deepspeed_config, init_distributed
 
 logger = logging.getLogger("sslam_fast.train")
@@ -71,7 +72,7 @@ class Trainer:
 
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
         self.loader = self._build_loader()
-        self.batches = None
+        self.data = Prefetcher(self.loader, device, depth=cfg.data.prefetch)
         self.step = 0
         self.bad_total = 0
         self.bad_in_row = 0
@@ -120,9 +121,7 @@ class Trainer:
                             device=self.device if self.device.type == "cuda" else None)
 
     def _next_batch(self) -> Dict[str, torch.Tensor]:
-        if self.batches is None:
-            self.batches = iter(self.loader)
-        return next(self.batches)
+        return self.data.next()
 
     # ------------------------------------------------------------------------------ one update
     def train_step(self) -> Dict[str, float]:
@@ -135,8 +134,7 @@ class Trainer:
         data_s = 0.0
         for _ in range(self.plan.accumulation):
             t = time.perf_counter()
-            batch = self._next_batch()
-            fbank = batch["fbank"].to(self.device, non_blocking=True)
+            fbank = self._next_batch()["fbank"]
             data_s += time.perf_counter() - t
             out = self.engine(fbank, generator=self.generator)
             self.engine.backward(out["loss"])
@@ -201,7 +199,7 @@ class Trainer:
         dist.barrier()
         self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="engine", save_latest=False)
         masters = self.masters.gather()
-        atomic_save({"rng": rng_state(self.generator), "data": self.loader.state_dict()},
+        atomic_save({"rng": rng_state(self.generator), "data": self.data.state_dict()},
                     os.path.join(tmp, f"rank_{self.rank}.pt"))
         if self.is_main:
             state = self.model.state_dict()
@@ -243,7 +241,7 @@ class Trainer:
         self.collapse_total = state["counters"]["collapse_total"]
         own = torch.load(os.path.join(path, f"rank_{self.rank}.pt"), map_location="cpu", weights_only=False)
         restore_rng_state(own["rng"], self.generator)
-        self.loader.load_state_dict(own["data"])
+        self.data.load_state_dict(own["data"])
         self.last_checkpoint = path
 
     # ------------------------------------------------------------------------------ the run
@@ -278,6 +276,7 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.data.close()
         if status == 0 and self.step != self.saved_step:
             self.save()
         self.log.message(self.log.summary(self.step, self.bad_total, self.collapse_total, self.last_checkpoint, reason))

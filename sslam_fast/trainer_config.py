@@ -20,8 +20,11 @@ class DataConfig:
     norm_std: float = 4.569
     backend: str = "auto"  # "torch", "dali", or "auto" (DALI where installed)
     num_workers: int = 8
+    prefetch: int = 2  # batches read ahead by a background thread while the step computes
 
     def validate(self, where: str = "data") -> None:
+        if self.prefetch < 1:
+            raise ConfigError(f"{where}.prefetch: must be at least 1")
         if not self.manifest and self.demo_clips <= 0:
             raise ConfigError(f"{where}.manifest: set a manifest (or data.demo_clips for synthetic clips)")
 
