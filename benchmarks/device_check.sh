@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One-call GPU check for sslam_kernels (run from the repository root on the lent GPU):
+#   bash benchmarks/device_check.sh
+# Stages (each reported, none aborts the others; about 5 minutes in all):
+#   0. nvidia-smi -L, torch / triton versions; install the repo (no deps, no network)
+#   1. pytest tests -m gpu -x -q            (every GPU-marked test of the project)
+#   2. the kernel and swap-in tests on CUDA (compiled Triton, not the interpreter; timm here)
+#   3. kernel benchmarks at real sizes, fast path and reference in the same run
+# Writes to $OUT (default ./device_check_out): versions.txt, stage logs, bench_kernels.json
+# (pytest-benchmark), kernels_summary.json (every figure), and prints a short table last.
+set -u
+OUT="${OUT:-$PWD/device_check_out}"
+mkdir -p "$OUT"
+STATUS=()
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== $name ==="
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$OUT/$name.log"
+    STATUS+=("$name: rc=$rc in $((SECONDS - start)) s")
+}
+
+{
+    nvidia-smi -L
+    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__); print(torch.cuda.get_device_name())"
+    python -c "import timm; print('timm', timm.__version__)" 2>&1 | tail -n 1
+} 2>&1 | tee "$OUT/versions.txt"
+
+if ! pip install --no-build-isolation --no-deps -q -e . > "$OUT/install.log" 2>&1; then
+    # no network there: fall back to exposing the package directories by name
+    mkdir -p /tmp/sslam_pkgs
+    ln -sfn "$PWD/kernels" /tmp/sslam_pkgs/sslam_kernels
+    ln -sfn "$PWD/sslam_fast" /tmp/sslam_pkgs/sslam_fast
+    export PYTHONPATH="/tmp/sslam_pkgs${PYTHONPATH:+:$PYTHONPATH}"
+    echo "pip install -e failed (see install.log); using PYTHONPATH=$PYTHONPATH"
+fi
+python -c "import sslam_kernels; print('sslam_kernels from', sslam_kernels.__file__)"
+
+stage gpu_tests 120 python -m pytest tests -m gpu -x -q -p no:cacheprovider
+stage kernel_tests 120 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
+    tests/test_kernels_gather.py tests/test_kernels_targets.py tests/test_monkey_patch.py -q -p no:cacheprovider
+stage kernel_bench 150 python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=median,iqr,rounds
+
+printf '%s\n' "${STATUS[@]}" > "$OUT/stages.txt"
+OUT="$OUT" python - <<'EOF'
+import json, os
+out = os.environ["OUT"]
+path = os.path.join(out, "bench_kernels.json")
+summary = {"stages": open(os.path.join(out, "stages.txt")).read().splitlines(), "entries": [], "ratios": {}}
+try:
+    bench = json.load(open(path))
+except (OSError, ValueError) as e:
+    bench = {"benchmarks": []}
+    summary["error"] = f"no benchmark json: {e}"
+ms = {}
+for b in bench["benchmarks"]:
+    info = b.get("extra_info", {})
+    key = (info.get("op"), info.get("provider"), info.get("student_dtype"))
+    ms[key] = info.get("device_ms")
+    summary["entries"].append({"name": b["name"], **info,
+                               "host_median_ms_per_call": b["stats"]["median"] * 1e3 / info.get("inner", 1)})
+    summary["device"] = info.get("device")
+
+def ratio(name, slow, fast):
+    if ms.get(slow) and ms.get(fast):
+        summary["ratios"][name] = ms[slow] / ms[fast]
+
+copy_gbs = next((e["gb_per_s"] for e in summary["entries"] if e.get("op") == "copy"), None)
+summary["copy_gb_per_s"] = copy_gbs
+for dt in ("fp32", "bf16"):
+    t = ("ema", "triton", dt)
+    ratio(f"ema_{dt}: loop / triton (goal >= 5)", ("ema", "loop", dt), t)
+    ratio(f"ema_{dt}: foreach_lerp / triton (goal >= 1.5)", ("ema", "foreach_lerp", dt), t)
+    ratio(f"ema_{dt}: foreach mul+add / triton", ("ema", "foreach", dt), t)
+    e = next((e for e in summary["entries"] if e.get("op") == "ema" and e.get("provider") == "triton"
+              and e.get("student_dtype") == dt), None)
+    if e and copy_gbs:
+        summary["ratios"][f"ema_{dt}: triton GB/s / copy GB/s (goal >= 0.8)"] = e["gb_per_s"] / copy_gbs
+for op in ("mask+gather", "gather fwd+bwd", "decoder scatter", "layer target"):
+    ratio(f"{op}: torch / triton" + (" (goal >= 3)" if op == "mask+gather" else ""), (op, "torch", None), (op, "triton", None))
+json.dump(summary, open(os.path.join(out, "kernels_summary.json"), "w"), indent=1)
+
+print("\n".join(summary["stages"]))
+print(f"\ndevice: {summary.get('device')}   copy bandwidth: {copy_gbs and round(copy_gbs)} GB/s")
+print(f"{'op':<18}{'provider':<14}{'dtype':<7}{'device ms':>11}{'GB/s':>9}")
+for e in summary["entries"]:
+    gbs = e.get("gb_per_s")
+    print(f"{e.get('op', ''):<18}{e.get('provider') or '':<14}{e.get('student_dtype') or '':<7}"
+          f"{e['device_ms']:>11.4f}{'' if gbs is None else f'{gbs:9.0f}'}")
+for k, v in summary["ratios"].items():
+    print(f"{k:<52}{v:8.2f}")
+EOF
