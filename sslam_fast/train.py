@@ -131,6 +131,7 @@ class Trainer:
         update for a non-finite gradient (the weights, the schedule and the teacher stay unchanged).
         """
         sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64, device=self.device)
+        lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
         data_s = 0.0
         for _ in range(self.plan.accumulation):
             t = time.perf_counter()
@@ -155,7 +156,7 @@ class Trainer:
             self.step += 1
             source = self.masters.gather() if self.cfg.train.ema_from == "master" else self.model.student.parameters()
             metrics["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["lr"] = lr
         grad_norm = self.engine.get_global_grad_norm()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return metrics

@@ -92,7 +92,7 @@ def sigterm_at(n):
 def stage1_straight(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("stage1_straight"))
     with pytest.MonkeyPatch.context() as mp:
-        assert run_in_process(mp, run_dir, "train.max_steps=6") == 0
+        assert run_in_process(mp, run_dir, "train.max_steps=6", "logging.tensorboard=true") == 0
     return run_dir
 
 
@@ -100,6 +100,9 @@ def test_stage1_straight_run_learns_and_checkpoints(stage1_straight):
     lines = logged(stage1_straight)
     assert sorted(lines) == [1, 2, 3, 4, 5, 6]
     assert all(line["skipped"] == 0 and line["bad_steps"] == 0 for line in lines.values())
+    assert all(line["clips_per_s"] > 0 and line["data_ms"] >= 0 and line["compute_ms"] > 0 for line in lines.values())
+    assert [lines[s]["lr"] for s in (1, 2, 3)] == pytest.approx([0, 2.5e-4, 5e-4])  # warmup 2 to the peak
+    assert os.listdir(os.path.join(stage1_straight, "tb"))  # TensorBoard events
     # keep_last=2 of the saves at 2, 4, 6
     assert [os.path.basename(p) for p in list_checkpoints(stage1_straight)] == ["step_000000004", "step_000000006"]
     ckpt = torch.load(os.path.join(latest_checkpoint(stage1_straight), "train.pt"), weights_only=False)
@@ -136,7 +139,7 @@ def test_stage2_from_stage1_checkpoint_resumes_bitwise(tmp_path, monkeypatch, st
     assert run_in_process(monkeypatch, straight, *STAGE2, init, "train.max_steps=4") == 0
     lines = logged(straight)
     assert sorted(lines) == [1, 2, 3, 4] and all(line["srl_loss"] > 0 for line in lines.values())
-    assert lines[1]["lr"] == pytest.approx(5e-5 / 2)  # a fresh schedule: warmup from update 0
+    assert (lines[1]["lr"], lines[2]["lr"], lines[3]["lr"]) == pytest.approx((0, 5e-5 / 2, 5e-5))  # a fresh schedule
 
     patch_forward(monkeypatch, sigterm_at(2))
     assert run_in_process(monkeypatch, interrupted, *STAGE2, init, "train.max_steps=4") == 0
@@ -155,6 +158,22 @@ def test_stage2_starts_from_the_stage1_weights(tmp_path, monkeypatch, stage1_str
     a = torch.load(os.path.join(tmp_path, "step_000000000", "train.pt"), weights_only=False)["model"]
     b = torch.load(os.path.join(source, "train.pt"), weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_from_an_original_eat_checkpoint(tmp_path, monkeypatch):
+    from sslam_fast.formats import load_pretrainer
+
+    source = os.path.join(REPO, "tests", "fixtures", "parity_stage1", "eat_original_tiny.pt")
+    eat = ["model.embed_dim=64", "model.depth=12", "model.num_heads=4", "model.average_top_k_layers=12",
+           "model.decoder_layers=6", "model.decoder_groups=16", *STAGE2, f"train.init_from={source}"]
+    with monkeypatch.context() as mp:
+        mp.setattr(train.Trainer, "run", lambda self: (self.save(), 0)[1])  # save step 0 and stop
+        assert run_in_process(mp, str(tmp_path), *eat) == 0
+    saved = torch.load(tmp_path / "step_000000000" / "train.pt", weights_only=False)["model"]
+    original = load_pretrainer(source).state_dict()
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    assert run_in_process(monkeypatch, str(tmp_path), *eat, "train.max_steps=1") == 0  # resumes at 0, trains
+    assert logged(str(tmp_path))[1]["srl_loss"] > 0 and logged(str(tmp_path))[1]["skipped"] == 0
 
 
 KILL_WHILE_SAVING = textwrap.dedent("""
