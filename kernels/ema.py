@@ -112,16 +112,16 @@ class EMAPlan:
                 (t_addr, s_addr, p.resolved_count(), p.student.element_size()))
         device = self.pairs[0].teacher.device if self.pairs else None
         for (dtype, aligned), rows in by_key.items():
-            t_col, s_col, n_col = [], [], []
-            for t_addr, s_addr, count, s_size in rows:
-                for start in range(0, count, BLOCK):
-                    t_col.append(t_addr + 4 * start)
-                    s_col.append(s_addr + s_size * start)
-                    n_col.append(min(BLOCK, count - start))
-            if not n_col:
+            t_base, s_base, count, s_size = torch.tensor(rows, dtype=torch.int64).unbind(1)
+            num = (count + BLOCK - 1) // BLOCK
+            owner = torch.repeat_interleave(torch.arange(len(rows)), num)
+            if owner.numel() == 0:
                 continue
-            table = torch.tensor([t_col, s_col, n_col], dtype=torch.int64).to(device)
-            self.groups.append((dtype, aligned, table, len(n_col)))
+            first = torch.cumsum(num, 0) - num
+            start = (torch.arange(owner.numel()) - first[owner]) * BLOCK
+            table = torch.stack([t_base[owner] + 4 * start, s_base[owner] + s_size[owner] * start,
+                                 torch.clamp(count[owner] - start, max=BLOCK)])
+            self.groups.append((dtype, aligned, table.to(device), owner.numel()))
         self.key = _storage_key(self.pairs)
 
     def launch(self, decay: float) -> None:
@@ -161,6 +161,9 @@ def as_pairs(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -
     return [EMAPair(t, s) for t, s in zip(teacher, student)]
 
 
+_last_plan: List[EMAPlan] = []  # ema_update's one-entry cache: the same tensors every step
+
+
 @torch.no_grad()
 def ema_update_triton(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
                       decay: float) -> None:
@@ -169,8 +172,15 @@ def ema_update_triton(teacher: Sequence[torch.Tensor], student: Sequence[torch.T
     teacher: list of fp32 contiguous tensors (updated in place).
     student: list of contiguous fp32 / bf16 / fp16 tensors, numel equal to the teacher's.
     decay: python float in [0, 1].
+    The chunk table of the last call is reused while the same storages come back.
     """
-    EMAPlan(as_pairs(teacher, student)).launch(decay)
+    pairs = as_pairs(teacher, student)
+    key = _storage_key(pairs) + tuple((t.numel(), s.dtype) for t, s in zip(teacher, student))
+    if not _last_plan or _last_plan[0].key != key:
+        plan = EMAPlan(pairs)
+        plan.key = key
+        _last_plan[:] = [plan]
+    _last_plan[0].launch(decay)
 
 
 @torch.no_grad()

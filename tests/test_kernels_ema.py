@@ -46,6 +46,17 @@ def test_decay_changes_without_stale_values():
         torch.testing.assert_close(out, r, rtol=1e-6, atol=1e-6)
 
 
+def test_cached_table_follows_the_tensors():
+    gen = torch.Generator().manual_seed(4)
+    a_t, a_s = _pairs(torch.float32, gen)
+    b_t, b_s = _pairs(torch.bfloat16, gen)
+    for teacher, student in ((a_t, a_s), (b_t, b_s), (a_t, a_s), (a_t, b_s)):
+        expected = _expected(teacher, student, 0.8)
+        ema_update_triton(teacher, student, 0.8)
+        for out, e in zip(teacher, expected):
+            torch.testing.assert_close(out, e, rtol=2e-7, atol=2e-7)
+
+
 def test_unaligned_and_flat_shapes():
     gen = torch.Generator().manual_seed(2)
     base = torch.randn(BLOCK + 100, generator=gen).to(DEVICE)
