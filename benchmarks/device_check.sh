@@ -6,11 +6,14 @@
 #   1. pytest tests -m gpu -x -q            (every GPU-marked test of the project)
 #   2. the kernel and swap-in tests on CUDA (compiled Triton, not the interpreter; timm here)
 #   3. kernel benchmarks at real sizes, fast path and reference in the same run
-# Writes to $OUT (default ./device_check_out): versions.txt, stage logs, bench_kernels.json
-# (pytest-benchmark), kernels_summary.json (every figure), and prints a short table last.
+#   4. end-to-end pretraining step (ViT-B, 12 clips, bf16): fast path vs reference path
+# Writes to $OUT (default ./device_check_out; at most 8 files come back from the device tool):
+# logs.txt (every stage's log), bench_kernels.json (pytest-benchmark), bench_model.json,
+# kernels_summary.json (every kernel figure), and prints a short table last.
 set -u
 OUT="${OUT:-$PWD/device_check_out}"
-mkdir -p "$OUT"
+LOGS=/tmp/device_check_logs
+mkdir -p "$OUT" "$LOGS"
 STATUS=()
 
 stage() {  # stage NAME TIMEOUT_S COMMAND...
@@ -18,9 +21,9 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
     shift 2
     echo "=== $name ==="
     local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$?
-    tail -n 15 "$OUT/$name.log"
+    tail -n 15 "$LOGS/$name.log"
     STATUS+=("$name: rc=$rc in $((SECONDS - start)) s")
 }
 
@@ -28,9 +31,9 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
     nvidia-smi -L
     python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__); print(torch.cuda.get_device_name())"
     python -c "import timm; print('timm', timm.__version__)" 2>&1 | tail -n 1
-} 2>&1 | tee "$OUT/versions.txt"
+} 2>&1 | tee "$LOGS/versions.log"
 
-if ! pip install --no-build-isolation --no-deps -q -e . > "$OUT/install.log" 2>&1; then
+if ! pip install --no-build-isolation --no-deps -q -e . > "$LOGS/install.log" 2>&1; then
     # no network there: fall back to exposing the package directories by name
     mkdir -p /tmp/sslam_pkgs
     ln -sfn "$PWD/kernels" /tmp/sslam_pkgs/sslam_kernels
@@ -40,18 +43,21 @@ if ! pip install --no-build-isolation --no-deps -q -e . > "$OUT/install.log" 2>&
 fi
 python -c "import sslam_kernels; print('sslam_kernels from', sslam_kernels.__file__)"
 
-stage gpu_tests 120 python -m pytest tests -m gpu -x -q -p no:cacheprovider
-stage kernel_tests 90 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
+stage gpu_tests 100 python -m pytest tests -m gpu -x -q -p no:cacheprovider
+stage kernel_tests 60 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
     tests/test_kernels_gather.py tests/test_kernels_targets.py tests/test_monkey_patch.py -q -p no:cacheprovider
-stage kernel_bench 130 python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
+stage kernel_bench 120 python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=median,iqr,rounds
+stage model_bench 100 env SSLAM_BENCH_JSON="$OUT/bench_model.json" python -m pytest benchmarks/bench_model.py \
+    -q -p no:cacheprovider --benchmark-columns=median,rounds
 
-printf '%s\n' "${STATUS[@]}" > "$OUT/stages.txt"
+printf '%s\n' "${STATUS[@]}" > "$LOGS/stages.log"
+for f in "$LOGS"/*.log; do echo "=== $f"; cat "$f"; done > "$OUT/logs.txt"
 OUT="$OUT" python - <<'EOF'
 import json, os
 out = os.environ["OUT"]
 path = os.path.join(out, "bench_kernels.json")
-summary = {"stages": open(os.path.join(out, "stages.txt")).read().splitlines(), "entries": [], "ratios": {}}
+summary = {"stages": open("/tmp/device_check_logs/stages.log").read().splitlines(), "entries": [], "ratios": {}}
 try:
     bench = json.load(open(path))
 except (OSError, ValueError) as e:
@@ -94,4 +100,17 @@ for e in summary["entries"]:
           f"{e['device_ms']:>11.4f}{'' if gbs is None else f'{gbs:9.0f}'}")
 for k, v in summary["ratios"].items():
     print(f"{k:<52}{v:8.2f}")
+EOF
+OUT="$OUT" python - <<'EOF'
+import json, os
+try:
+    model = json.load(open(os.path.join(os.environ["OUT"], "bench_model.json")))
+except (OSError, ValueError) as e:
+    model = {}
+    print(f"no end-to-end figures: {e}")
+for key, v in model.items():
+    if isinstance(v, dict):
+        print(f"{key:<22}{v['clips_per_s']:10.1f} clips/s  MFU {v.get('mfu', 0):.3f}  step {v['step_s_median'] * 1e3:.1f} ms")
+    else:
+        print(f"{key:<22}{v:10.2f}")
 EOF
