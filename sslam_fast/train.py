@@ -127,7 +127,7 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         """Forward/backward over the micro batches, the optimizer step and the teacher's EMA.
 
-        Returns the step's metrics averaged over ranks; ``applied`` is 0 when DeepSpeed skipped the
+        Returns the step's metrics averaged over ranks; ``skipped`` is 1 when DeepSpeed skipped the
         update for a non-finite gradient (the weights, the schedule and the teacher stay unchanged).
         """
         sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64, device=self.device)

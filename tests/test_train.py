@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -320,3 +321,40 @@ def test_bf16_teacher_follows_the_fp32_masters(tmp_path, monkeypatch, zero_stage
     saved = torch.load(tmp_path / "step_000000002" / "train.pt", weights_only=False)["model"]
     names = [n for n, _ in trainer.model.student.named_parameters()]
     assert all(torch.equal(saved[f"student.{n}"], m) for n, m in zip(names, masters))
+
+
+class _ListLoader:
+    """A loader stand-in: yields the given batches, then raises ``error`` if set."""
+
+    def __init__(self, n, error=None):
+        self.n, self.error, self.position = n, error, 0
+
+    def __iter__(self):
+        while self.position < self.n:
+            self.position += 1
+            yield {"fbank": torch.full((1,), float(self.position))}
+        if self.error:
+            raise self.error
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def test_prefetcher_reports_the_position_of_the_consumed_batch_and_forwards_errors():
+    from sslam_fast.trainer_data import Prefetcher
+
+    data = Prefetcher(_ListLoader(5, ValueError("bad shard")), torch.device("cpu"), depth=3)
+    assert data.next()["fbank"].item() == 1
+    time.sleep(0.2)  # let the thread read ahead
+    assert data.loader.position > 1 and data.state_dict() == {"position": 1}
+    assert [data.next()["fbank"].item() for _ in range(4)] == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="bad shard"):
+        data.next()
+    data.close()
+    resumed = Prefetcher(_ListLoader(5), torch.device("cpu"))
+    resumed.load_state_dict({"position": 3})
+    assert resumed.next()["fbank"].item() == 4 and resumed.state_dict() == {"position": 4}
+    resumed.close()
