@@ -36,6 +36,7 @@ from sslam_fast.trainer_engine import MasterWeights, StudentAndDecoder, deepspee
 
 logger = logging.getLogger("sslam_fast.train")
 METRIC_KEYS = ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var")
+IMPLEMENTATION_KEYS = ("attention", "use_kernels")  # may change on resume: same maths, other code path
 
 
 class TrainingStopped(RuntimeError):
@@ -231,8 +232,11 @@ class Trainer:
             raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has {self.world}: "
                               "the optimizer shards and data positions need the same number (start a new "
                               "checkpoint.dir with train.init_from to change it)")
-        if state["config"]["model"] != to_dict(self.cfg.model):
-            raise ConfigError(f"{path}: the model section differs from the checkpoint's; resume with the same one")
+        saved, mine = state["config"]["model"], to_dict(self.cfg.model)
+        changed = sorted(k for k in mine if k in saved and saved[k] != mine[k] and k not in IMPLEMENTATION_KEYS)
+        if changed:
+            raise ConfigError(f"{path}: model.{changed[0]} is {saved[changed[0]]!r} in the checkpoint and "
+                              f"{mine[changed[0]]!r} now; resume with the checkpoint's model section")
         self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         teacher = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
@@ -296,10 +300,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.set)
+        trainer = Trainer(cfg, init_distributed(args.local_rank))
     except ConfigError as e:
         logger.error("config error: %s", e)
         return 1
-    return Trainer(cfg, init_distributed(args.local_rank)).run()
+    return trainer.run()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

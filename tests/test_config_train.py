@@ -98,7 +98,7 @@ def test_scheduler_state_does_not_carry_the_schedule():
         sched.step()
     state = sched.state_dict()
     assert state["last_epoch"] == 30 and all(fn is None for fn in state["lr_lambdas"])
-    assert sched.get_last_lr()[0] == pytest.approx(cfg.optim.lr * CosineWithWarmup(cfg.optim.lr, 0.0, 20, 200)(30))
+    assert sched.get_last_lr()[0] == pytest.approx(cfg.optim.lr * CosineWithWarmup(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, 200)(30))
 
 
 def test_no_weight_decay_on_biases_norms_and_cls():

@@ -115,7 +115,7 @@ def test_stage1_straight_run_learns_and_checkpoints(stage1_straight):
     assert not torch.equal(ckpt["model"]["teacher.cls_token"], ckpt["model"]["student.cls_token"])
 
 
-def test_stage1_resume_after_sigterm_is_bitwise_identical(tmp_path, monkeypatch, stage1_straight):
+def test_stage1_resume_after_sigterm_is_bitwise_identical(tmp_path, monkeypatch, caplog, stage1_straight):
     run_dir = str(tmp_path)
     patch_forward(monkeypatch, sigterm_at(3))
     assert run_in_process(monkeypatch, run_dir, "train.max_steps=6") == 0
@@ -124,6 +124,8 @@ def test_stage1_resume_after_sigterm_is_bitwise_identical(tmp_path, monkeypatch,
     monkeypatch.undo()
     assert run_in_process(monkeypatch, run_dir, "train.max_steps=6") == 0
     assert losses(run_dir) == losses(stage1_straight)
+    assert run_in_process(monkeypatch, run_dir, "train.max_steps=7", "model.depth=3") == 1
+    assert "model.depth is 2 in the checkpoint and 3 now" in caplog.text
     a = torch.load(os.path.join(latest_checkpoint(run_dir), "train.pt"), weights_only=False)["model"]
     b = torch.load(os.path.join(latest_checkpoint(stage1_straight), "train.pt"), weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
