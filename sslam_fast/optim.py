@@ -82,10 +82,6 @@ class BatchPlan:
     micro_batch: int
     accumulation: int
 
-    @property
-    def per_rank(self) -> int:
-        return self.micro_batch * self.accumulation
-
 
 def plan_batch(global_batch: int, world_size: int, max_micro_batch: int) -> BatchPlan:
     """The largest micro batch <= ``max_micro_batch`` that splits ``global_batch`` evenly over

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import ConfigError, SSLAMConfig, from_dict, to_dict
+from .config import ConfigError, SSLAMConfig, from_dict
 
 
 @dataclass
@@ -153,7 +153,3 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(TrainConfig, data, where=path or "config")
-
-
-def config_dict(cfg: TrainConfig) -> Dict[str, Any]:
-    return to_dict(cfg)
