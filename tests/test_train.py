@@ -16,11 +16,9 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
-
-from sslam_fast import train  # noqa: E402
-from sslam_fast.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
-from sslam_fast.pretrainer import SSLAMPretrainer  # noqa: E402
+from sslam_fast import train
+from sslam_fast.checkpoint import latest_checkpoint, list_checkpoints
+from sslam_fast.pretrainer import SSLAMPretrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
