@@ -7,7 +7,6 @@ setup(
     python_requires=">=3.9",
     packages=["sslam_fast", "sslam_kernels"],
     package_dir={"sslam_fast": "sslam_fast", "sslam_kernels": "kernels"},
-    package_data={"sslam_fast": ["configs/*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
