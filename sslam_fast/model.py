@@ -1,9 +1,11 @@
 """The encoder (student and teacher share it) and the CNN decoder of SSLAM / EAT (SPEC 3, 6)."""
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import sslam_kernels
 
 from .attention import attention
 from .config import SSLAMConfig
@@ -141,9 +143,19 @@ class Encoder(nn.Module):
                 layers.append(r[:, 1:])
         return x, layers
 
-    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
-        """Unmasked encoding [B, 1 + P, D], CLS first."""
-        return self.run_blocks(self.with_cls(self.embed(fbank)))[0]
+    def forward(self, fbank: torch.Tensor, keep_index: Optional[torch.Tensor] = None, clone: int = 1) -> torch.Tensor:
+        """Encode [B, 1, T, F] fbank: [B, 1 + P, D] (CLS first) without ``keep_index``; with
+        ``keep_index`` [B * clone, K] (visible patches, ascending), view v encodes the visible
+        patches of clip v // clone: [B * clone, 1 + K, D].
+
+        Positions, the visible gather and the CLS prepend are one fused op (``sslam_kernels``).
+        Every parameter is used inside this forward, so ZeRO-3 can gather them around it.
+        """
+        patches = self.patchify(fbank)
+        tokens = sslam_kernels.embed_mask_gather(
+            patches, self.positions(patches.shape[1]), self.cls_token, keep_index, clone,
+            use_triton=None if self.cfg.use_kernels else False)
+        return self.run_blocks(tokens)[0]
 
     def extract_features(self, fbank: torch.Tensor, granularity: str = "all") -> torch.Tensor:
         """Features of [B, T, 128] or [B, 1, T, 128] fbank (T a multiple of 16, up to 12288 frames).

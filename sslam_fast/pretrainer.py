@@ -121,21 +121,18 @@ class SSLAMPretrainer(nn.Module):
         else:
             inputs = fbank
 
-        # Student: positions added, visible patches of every view gathered, CLS prepended (one
-        # fused op); blocks; decoder input = noise with the visible outputs put back in place.
+        # Student on the visible patches of every view; decoder input = noise with the visible
+        # outputs put back in place.
         masks = draws.masks
         if given_masks:
             keep = visible_index(masks)  # checks that every view keeps the same number of patches
         else:
             num_keep = sslam_kernels.mask_counts(masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
             keep = sslam_kernels.keep_index_from_mask(masks, num_keep)
-        kernels = None if c.use_kernels else False
-        emb = self.student.patchify(inputs)
-        tokens = sslam_kernels.embed_mask_gather(emb, self.student.positions(masks.shape[1]), self.student.cls_token,
-                                                 keep, clone, use_triton=kernels)
-        x, _ = self.student.run_blocks(tokens)
+        x = self.student(inputs, keep_index=keep, clone=clone)
         student_cls = x[:, 0]
-        dec_in = sslam_kernels.decoder_input_scatter(x[:, 1:], keep, draws.decoder_noise, use_triton=kernels)
+        dec_in = sslam_kernels.decoder_input_scatter(x[:, 1:], keep, draws.decoder_noise,
+                                                     use_triton=None if c.use_kernels else False)
         pred = self.decoder(dec_in, grid)
 
         targets = self.teacher_targets(inputs, B, draws.mix_windows, grid)

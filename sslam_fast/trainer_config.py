@@ -98,8 +98,8 @@ class DeepSpeedSection:
 
     def validate(self, where: str = "deepspeed") -> None:
         if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2 (ZeRO-3 is not supported: the "
-                              "pretrainer reads student parameters outside module forwards)")
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2 (ZeRO-3 is not supported yet: the "
+                              "trainer's EMA and checkpoints read whole fp32 master weights)")
 
 
 @dataclass
