@@ -190,3 +190,15 @@ def test_reference_per_clip_gpu(benchmark):
 
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     record(benchmark, "reference_per_clip_gpu", raw.shape[0])
+
+
+def test_targets():
+    """The issue's goals: the batched CPU loader >= 3x the per-clip reference of the same run;
+    the GPU fbank >= 2,000 clips/s (checked where a GPU ran)."""
+    if "reference" not in RESULTS or "torch_cpu_workers2" not in RESULTS:
+        pytest.skip("run the reference and the torch loader entries in the same session")
+    ratio = RESULTS["torch_cpu_workers2"] / RESULTS["reference"]
+    assert ratio >= 3.0, f"batched CPU loader is {ratio:.2f}x the per-clip reference"
+    gpu = [v for k, v in RESULTS.items() if k.startswith("fbank_gpu")]
+    if gpu:
+        assert max(gpu) >= 2000, f"GPU fbank {max(gpu):.0f} clips/s"
