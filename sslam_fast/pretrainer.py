@@ -73,7 +73,7 @@ class SSLAMPretrainer(nn.Module):
         grid = (num_frames // c.patch_size, c.freq_patches)
         inputs = batch_size * (2 if c.stage == 2 else 1)
         views, patches = inputs * c.clone_batch, grid[0] * grid[1]
-        masks, keep = draws.masks, None
+        masks = draws.masks
         if masks is None:
             draw_masks = sslam_kernels.inverse_block_mask if c.use_kernels else sslam_kernels.inverse_block_mask_reference
             masks = draw_masks(batch_size * c.clone_batch, grid, c.mask_prob, c.mask_length, c.mask_prob_adjust,
