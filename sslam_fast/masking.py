@@ -1,7 +1,8 @@
-"""Masking of student views (SPEC 4, 6): which patches each view keeps, and moving them.
+"""Masking of student views (SPEC 4): which patches each view keeps.
 
-Mask generation lives in ``sslam_kernels`` (GPU kernel with a PyTorch reference); this module
-turns a [V, P] mask into the index form the gather/scatter steps use.
+Mask generation and the gather/scatter of visible patches live in ``sslam_kernels`` (GPU kernels
+with PyTorch references); this module checks a given [V, P] mask and turns it into the index form
+those steps use.
 """
 import torch
 
