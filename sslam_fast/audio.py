@@ -46,30 +46,37 @@ class AudioError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES) -> Tuple[np.ndarray, int]:
+def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Optional[float] = None) -> Tuple[np.ndarray, int]:
     """Read wav/flac/ogg/mp3 and average channels: returns (float32 [N] mono, sample rate).
 
-    Raises AudioError for a missing, unreadable, empty, non-finite or longer-than-`max_samples` file.
+    Raises AudioError for a missing, unreadable, empty, non-finite or too long file (more than
+    `max_samples` samples, or more than `max_seconds` at the file's own rate when given). The file
+    is opened once; 16-bit PCM is read as int16 and scaled by 2**-15 here, which gives exactly
+    libsndfile's float32 samples at a third of its cost.
     """
     import soundfile as sf
 
     try:
-        info = sf.info(path)
-        if info.frames > max_samples:
-            raise AudioError(path, f"{info.frames} samples, more than the limit {max_samples}")
-        if hasattr(path, "seek"):
-            path.seek(0)
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            rate = int(f.samplerate)
+            limit = max_samples if max_seconds is None else min(max_samples, int(max_seconds * rate))
+            if f.frames > limit:
+                raise AudioError(path, f"{f.frames} samples, more than the limit {limit}")
+            pcm16 = f.subtype == "PCM_16"
+            data = f.read(dtype="int16" if pcm16 else "float32", always_2d=True)
     except AudioError:
         raise
     except Exception as err:  # libsndfile reports missing, truncated and foreign files alike
         raise AudioError(path, f"cannot decode: {err}") from err
     if data.shape[0] == 0:
         raise AudioError(path, "no samples")
+    if pcm16:
+        data = data.astype(np.float32)
+        data *= np.float32(1.0 / 32768.0)
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(mono).all():
+    if not pcm16 and not np.isfinite(mono).all():
         raise AudioError(path, "NaN or Inf samples")
-    return np.ascontiguousarray(mono), int(rate)
+    return np.ascontiguousarray(mono), rate
 
 
 def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -98,6 +105,34 @@ def _sinc_kernel(orig: int, new: int, width_taps: int, rolloff: float, device: s
     kernel = torch.where(t == 0, torch.tensor(1.0).to(t), t.sin() / t)
     kernel *= window * (base / orig)
     return kernel, width
+
+
+@functools.lru_cache(maxsize=64)
+def _block_kernel(orig: int, new: int, width_taps: int, rolloff: float, dtype: torch.dtype):
+    """The polyphase kernel as one banded matrix [R, P * new] for the CPU: a row of R input samples
+    (starting at a multiple of P * orig) times it gives P consecutive output blocks of `new` samples.
+    Column j * new + p holds phase p's taps at rows j * orig ..; the rest are exact zeros, which
+    add nothing, so the sums are the convolution's own. P = 2 * ceil(K / orig) keeps the zeros to
+    about 2/3 of the matrix, and the product runs as one float32 GEMM (3-4x faster on the CPU
+    than oneDNN's conv1d with one input channel)."""
+    kernel, width = _sinc_kernel(orig, new, width_taps, rolloff, "cpu", dtype)
+    taps = kernel.shape[-1]
+    blocks = 2 * -(-taps // orig)
+    rows = (blocks - 1) * orig + taps
+    matrix = torch.zeros(rows, blocks, new, dtype=dtype)
+    for j in range(blocks):
+        matrix[j * orig : j * orig + taps, j, :] = kernel[:, 0, :].t()
+    return matrix.reshape(rows, blocks * new), blocks, width
+
+
+def _use_block_kernel(waveform: torch.Tensor, orig: int, new: int, width_taps: int, rolloff: float) -> bool:
+    """The banded GEMM pays where the kernel spans several strides (32/48/24/8 kHz -> 16 kHz); for
+    44.1 or 22.05 kHz (orig = 441) the convolution is already one GEMM per block."""
+    if waveform.is_cuda:
+        return False
+    base = min(orig, new) * rolloff
+    taps = 2 * math.ceil(width_taps * orig / base) + orig
+    return taps >= 4 * orig
 
 
 def _conv1d_fp32(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> torch.Tensor:
@@ -136,13 +171,21 @@ def resample(
         return waveform
     g = math.gcd(int(orig_freq), int(new_freq))
     orig, new = int(orig_freq) // g, int(new_freq) // g
-    kernel, width = _sinc_kernel(orig, new, lowpass_filter_width, rolloff, str(waveform.device), waveform.dtype)
     shape = waveform.shape
     flat = waveform.reshape(-1, shape[-1])
-    padded = F.pad(flat, (width, width + orig))
-    out = _conv1d_fp32(padded[:, None], kernel, orig)  # [B, new, n_blocks]: one row per phase
-    out = out.transpose(1, 2).reshape(flat.shape[0], -1)
-    out = out[:, : resampled_length(shape[-1], orig, new)]
+    n_out = resampled_length(shape[-1], orig, new)
+    if _use_block_kernel(waveform, orig, new, lowpass_filter_width, rolloff):
+        matrix, blocks, width = _block_kernel(orig, new, lowpass_filter_width, rolloff, waveform.dtype)
+        rows = max(1, -(-n_out // (blocks * new)))  # output rows of `blocks` blocks each
+        length = (rows - 1) * blocks * orig + matrix.shape[0]
+        padded = F.pad(flat, (width, length - width - shape[-1]))
+        out = torch.matmul(padded.unfold(1, matrix.shape[0], blocks * orig), matrix).reshape(flat.shape[0], -1)
+    else:
+        kernel, width = _sinc_kernel(orig, new, lowpass_filter_width, rolloff, str(waveform.device), waveform.dtype)
+        padded = F.pad(flat, (width, width + orig))
+        out = _conv1d_fp32(padded[:, None], kernel, orig)  # [B, new, n_blocks]: one row per phase
+        out = out.transpose(1, 2).reshape(flat.shape[0], -1)
+    out = out[:, :n_out]
     return out.reshape(*shape[:-1], out.shape[-1])
 
 

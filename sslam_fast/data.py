@@ -179,13 +179,7 @@ def read_clip(path: str, max_seconds: float = MAX_SECONDS) -> torch.Tensor:
 
     Raises audio.AudioError for anything that cannot give at least one fbank frame.
     """
-    import soundfile as sf
-
-    try:
-        rate = sf.info(path).samplerate
-    except Exception as err:
-        raise audio.AudioError(path, f"cannot decode: {err}") from err
-    mono, rate = audio.decode(path, max_samples=int(max_seconds * rate))
+    mono, rate = audio.decode(path, max_seconds=max_seconds)
     wave = audio.resample(torch.from_numpy(mono), rate, audio.SAMPLE_RATE)
     if audio.num_frames(wave.shape[0]) == 0:
         raise audio.AudioError(path, f"{wave.shape[0]} samples at 16 kHz, shorter than one 25 ms frame")

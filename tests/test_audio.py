@@ -111,6 +111,38 @@ def test_resample_batch_of_one_rate_equals_per_clip():
         torch.testing.assert_close(batch[i, : own.shape[0]], own, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("rate", [8000, 24000, 32000, 48000, 96000, 44100])
+def test_cpu_block_resampler_equals_the_convolution(rate):
+    """The banded-GEMM form used on the CPU for small rate ratios sums the same products as
+    torchaudio's strided conv1d (compared here with that conv1d, batched, several lengths)."""
+    import math
+
+    g = math.gcd(rate, 16000)
+    orig, new = rate // g, 16000 // g
+    kernel, width = audio._sinc_kernel(orig, new, 6, 0.99, "cpu", torch.float32)
+    rng = np.random.default_rng(rate)
+    for n in (1, 399, 4801, 3 * rate + 7):
+        x = torch.from_numpy(rng.uniform(-1, 1, (2, n)).astype(np.float32))
+        conv = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (width, width + orig))[:, None], kernel, stride=orig)
+        want = conv.transpose(1, 2).reshape(2, -1)[:, : audio.resampled_length(n, rate, 16000)]
+        got = audio.resample(x, rate, 16000)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_decode_pcm16_equals_libsndfile_float(tmp_path, channels):
+    sf = pytest.importorskip("soundfile")
+    samples = np.random.default_rng(channels).integers(-32768, 32768, (5000, channels), dtype=np.int16)
+    samples[:4] = [[-32768], [32767], [0], [1]]
+    path = tmp_path / "pcm16.wav"
+    sf.write(path, samples, 32000, subtype="PCM_16")
+    wave, rate = audio.decode(str(path))
+    want = sf.read(str(path), dtype="float32", always_2d=True)[0].mean(axis=1, dtype=np.float32)
+    assert rate == 32000 and wave.dtype == np.float32
+    np.testing.assert_array_equal(wave, want)
+
+
 def test_short_clip_has_no_frames():
     assert audio.kaldi_fbank(torch.zeros(399)).shape == (0, 128)
     assert audio.num_frames(400) == 1 and audio.num_frames(160000) == 998
