@@ -117,6 +117,28 @@ def test_loader_batches_and_features(demo):
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
 
 
+def test_write_features_equals_pad_crop_normalise():
+    from sslam_fast.data import write_features
+
+    fbank = torch.randn(1500, 128) * 5 - 4
+    for frames in (1, 998, 1024, 1500):
+        out = torch.full((1024, 128), float("nan"))
+        write_features(fbank[:frames], out, -6.627, 5.359)
+        assert torch.equal(out, audio.normalise(audio.pad_or_crop(fbank[:frames]), -6.627, 5.359)), frames
+
+
+def test_worker_slot_ring_gives_the_same_batches(demo):
+    """Workers write features into a shared ring of slots that is reused many times over here (12
+    clips, batches of 4, 40 batches); every batch must equal the one computed in the main process."""
+    kwargs = dict(batch_size=4, seed=4, backend="torch")
+    want = take(build_loader(demo, num_workers=0, **kwargs), 40)
+    got = take(build_loader(demo, num_workers=2, **kwargs), 40)
+    for w, g in zip(want, got):
+        assert torch.equal(w["index"], g["index"])
+        assert torch.equal(w["fbank"], g["fbank"])
+    assert len({b["fbank"].data_ptr() for b in got}) == len(got)  # no batch aliases another
+
+
 def test_loader_ranks_see_disjoint_clips(demo):
     seen = []
     for rank in range(3):
