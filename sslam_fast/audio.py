@@ -179,7 +179,8 @@ def resample(
         rows = max(1, -(-n_out // (blocks * new)))  # output rows of `blocks` blocks each
         length = (rows - 1) * blocks * orig + matrix.shape[0]
         padded = F.pad(flat, (width, length - width - shape[-1]))
-        out = torch.matmul(padded.unfold(1, matrix.shape[0], blocks * orig), matrix).reshape(flat.shape[0], -1)
+        windows = padded.unfold(1, matrix.shape[0], blocks * orig).reshape(-1, matrix.shape[0])  # one copy, then a 2-D GEMM
+        out = torch.mm(windows, matrix).reshape(flat.shape[0], -1)
     else:
         kernel, width = _sinc_kernel(orig, new, lowpass_filter_width, rolloff, str(waveform.device), waveform.dtype)
         padded = F.pad(flat, (width, width + orig))
@@ -305,7 +306,8 @@ def _log_mel_cpu(batch: torch.Tensor, sample_rate: int, num_mel_bins: int) -> to
     torch.mul(batch[:, :-1], PREEMPHASIS, out=emphasised[:, 1:])
     torch.sub(batch[:, 1:], emphasised[:, 1:], out=emphasised[:, 1:])
     dc = (1.0 - PREEMPHASIS) * _frame_means(batch, n_frames, size, shift)
-    frames = batch.new_zeros(batch.shape[0], n_frames, n_fft)
+    frames = batch.new_empty(batch.shape[0], n_frames, n_fft)
+    frames[..., size:].zero_()
     torch.sub(emphasised.unfold(1, size, shift), dc[..., None], out=frames[..., :size]).mul_(window)
     squares = torch.view_as_real(torch.fft.rfft(frames)).square_().flatten(-2)  # re^2, im^2 interleaved
     blocks = _interleaved_mel_bank_blocks(num_mel_bins, sample_rate, batch.dtype)

@@ -188,8 +188,8 @@ def read_clip(path: str, max_seconds: float = MAX_SECONDS) -> torch.Tensor:
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """(epoch, position, index, slot) -> (that tag, data or None, the AudioError message or None).
-    Never raises for bad audio, so a worker never dies and the loader can skip and refill.
+    """[(epoch, position, index, slot), ...] -> [(that tag, data or None, the AudioError message or
+    None), ...]. Never raises for bad audio, so a worker never dies and the loader can skip and refill.
 
     features=False: data is the waveform. features=True: the normalised [target_length, 128]
     features are written into `slots[slot]`, a shared-memory ring the loader made before the
@@ -210,7 +210,11 @@ class ClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
-    def __getitem__(self, tagged: Tuple[int, int, int, int]):
+    def __getitem__(self, chunk: List[Tuple[int, int, int, int]]):
+        """A list of tags -> the list of their results (one worker task for several clips)."""
+        return [self._one(tagged) for tagged in chunk]
+
+    def _one(self, tagged: Tuple[int, int, int, int]):
         index = tagged[2]
         try:
             wave = read_clip(self.manifest.path(index), self.max_seconds)
@@ -263,19 +267,20 @@ def epoch_order(num_entries: int, seed: int, epoch: int, rank: int = 0, world_si
 
 
 class _TaggedSampler(torch.utils.data.Sampler):
-    """(epoch, position, index, slot) from a start point on: through one epoch, or for ever. Slots
-    go round a ring of `num_slots`."""
+    """Lists of up to `chunk` consecutive (epoch, position, index, slot) from a start point on:
+    through one epoch, or for ever. Slots go round a ring of `num_slots`."""
 
-    def __init__(self, loader: "AudioLoader", epoch: int, position: int, num_slots: int = 1):
-        self.loader, self.epoch, self.position, self.num_slots = loader, epoch, position, num_slots
+    def __init__(self, loader: "AudioLoader", epoch: int, position: int, num_slots: int = 1, chunk: int = 1):
+        self.loader, self.epoch, self.position, self.num_slots, self.chunk = loader, epoch, position, num_slots, chunk
 
     def __iter__(self):
         epoch, position, count = self.epoch, self.position, 0
         while True:
             order = self.loader.order(epoch)
-            for p in range(position, len(order)):
-                yield epoch, p, int(order[p]), count % self.num_slots
-                count += 1
+            for start in range(position, len(order), self.chunk):
+                stop = min(start + self.chunk, len(order))
+                yield [(epoch, p, int(order[p]), (count + p - start) % self.num_slots) for p in range(start, stop)]
+                count += stop - start
             if not self.loader.infinite:
                 return
             epoch, position = epoch + 1, 0
@@ -345,20 +350,27 @@ class AudioLoader:
     def _features_in_workers(self) -> bool:
         return self.backend == "torch" and (self.device is None or torch.device(self.device).type == "cpu")
 
+    def _chunk(self) -> int:
+        """Clips per worker task: a share of a batch, up to 8. Fewer, larger messages through the
+        queues cost the main process less than one message per clip."""
+        return max(1, min(8, self.batch_size // self.num_workers)) if self.num_workers else 1
+
     def _prefetch_factor(self) -> int:
-        """Clips queued per worker: together about one batch ahead of the one being assembled."""
-        return -(-self.batch_size // self.num_workers) + 2
+        """Tasks queued per worker: together about one batch ahead of the one being assembled."""
+        return -(-self.batch_size // (self.num_workers * self._chunk())) + 1
 
     def _items(self):
-        """An iterator of ClipDataset results in sampler order, and the slot ring (or None)."""
+        """An iterator of ClipDataset result lists in sampler order, and the slot ring (or None)."""
         features = self._features_in_workers()
-        # The DataLoader hands a new index to a worker only when it returns an earlier one in order,
-        # so at most prefetch_factor * num_workers items are in flight, and the item it sends
-        # reuses the slot of one that __iter__ has already copied out: that many slots plus one.
-        num_slots = self._prefetch_factor() * self.num_workers + 1 if self.num_workers else 1
+        # The DataLoader hands a new task to a worker only when __next__ returns an earlier one in
+        # order, so at most prefetch_factor * num_workers tasks are in flight besides the one just
+        # returned (which __iter__ copies out before asking for the next): the clips of that many
+        # tasks plus one never share a slot.
+        chunk = self._chunk()
+        num_slots = (self._prefetch_factor() * self.num_workers + 1) * chunk if self.num_workers else 1
         slots = torch.empty(num_slots, self.target_length, audio.NUM_MEL_BINS).share_memory_() if features else None
         dataset = ClipDataset(self.manifest, features, self.target_length, self.norm_mean, self.norm_std, self.max_seconds, slots)
-        sampler = _TaggedSampler(self, self.epoch, self.position, num_slots)
+        sampler = _TaggedSampler(self, self.epoch, self.position, num_slots, chunk)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
@@ -369,7 +381,7 @@ class AudioLoader:
             in_order=True,
             worker_init_fn=_worker_init if self.num_workers else None,
         )
-        return iter(loader), slots
+        return (result for results in loader for result in results), slots
 
     def __iter__(self) -> Iterator[dict]:
         epoch_at_start = self.epoch
