@@ -4,12 +4,17 @@ The reference does what the original SSLAM loader does for every clip, one at a 
 torchaudio's resample (sinc kernel rebuilt on every call, conv1d) and torchaudio's kaldi.fbank
 (window and mel banks rebuilt on every call, as torchaudio does), then pad and normalise. It is
 written here from those algorithms because torchaudio cannot be installed beside this torch.
+
+Loader entries come two ways: one cold epoch (`build_loader(infinite=False)`, worker start-up
+included) and steady state (an infinite loader, as in training: WARMUP_BATCHES batches first, then
+STEADY_BATCHES timed batches per round, worker start-up excluded).
 Run: pytest benchmarks/bench_audio.py --benchmark-columns=min,mean,rounds
 Each entry's extra_info holds clips_per_s and speedup (vs the reference of the same run).
 """
 
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -19,10 +24,17 @@ import torch.nn.functional as F
 from sslam_fast import audio
 from sslam_fast.data import build_loader
 
-NUM_CLIPS = 16
+NUM_CLIPS = 64
+BATCH = 8
+WARMUP_BATCHES = 3
+STEADY_BATCHES = NUM_CLIPS // BATCH
 RATE = 32000
 SECONDS = 10.0
+SETTLE_S = 0.5
 RESULTS = {}
+# The configuration the issue's 3x goal is checked on: the torch loader with 2 workers (one per
+# core of the development machine) in steady state, interleaved round by round with the reference.
+TARGET_WORKERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +46,7 @@ def clips(tmp_path_factory):
     t = np.arange(n) / RATE
     rows = []
     for i in range(NUM_CLIPS):
-        wave = 0.1 * rng.standard_normal(n) + 0.3 * np.sin(2 * np.pi * (200 + 300 * i) * t)
+        wave = 0.1 * rng.standard_normal(n) + 0.3 * np.sin(2 * np.pi * (200 + 300 * (i % 16)) * t)
         sf.write(root / f"clip_{i:03d}.wav", wave.astype(np.float32), RATE, subtype="PCM_16")
         rows.append(f"clip_{i:03d}.wav\t{n}\n")
     (root / "train.tsv").write_text(f"{root}\n" + "".join(rows))
@@ -97,18 +109,19 @@ def record(benchmark, name, clips_per_round):
 
 def test_reference_per_clip(benchmark, clips):
     _, paths = clips
-    out = benchmark.pedantic(lambda: [reference_features(p) for p in paths], rounds=3, iterations=1, warmup_rounds=1)
+    out = benchmark.pedantic(lambda: [reference_features(p) for p in paths], rounds=5, iterations=1, warmup_rounds=1)
     torch.testing.assert_close(out[0], audio.load_features(paths[0]), rtol=0, atol=1e-3)
     record(benchmark, "reference", len(paths))
 
 
 def _epoch(manifest, backend, workers, device=None):
-    loader = build_loader(manifest, batch_size=NUM_CLIPS // 2, backend=backend, num_workers=workers, infinite=False, device=device)
+    loader = build_loader(manifest, batch_size=BATCH, backend=backend, num_workers=workers, infinite=False, device=device)
     return [b["fbank"] for b in loader]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_torch_loader_cpu(benchmark, clips, workers):
+    """One cold epoch: the worker start-up is paid every round."""
     manifest, _ = clips
     out = benchmark.pedantic(lambda: _epoch(manifest, "torch", workers), rounds=3, iterations=1, warmup_rounds=1)
     assert sum(b.shape[0] for b in out) == NUM_CLIPS
@@ -124,8 +137,67 @@ def test_dali_loader_cpu(benchmark, clips, workers):
     record(benchmark, f"dali_cpu_workers{workers}", NUM_CLIPS)
 
 
+def _steady(benchmark, manifest, backend, workers, name):
+    """An infinite loader as in training: WARMUP_BATCHES batches (worker start-up, first slots),
+    then each round times STEADY_BATCHES batches."""
+    batches = iter(build_loader(manifest, batch_size=BATCH, backend=backend, num_workers=workers, infinite=True))
+    try:
+        for _ in range(WARMUP_BATCHES):
+            next(batches)
+        out = benchmark.pedantic(lambda: [next(batches)["fbank"] for _ in range(STEADY_BATCHES)], rounds=5, iterations=1)
+    finally:
+        batches.close()  # shuts the workers down
+    assert all(b.shape == (BATCH, 1, audio.TARGET_LENGTH, audio.NUM_MEL_BINS) for b in out)
+    record(benchmark, name, STEADY_BATCHES * BATCH)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores, on purpose
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_torch_loader_cpu_steady(benchmark, clips, workers):
+    _steady(benchmark, clips[0], "torch", workers, f"torch_cpu_steady_workers{workers}")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dali_loader_cpu_steady(benchmark, clips, workers):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    _steady(benchmark, clips[0], "dali", workers, f"dali_cpu_steady_workers{workers}")
+
+
+def test_target_cpu_loader_interleaved(benchmark, clips):
+    """The issue's CPU goal, measured so that machine speed drifts hit both sides alike: each round
+    times the per-clip reference over the clips, then discards WARMUP_BATCHES batches of the
+    running 2-worker loader (its queue, filled while the reference ran, is emptied and the workers
+    are busy again) and times STEADY_BATCHES batches. Before each reference round the loader is
+    left SETTLE_S seconds to refill its queue, so its workers do not compete with the reference."""
+    manifest, paths = clips
+    reference_s = []
+    batches = iter(build_loader(manifest, batch_size=BATCH, backend="torch", num_workers=TARGET_WORKERS, infinite=True))
+
+    def setup():
+        time.sleep(SETTLE_S)
+        start = time.perf_counter()
+        [reference_features(p) for p in paths]
+        reference_s.append(time.perf_counter() - start)
+        for _ in range(WARMUP_BATCHES):
+            next(batches)
+
+    try:
+        out = benchmark.pedantic(lambda: [next(batches)["fbank"] for _ in range(STEADY_BATCHES)], setup=setup, rounds=5, iterations=1)
+    finally:
+        batches.close()
+    assert all(b.shape == (BATCH, 1, audio.TARGET_LENGTH, audio.NUM_MEL_BINS) for b in out)
+    if benchmark.stats is None:
+        return
+    RESULTS["target_reference"] = len(paths) / min(reference_s)
+    RESULTS["target_loader"] = STEADY_BATCHES * BATCH / benchmark.stats.stats.min
+    benchmark.extra_info["clips_per_s"] = round(RESULTS["target_loader"], 1)
+    benchmark.extra_info["reference_clips_per_s"] = round(RESULTS["target_reference"], 1)
+    benchmark.extra_info["speedup"] = round(RESULTS["target_loader"] / RESULTS["target_reference"], 2)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+
+
 def test_fbank_only_cpu(benchmark, clips):
-    """kaldi_fbank + pad + normalise on already resampled clips (the compute the workers share)."""
+    """kaldi_fbank + pad + normalise on already resampled clips, batched in the main process."""
     _, paths = clips
     waves = torch.stack([audio.subtract_mean(audio.load_audio(p)) for p in paths])
     benchmark.pedantic(lambda: audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves))), rounds=3, iterations=1, warmup_rounds=1)
@@ -193,12 +265,14 @@ def test_reference_per_clip_gpu(benchmark):
 
 
 def test_targets():
-    """The issue's goals: the batched CPU loader >= 3x the per-clip reference of the same run;
-    the GPU fbank >= 2,000 clips/s (checked where a GPU ran)."""
-    if "reference" not in RESULTS or "torch_cpu_workers2" not in RESULTS:
-        pytest.skip("run the reference and the torch loader entries in the same session")
-    ratio = RESULTS["torch_cpu_workers2"] / RESULTS["reference"]
-    assert ratio >= 3.0, f"batched CPU loader is {ratio:.2f}x the per-clip reference"
+    """The issue's goals: the batched CPU loader >= 3x the per-clip reference of the same run, checked
+    on `build_loader(backend="torch", num_workers=TARGET_WORKERS)` in steady state, interleaved with
+    the reference (test_target_cpu_loader_interleaved); the GPU fbank >= 2,000 clips/s (checked
+    where a GPU ran)."""
+    if "target_reference" not in RESULTS or "target_loader" not in RESULTS:
+        pytest.skip("run test_target_cpu_loader_interleaved in the same session")
+    ratio = RESULTS["target_loader"] / RESULTS["target_reference"]
+    assert ratio >= 3.0, f"torch loader, {TARGET_WORKERS} workers, steady state: {ratio:.2f}x the per-clip reference"
     gpu = [v for k, v in RESULTS.items() if k.startswith("fbank_gpu")]
     if gpu:
         assert max(gpu) >= 2000, f"GPU fbank {max(gpu):.0f} clips/s"

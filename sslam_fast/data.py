@@ -184,7 +184,7 @@ def read_clip(path: str, max_seconds: float = MAX_SECONDS) -> torch.Tensor:
     wave = audio.resample(torch.from_numpy(mono), rate, audio.SAMPLE_RATE)
     if audio.num_frames(wave.shape[0]) == 0:
         raise audio.AudioError(path, f"{wave.shape[0]} samples at 16 kHz, shorter than one 25 ms frame")
-    return audio.subtract_mean(wave)
+    return wave.sub_(wave.mean(dim=-1, keepdim=True))  # audio.subtract_mean, in place in the clip's own buffer
 
 
 class ClipDataset(torch.utils.data.Dataset):
