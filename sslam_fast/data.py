@@ -378,7 +378,6 @@ class AudioLoader:
             num_workers=self.num_workers,
             prefetch_factor=self._prefetch_factor() if self.num_workers else None,
             persistent_workers=False,
-            in_order=True,
             worker_init_fn=_worker_init if self.num_workers else None,
         )
         return (result for results in loader for result in results), slots
