@@ -124,13 +124,14 @@ class Encoder(nn.Module):
     def positions(self, num_patches: int) -> torch.Tensor:
         return self.pos_table[:num_patches]
 
-    def embed(self, fbank: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings plus positions, [B, P, D]."""
-        x = self.patchify(fbank)
-        return x + self.positions(x.shape[1]).to(x.dtype)
-
-    def with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+    def tokens(self, fbank: torch.Tensor, keep_index: Optional[torch.Tensor] = None, clone: int = 1) -> torch.Tensor:
+        """Encoder input: CLS, then the patch embeddings plus positions, [B, 1 + P, D]; with
+        ``keep_index`` [B * clone, K] (visible patches, ascending), view v takes the visible patches
+        of clip v // clone: [B * clone, 1 + K, D]. Positions, gather and CLS are one fused op."""
+        patches = self.patchify(fbank)
+        return sslam_kernels.embed_mask_gather(
+            patches, self.positions(patches.shape[1]), self.cls_token, keep_index, clone,
+            use_triton=None if self.cfg.use_kernels else False)
 
     def run_blocks(self, x: torch.Tensor, collect: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """LayerNorm then the blocks on [N, 1 + L, D] (CLS first); returns the output and, when
@@ -144,18 +145,10 @@ class Encoder(nn.Module):
         return x, layers
 
     def forward(self, fbank: torch.Tensor, keep_index: Optional[torch.Tensor] = None, clone: int = 1) -> torch.Tensor:
-        """Encode [B, 1, T, F] fbank: [B, 1 + P, D] (CLS first) without ``keep_index``; with
-        ``keep_index`` [B * clone, K] (visible patches, ascending), view v encodes the visible
-        patches of clip v // clone: [B * clone, 1 + K, D].
-
-        Positions, the visible gather and the CLS prepend are one fused op (``sslam_kernels``).
-        Every parameter is used inside this forward, so ZeRO-3 can gather them around it.
-        """
-        patches = self.patchify(fbank)
-        tokens = sslam_kernels.embed_mask_gather(
-            patches, self.positions(patches.shape[1]), self.cls_token, keep_index, clone,
-            use_triton=None if self.cfg.use_kernels else False)
-        return self.run_blocks(tokens)[0]
+        """Encode [B, 1, T, F] fbank: [B, 1 + P, D] (CLS first), or the masked views of
+        ``tokens(fbank, keep_index, clone)``. Every parameter is used inside this forward, so ZeRO-3
+        can gather them around it."""
+        return self.run_blocks(self.tokens(fbank, keep_index, clone))[0]
 
     def extract_features(self, fbank: torch.Tensor, granularity: str = "all") -> torch.Tensor:
         """Features of [B, T, 128] or [B, 1, T, 128] fbank (T a multiple of 16, up to 12288 frames).

@@ -176,16 +176,17 @@ class SSLAMPretrainer(nn.Module):
             return sslam_kernels.layer_averaged_target(layers, c.instance_norm_eps, c.target_norm_eps,
                                                        use_triton=None if c.use_kernels else False)
 
-        tokens = t.embed(inputs)
-        _, layers = t.run_blocks(t.with_cls(tokens), collect=True)
+        tokens = t.tokens(inputs)
+        _, layers = t.run_blocks(tokens, collect=True)
         patch = target(layers[-K:])
         if c.stage == 1:
             return {"patch": patch, "cls": patch.mean(dim=1)}
         last = target(layers[-1:])
         rows = mixed_rows(grid[0], windows, c.mix_window, c.patch_size, tokens.device)
-        N, P, D = tokens.shape
-        kept = tokens[:batch_size].view(batch_size, grid[0], grid[1], D)[:, rows].reshape(batch_size, -1, D)
-        _, dropped_layers = t.run_blocks(t.with_cls(kept), collect=True)
+        D = tokens.shape[-1]
+        originals = tokens[:batch_size]
+        kept = originals[:, 1:].view(batch_size, grid[0], grid[1], D)[:, rows].reshape(batch_size, -1, D)
+        _, dropped_layers = t.run_blocks(torch.cat([originals[:, :1], kept], dim=1), collect=True)
         partner = target(dropped_layers[-K:])
         srl = source_retention_target(patch[:batch_size], partner, rows, grid[1])
         return {"patch": patch, "cls": last.mean(dim=1), "srl": srl}

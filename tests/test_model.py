@@ -148,8 +148,9 @@ def test_source_retention_target():
     # The partner's features: the teacher on the originals with the unmixed rows dropped.
     t = model.teacher
     with torch.no_grad():
-        kept = t.embed(x).view(3, 64, 8, -1)[:, rows].reshape(3, -1, 32)
-        _, layers = t.run_blocks(t.with_cls(kept), collect=True)
+        tokens = t.tokens(x)
+        kept = tokens[:, 1:].view(3, 64, 8, -1)[:, rows].reshape(3, -1, 32)
+        _, layers = t.run_blocks(torch.cat([tokens[:, :1], kept], dim=1), collect=True)
         partner = layer_averaged_target(layers).view(3, -1, 8, 32)
     own4, srl4 = own.view(3, 64, 8, 32), srl.view(3, 64, 8, 32)
     assert torch.equal(srl4[:, ~rows], own4[:, ~rows])
