@@ -59,9 +59,7 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
     try:
         with sf.SoundFile(path) as f:
             rate = int(f.samplerate)
-            limit = max_samples if max_seconds is None else min(max_samples, int(max_seconds * rate))
-            if f.frames > limit:
-                raise AudioError(path, f"{f.frames} samples, more than the limit {limit}")
+            _check_limit(path, f.frames, rate, max_samples, max_seconds)
             pcm16 = f.subtype == "PCM_16"
             data = f.read(dtype="int16" if pcm16 else "float32", always_2d=True)
     except AudioError:
@@ -77,6 +75,40 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
     if not pcm16 and not np.isfinite(mono).all():
         raise AudioError(path, "NaN or Inf samples")
     return np.ascontiguousarray(mono), rate
+
+
+def _check_limit(path, frames: int, rate: int, max_samples: int, max_seconds: Optional[float]) -> None:
+    limit = max_samples if max_seconds is None else min(max_samples, int(max_seconds * rate))
+    if frames > limit:
+        raise AudioError(path, f"{frames} samples, more than the limit {limit}")
+
+
+def check_length_16k(path, length: int) -> None:
+    """Raise AudioError when `length` samples at 16 kHz give no Kaldi frame."""
+    if num_frames(length) == 0:
+        raise AudioError(path, f"{length} samples at 16 kHz, shorter than one 25 ms frame")
+
+
+def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_seconds: Optional[float] = None) -> Tuple[int, int]:
+    """The checks of `decode` that the header allows, without decoding: returns (frames, sample rate).
+
+    Raises AudioError (naming `path`, default `source`) for a file that libsndfile cannot open, has
+    no samples, is over the length limits of `decode`, or is shorter than one frame at 16 kHz.
+    Truncated data and NaN/Inf samples only show when decoding.
+    """
+    import soundfile as sf
+
+    path = source if path is None else path
+    try:
+        info = sf.info(source)
+    except Exception as err:  # libsndfile names a file object by its repr; name the file
+        raise AudioError(path, f"cannot decode: {str(err).replace(repr(source), str(path))}") from err
+    rate = int(info.samplerate)
+    if info.frames <= 0:
+        raise AudioError(path, "no samples")
+    _check_limit(path, info.frames, rate, max_samples, max_seconds)
+    check_length_16k(path, resampled_length(info.frames, rate, SAMPLE_RATE))
+    return int(info.frames), rate
 
 
 def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -182,8 +183,7 @@ def read_clip(path: str, max_seconds: float = MAX_SECONDS) -> torch.Tensor:
     """
     mono, rate = audio.decode(path, max_seconds=max_seconds)
     wave = audio.resample(torch.from_numpy(mono), rate, audio.SAMPLE_RATE)
-    if audio.num_frames(wave.shape[0]) == 0:
-        raise audio.AudioError(path, f"{wave.shape[0]} samples at 16 kHz, shorter than one 25 ms frame")
+    audio.check_length_16k(path, wave.shape[0])
     return wave.sub_(wave.mean(dim=-1, keepdim=True))  # audio.subtract_mean, in place in the clip's own buffer
 
 
@@ -254,6 +254,19 @@ def _worker_init(worker_id: int) -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
     libc.mallopt(m_trim_threshold, 128 << 20)
+
+
+def _worker_start_method():
+    """Fork (torch's default) unless DALI is loaded: a process forked while DALI's executor and
+    thread pool threads run can crash (seen as worker segfaults after a DALI loader ran in the same
+    process), so then workers start from a fork server."""
+    if "nvidia.dali" not in sys.modules:
+        return None
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["sslam_fast.data"])  # torch imported once, in the server
+    return context
 
 
 def epoch_order(num_entries: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
@@ -360,7 +373,9 @@ class AudioLoader:
         return -(-self.batch_size // (self.num_workers * self._chunk())) + 1
 
     def _items(self):
-        """An iterator of ClipDataset result lists in sampler order, and the slot ring (or None)."""
+        """An iterator of (tag, data or None, reason or None) in sampler order, and the slot ring (or None)."""
+        if self.backend == "dali":
+            return self._dali_reader().items(tag for tags in _TaggedSampler(self, self.epoch, self.position) for tag in tags), None
         features = self._features_in_workers()
         # The DataLoader hands a new task to a worker only when __next__ returns an earlier one in
         # order, so at most prefetch_factor * num_workers tasks are in flight besides the one just
@@ -379,6 +394,7 @@ class AudioLoader:
             prefetch_factor=self._prefetch_factor() if self.num_workers else None,
             persistent_workers=False,
             worker_init_fn=_worker_init if self.num_workers else None,
+            multiprocessing_context=_worker_start_method() if self.num_workers else None,
         )
         return (result for results in loader for result in results), slots
 
@@ -419,7 +435,7 @@ class AudioLoader:
         if features is not None:
             fbank = features[: len(items)]
         elif self.backend == "dali":
-            fbank = self._dali_features(datas)[:, None]
+            fbank = _stack_rows(datas)[:, None]
         else:
             fbank = self._device_features(datas)[:, None]
         batch = {"fbank": fbank, "index": index}
@@ -443,15 +459,28 @@ class AudioLoader:
         fbank = audio.kaldi_fbank(padded, lengths=lengths)
         return audio.normalise(audio.pad_or_crop(fbank, self.target_length), self.norm_mean, self.norm_std)
 
-    def _dali_features(self, waves: List[torch.Tensor]) -> torch.Tensor:
-        from .data_dali import DaliFbank
+    def _dali_reader(self):
+        from .data_dali import DaliClipReader
 
         if self._dali is None:
             device = torch.device(self.device) if self.device is not None else torch.device("cpu")
             device_id = (device.index or 0) if device.type == "cuda" else None
-            self._dali = DaliFbank(self.batch_size, device_id=device_id, target_length=self.target_length)
-        fbank = self._dali(waves)
-        return audio.normalise(fbank, self.norm_mean, self.norm_std)
+            self._dali = DaliClipReader(self, device_id=device_id, num_threads=self.num_workers)
+        return self._dali
+
+
+def _stack_rows(rows: List[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(rows), or without a copy the tensor they are consecutive rows of (the usual case
+    for the DALI backend, whose features come a whole batch at a time)."""
+    first = rows[0]
+    step = first.numel()
+    storage = first.untyped_storage()
+    consecutive = first.is_contiguous() and all(
+        r.is_contiguous() and r.shape == first.shape and r.untyped_storage().data_ptr() == storage.data_ptr()
+        and r.storage_offset() == first.storage_offset() + i * step for i, r in enumerate(rows))
+    if not consecutive:
+        return torch.stack(rows)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (len(rows), *first.shape))
 
 
 def dali_available() -> bool:
@@ -483,8 +512,8 @@ def build_loader(
     """The trainer's data entry point: a manifest (or folder) -> AudioLoader (see module docstring).
 
     backend: "torch" (fbank in the worker processes on the CPU, or batched on `device`), "dali"
-    (DALI graph for the spectra on the CPU, device_id=None, or on the GPU of `device`), or "auto"
-    (DALI where installed). mixture=True adds the SPEC section 7 mixture batch, with the windows
+    (decode, resample and spectra in a DALI graph, on the CPU with num_workers threads, or on the GPU
+    of `device`; see data_dali), or "auto" (DALI where installed). mixture=True adds the SPEC section 7 mixture batch, with the windows
     `mix_windows` or drawn per batch from (seed, rank, epoch, position).
     """
     if backend == "auto":

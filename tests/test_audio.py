@@ -214,6 +214,49 @@ def test_dali_cpu_fbank_matches_torchaudio():
     check_batch(fbank, lengths, audio.normalise(fbank))
 
 
+
+def golden_manifest(tmp_path, source):
+    """A fairseq manifest over the golden cases: "recordings" uses the installed Debian files where
+    all are present (the two made-up signals as float WAV), "wav" writes every case's decoded
+    samples, channels kept, to a float WAV at its own rate (bit-exact). Returns (manifest, names)."""
+    sf = pytest.importorskip("soundfile")
+    if source == "recordings" and not all(os.path.exists(p) for p in SOURCE_FILES.values()):
+        pytest.skip(f"recordings missing: apt-get install {APT_PACKAGES}")
+    rows = []
+    for name in CASES:
+        path = SOURCE_FILES.get(name) if source == "recordings" else None
+        if path is None:
+            path = str(tmp_path / f"{name}.wav")
+            sf.write(path, ARRAYS["wave__" + name], META["cases"][name]["sample_rate"], subtype="FLOAT")
+        rows.append(f"{path}\t{META['cases'][name]['samples']}\n")
+    manifest = tmp_path / "golden.tsv"
+    manifest.write_text("/\n" + "".join(rows))
+    return str(manifest), CASES
+
+
+def check_loader(manifest, names, backend, device=None):
+    from sslam_fast.data import build_loader
+
+    loader = build_loader(manifest, batch_size=len(names), backend=backend, num_workers=2, infinite=False, device=device,
+                          norm_mean=META["norm_mean"], norm_std=META["norm_std"])
+    (batch,) = list(loader)
+    assert loader.num_skipped == 0 and sorted(batch["index"].tolist()) == list(range(len(names)))
+    assert batch["fbank"].shape == (len(names), 1, 1024, 128)
+    if device is not None:
+        assert batch["fbank"].device.type == torch.device(device).type
+    for row, index in zip(batch["fbank"].cpu(), batch["index"].tolist()):
+        check_features(names[index], row[0])
+
+
+@pytest.mark.parametrize("source", ["wav", "recordings"])
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_loader_features_from_files_match_torchaudio(tmp_path, backend, source):
+    """File -> batch through the whole loader of each backend (decode, mono, resample, fbank,
+    pad/crop, normalise) against the golden features."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
+    check_loader(*golden_manifest(tmp_path, source), backend)
+
 @pytest.mark.gpu
 def test_gpu_fbank_matches_torchaudio():
     if not torch.cuda.is_available():
@@ -242,3 +285,13 @@ def test_dali_gpu_fbank_matches_torchaudio():
     fbank = DaliFbank(len(CASES), device_id=0)(waves)
     assert fbank.is_cuda
     check_batch(fbank.cpu(), lengths, audio.normalise(fbank).cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_gpu_loader_features_from_files_match_torchaudio(tmp_path, backend):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
+    check_loader(*golden_manifest(tmp_path, "wav"), backend, device="cuda")

@@ -220,6 +220,36 @@ def test_bad_files_are_skipped_reported_and_batches_refilled(broken_folder, back
     assert "NaN or Inf" in reasons["nan.wav"] and "NaN or Inf" in reasons["inf.wav"]
     assert "limit" in reasons["too_long.wav"] and "shorter than one" in reasons["too_short.wav"]
     assert loader.num_skipped == 2 * len(bad)
+    if backend == "dali":  # the truncated FLAC passes the header check and stops DALI's decoder
+        assert loader._dali.rebuilds == 2 and "cannot decode" in reasons["truncated.flac"]
+
+
+def test_dali_and_torch_backends_agree_on_mixed_rates_and_bad_files(broken_folder):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    manifest = broken_folder[0]
+    kwargs = dict(batch_size=3, num_workers=2, infinite=False, drop_last=False, max_seconds=4.0, seed=3)
+    by_backend = {}
+    for backend in ("torch", "dali"):
+        loader = build_loader(manifest, backend=backend, **kwargs)
+        by_backend[backend] = (list(loader), sorted(s.path for s in loader.skipped))
+    (torch_batches, torch_skips), (dali_batches, dali_skips) = by_backend["torch"], by_backend["dali"]
+    assert torch_skips == dali_skips
+    assert len(torch_batches) == len(dali_batches) == 3
+    for t, d in zip(torch_batches, dali_batches):
+        assert torch.equal(t["index"], d["index"])
+        torch.testing.assert_close(d["fbank"], t["fbank"], rtol=0, atol=5e-4)
+
+
+def test_stack_rows_reuses_consecutive_rows_and_copies_others():
+    from sslam_fast.data import _stack_rows
+
+    batch = torch.randn(5, 7, 3)
+    view = _stack_rows([batch[1], batch[2], batch[3]])
+    assert view.data_ptr() == batch[1].data_ptr() and torch.equal(view, batch[1:4])
+    gathered = _stack_rows([batch[0], batch[2]])
+    assert gathered.data_ptr() != batch.data_ptr() and torch.equal(gathered, batch[[0, 2]])
+    other = torch.randn(7, 3)
+    assert torch.equal(_stack_rows([batch[4], other]), torch.stack([batch[4], other]))
 
 
 # ---------------------------------------------------------------------------------------------- backends, mixture
