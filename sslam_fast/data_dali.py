@@ -6,8 +6,10 @@
     -> [GPU graph: to the device]
     -> resampling to 16 kHz and mean subtraction: audio.resample (torchaudio's sinc) in torch,
        run by the graph through fn.dl_tensor_python_function
-    -> Kaldi framing (25 ms every 10 ms, snip_edges), per-frame DC removal, in-frame pre-emphasis,
-       the symmetric Hann window, the 512-point power spectrum, pad/crop to target_length frames
+    -> Kaldi framing (25 ms every 10 ms, snip_edges), per-frame DC removal, in-frame pre-emphasis
+       (slices, sums, concatenations, arithmetic), then fn.spectrogram for the symmetric Hann
+       window and the 512-point power spectrum of each frame, pad/crop to target_length frames
+       (every one of these operators has a GPU kernel)
     -> handed to torch through DLPack without a copy: the 257 -> 128 mel projection, the log and
        the normalisation run there on the same device, and the batch is that result.
 
@@ -48,7 +50,7 @@ def _power_spectrum(wave, device: str, target_length: int):
     size, shift, n_fft = audio._frame_geometry(audio.SAMPLE_RATE)
     if size != 2.5 * shift:
         raise AssertionError("the row-splicing below assumes a 400-sample frame every 160 samples")
-    window = torch.hann_window(size, periodic=False, dtype=torch.float32).numpy()[None, :]
+    window = torch.hann_window(size, periodic=False, dtype=torch.float32).numpy()
     n = wave.shape(dtype=types.INT32)
     frames_n = (n - size) // shift + 1
     # Pad to (T + 2) rows of 160 samples; frame t is row t, row t+1 and half of row t+2. A clip too
@@ -58,8 +60,8 @@ def _power_spectrum(wave, device: str, target_length: int):
     # Kaldi removes each frame's mean m, then pre-emphasises inside the frame:
     #   y[i] = (x[i] - m) - 0.97 (x[i-1] - m) = z[i] - 0.03 m for i >= 1, z = x[i] - 0.97 x[i-1],
     # and y[0] meets the symmetric Hann window's w[0] = 0. So the frames are cut from z, the
-    # pre-emphasis of the whole clip, and 0.03 m is subtracted with the window in one pass. The frame
-    # means come from sums of 160- and 80-sample rows.
+    # pre-emphasis of the whole clip, less 0.03 m; the frame means come from sums of 160- and
+    # 80-sample rows.
     rows = fn.reshape(padded, shape=[-1, shift])
     row_sums = fn.reductions.sum(rows, axes=[1])
     half_sums = fn.reductions.sum(rows[:, : size - 2 * shift], axes=[1])
@@ -67,10 +69,14 @@ def _power_spectrum(wave, device: str, target_length: int):
     emphasised = fn.cat(padded[:1] * (1.0 - audio.PREEMPHASIS), padded[1:] - audio.PREEMPHASIS * padded[:-1], axis=0)
     z_rows = fn.reshape(emphasised, shape=[-1, shift])
     frames = fn.cat(z_rows[:-2], z_rows[1:-1], z_rows[2:, : size - 2 * shift], axis=1)
-    if window[0, 0] != 0.0:
+    if window[0] != 0.0:
         raise AssertionError("the pre-emphasis rewrite relies on the window's first weight being 0")
-    windowed = (frames - (1.0 - audio.PREEMPHASIS) * means) * types.Constant(window, device=device)
-    power = fn.power_spectrum(windowed, nfft=n_fft, axis=1, power=2)
+    # fn.power_spectrum has no GPU kernel; fn.spectrogram has, and over the frames laid end to end
+    # (400-sample windows every 400 samples) it applies the window and gives each frame's 512-point
+    # power spectrum (where it puts the 112 zeros of padding changes only the phase).
+    centred = fn.reshape(frames - (1.0 - audio.PREEMPHASIS) * means, shape=[-1])
+    power = fn.spectrogram(centred, nfft=n_fft, window_length=size, window_step=size, window_fn=window.tolist(),
+                           center_windows=False, power=2, layout="tf")
     power = fn.slice(power, 0, target_length, axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
     return power, frames_n
 
