@@ -43,15 +43,16 @@ logger = logging.getLogger(__name__)
 Tag = Tuple[int, int, int, int]
 
 
-def _power_spectrum(wave, device: str, target_length: int):
-    """DALI subgraph: mean-subtracted 16 kHz clips -> (Kaldi power spectra [target_length, 257], frame counts)."""
+def _power_spectrum(wave, n, device: str, target_length: int):
+    """DALI subgraph: mean-subtracted 16 kHz clips (on `device`) and their lengths (an integer CPU
+    node: shapes cannot come back from the GPU) -> (Kaldi power spectra [target_length, 257],
+    frame counts)."""
     from nvidia.dali import fn, math, types
 
     size, shift, n_fft = audio._frame_geometry(audio.SAMPLE_RATE)
     if size != 2.5 * shift:
         raise AssertionError("the row-splicing below assumes a 400-sample frame every 160 samples")
     window = torch.hann_window(size, periodic=False, dtype=torch.float32).numpy()
-    n = wave.shape(dtype=types.INT32)
     frames_n = (n - size) // shift + 1
     # Pad to (T + 2) rows of 160 samples; frame t is row t, row t+1 and half of row t+2. A clip too
     # short for one frame is framed as one (and reported by its frame count of 0 or less).
@@ -94,27 +95,33 @@ def _log_mel(outputs, device: torch.device, target_length: int, num_mel_bins: in
     return mel, n_frames
 
 
+def spectra_pipeline(max_batch_size: int, device_id: Optional[int], num_threads: int, target_length: int):
+    """The spectral half of the graph alone, fed 16 kHz mean-subtracted waveforms as "wave" (traced, not built)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    device = "cpu" if device_id is None else "gpu"
+
+    @pipeline_def(batch_size=max_batch_size, num_threads=num_threads, device_id=device_id,
+                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    def spectra():
+        wave = fn.external_source(name="wave", dtype=types.FLOAT, ndim=1, device="cpu")
+        n = wave.shape(dtype=types.INT64)
+        return _power_spectrum(wave.gpu() if device == "gpu" else wave, n, device, target_length)
+
+    return spectra()
+
+
 class DaliFbank:
     """Callable: list of B mono 16 kHz mean-subtracted waveforms [N_i] -> raw log-mel
-    [B, target_length, 128] (zero past each clip's frames), on the pipeline's device. The spectral
-    half of the graph alone, for callers that hold waveforms."""
+    [B, target_length, 128] (zero past each clip's frames), on the pipeline's device. For callers
+    that hold waveforms."""
 
     def __init__(self, max_batch_size: int, device_id: Optional[int] = None, target_length: int = audio.TARGET_LENGTH,
                  num_threads: int = 2, num_mel_bins: int = audio.NUM_MEL_BINS):
-        from nvidia.dali import fn, pipeline_def, types
-
         self.target_length = target_length
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.num_mel_bins = num_mel_bins
-        device = "cpu" if device_id is None else "gpu"
-
-        @pipeline_def(batch_size=max_batch_size, num_threads=num_threads, device_id=device_id,
-                      exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
-        def spectra():
-            wave = fn.external_source(name="wave", dtype=types.FLOAT, ndim=1, device="cpu")
-            return _power_spectrum(wave.gpu() if device == "gpu" else wave, device, target_length)
-
-        self.pipe = spectra()
+        self.pipe = spectra_pipeline(max_batch_size, device_id, num_threads, target_length)
         self.pipe.build()
 
     def __call__(self, waves: List[torch.Tensor]) -> torch.Tensor:
@@ -132,7 +139,7 @@ def _resample_to_16k(wave, rate):
     return torch.utils.dlpack.to_dlpack(out.contiguous())
 
 
-def _build_file_pipeline(batch_size: int, device_id: Optional[int], num_threads: int, target_length: int, prefetch: int):
+def file_pipeline(batch_size: int, device_id: Optional[int], num_threads: int, target_length: int, prefetch: int):
     from nvidia.dali import fn, pipeline_def, types
 
     device = "cpu" if device_id is None else "gpu"
@@ -144,15 +151,16 @@ def _build_file_pipeline(batch_size: int, device_id: Optional[int], num_threads:
     def clips():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
         decoded, rate = fn.decoders.audio(encoded, downmix=True, dtype=types.FLOAT)
+        # audio.resampled_length, on the CPU: ceil(16000 n / rate), in 64 bits (n may be 1.7e8)
+        rate_int = fn.cast(rate, dtype=types.INT64)
+        n = (decoded.shape(dtype=types.INT64) * audio.SAMPLE_RATE + rate_int - 1) // rate_int
         if device == "gpu":
             decoded, rate = decoded.gpu(), rate.gpu()
         wave = fn.dl_tensor_python_function(decoded, rate, function=_resample_to_16k, batch_processing=False,
                                             num_outputs=1, device=device, synchronize_stream=True)
-        return _power_spectrum(wave, device, target_length)
+        return _power_spectrum(wave, n, device, target_length)
 
-    pipe = clips()
-    pipe.build()
-    return pipe
+    return clips()  # the graph is traced here; pipe.build() then needs the device
 
 
 class _Entry:
@@ -184,7 +192,8 @@ class DaliClipReader:
 
     def _pipeline(self):
         if self.pipe is None:
-            self.pipe = _build_file_pipeline(self.loader.batch_size, self.device_id, self.num_threads, self.loader.target_length, self.prefetch)
+            self.pipe = file_pipeline(self.loader.batch_size, self.device_id, self.num_threads, self.loader.target_length, self.prefetch)
+            self.pipe.build()
         return self.pipe
 
     def _screen(self, tag: Tag) -> _Entry:

@@ -257,6 +257,27 @@ def test_loader_features_from_files_match_torchaudio(tmp_path, backend, source):
         pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
     check_loader(*golden_manifest(tmp_path, source), backend)
 
+
+def test_dali_gpu_graphs_have_gpu_kernels_for_every_gpu_operator():
+    """Both DALI graphs traced for GPU 0 (no GPU needed to trace): every operator placed on the GPU
+    has a GPU kernel in the installed DALI (fn.power_spectrum, for one, has none) and no shape is
+    read back from the GPU (tracing refuses that outright)."""
+    pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
+    from nvidia.dali import backend
+
+    from sslam_fast.data_dali import file_pipeline, spectra_pipeline
+
+    kernels = {"cpu": set(backend.RegisteredCPUOps(True)), "gpu": set(backend.RegisteredGPUOps(True))}
+    for pipe in (file_pipeline(4, 0, 2, 1024, 2), spectra_pipeline(4, 0, 2, 1024)):
+        pipe._build_graph()
+        placed = []
+        for instance in pipe._ops:
+            op = instance._op
+            name = getattr(op, "schema_name", None) or type(op).__name__
+            assert name in kernels[op.device] or name + "Impl" in kernels[op.device], f"{name} has no {op.device} kernel"
+            placed.append((name, op.device))
+        assert ("Spectrogram", "gpu") in placed
+
 @pytest.mark.gpu
 def test_gpu_fbank_matches_torchaudio():
     if not torch.cuda.is_available():
