@@ -89,8 +89,9 @@ def check_length_16k(path, length: int) -> None:
         raise AudioError(path, f"{length} samples at 16 kHz, shorter than one 25 ms frame")
 
 
-def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_seconds: Optional[float] = None) -> Tuple[int, int]:
-    """The checks of `decode` that the header allows, without decoding: returns (frames, sample rate).
+def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_seconds: Optional[float] = None) -> Tuple[int, int, str]:
+    """The checks of `decode` that the header allows, without decoding: returns (frames, sample
+    rate, libsndfile's container name such as "WAV", "FLAC", "OGG", "MP3").
 
     Raises AudioError (naming `path`, default `source`) for a file that libsndfile cannot open, has
     no samples, is over the length limits of `decode`, or is shorter than one frame at 16 kHz.
@@ -108,7 +109,7 @@ def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_sec
         raise AudioError(path, "no samples")
     _check_limit(path, info.frames, rate, max_samples, max_seconds)
     check_length_16k(path, resampled_length(info.frames, rate, SAMPLE_RATE))
-    return int(info.frames), rate
+    return int(info.frames), rate, str(info.format)
 
 
 def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:

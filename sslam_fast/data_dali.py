@@ -163,6 +163,22 @@ def file_pipeline(batch_size: int, device_id: Optional[int], num_threads: int, t
     return clips()  # the graph is traced here; pipe.build() then needs the device
 
 
+# Containers that soundfile reads and DALI's own libsndfile does not (DALI 2.4: "File contains data
+# in an unimplemented format" for MP3; WAV in ten encodings, FLAC, Ogg Vorbis and Opus, AIFF, W64
+# and CAF decode to soundfile's samples). These are decoded here and fed as float WAV bytes.
+NOT_DECODED_BY_DALI = frozenset({"MP3"})
+
+
+def _as_float_wav(path: str, max_seconds: float) -> np.ndarray:
+    """audio.decode's mono samples, as the bytes of a float32 WAV file (which DALI decodes exactly)."""
+    import soundfile as sf
+
+    mono, rate = audio.decode(path, max_seconds=max_seconds)
+    buffer = io.BytesIO()
+    sf.write(buffer, mono, rate, format="WAV", subtype="FLOAT")
+    return np.frombuffer(buffer.getbuffer(), dtype=np.uint8)
+
+
 class _Entry:
     """One manifest entry on its way through the graph: its tag, its bytes (None once rejected) and
     the reason it was rejected."""
@@ -199,8 +215,8 @@ class DaliClipReader:
     def _screen(self, tag: Tag) -> _Entry:
         path = self.loader.manifest.path(tag[2])
         try:
-            audio.probe(path, max_seconds=self.loader.max_seconds)
-            data = np.fromfile(path, dtype=np.uint8)
+            container = audio.probe(path, max_seconds=self.loader.max_seconds)[2]
+            data = np.fromfile(path, dtype=np.uint8) if container not in NOT_DECODED_BY_DALI else _as_float_wav(path, self.loader.max_seconds)
         except audio.AudioError as err:
             return _Entry(tag, path, None, err.reason)
         except OSError as err:
