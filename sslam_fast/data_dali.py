@@ -21,8 +21,9 @@ golden tolerance). Every released SSLAM/EAT checkpoint assumes the exact Kaldi f
 Bad input: a file whose header libsndfile rejects (missing, unreadable, foreign, empty, too long,
 shorter than one frame) is skipped before it is fed. A decoding error inside DALI ends that
 pipeline: the clips it held are decoded again with soundfile, the ones that fail are skipped with
-DALI's message, the graph is rebuilt and the others are fed again, so nothing is lost and the
-order is kept. Clips that decode to NaN/Inf are dropped from the batch after the graph. The
+soundfile's reason, the graph is rebuilt and the others are fed again, so nothing is lost and the
+order is kept (if soundfile reads them all, they are fed again as float WAV that it decoded).
+MP3, which DALI's libsndfile cannot open, is always fed that way. Clips that decode to NaN/Inf are dropped from the batch after the graph. The
 loader refills batches from the following clips, as for the torch backend.
 """
 
@@ -183,10 +184,10 @@ class _Entry:
     """One manifest entry on its way through the graph: its tag, its bytes (None once rejected) and
     the reason it was rejected."""
 
-    __slots__ = ("tag", "path", "data", "reason")
+    __slots__ = ("tag", "path", "data", "reason", "as_wav")
 
-    def __init__(self, tag: Tag, path: str, data: Optional[np.ndarray], reason: Optional[str]):
-        self.tag, self.path, self.data, self.reason = tag, path, data, reason
+    def __init__(self, tag: Tag, path: str, data: Optional[np.ndarray], reason: Optional[str], as_wav: bool = False):
+        self.tag, self.path, self.data, self.reason, self.as_wav = tag, path, data, reason, as_wav
 
     def reject(self, reason: str) -> None:
         self.data, self.reason = None, reason
@@ -215,13 +216,13 @@ class DaliClipReader:
     def _screen(self, tag: Tag) -> _Entry:
         path = self.loader.manifest.path(tag[2])
         try:
-            container = audio.probe(path, max_seconds=self.loader.max_seconds)[2]
-            data = np.fromfile(path, dtype=np.uint8) if container not in NOT_DECODED_BY_DALI else _as_float_wav(path, self.loader.max_seconds)
+            as_wav = audio.probe(path, max_seconds=self.loader.max_seconds)[2] in NOT_DECODED_BY_DALI
+            data = _as_float_wav(path, self.loader.max_seconds) if as_wav else np.fromfile(path, dtype=np.uint8)
         except audio.AudioError as err:
             return _Entry(tag, path, None, err.reason)
         except OSError as err:
             return _Entry(tag, path, None, f"cannot read: {err}")
-        return _Entry(tag, path, data, None)
+        return _Entry(tag, path, data, None, as_wav)
 
     def items(self, tags: Iterator[Tag]) -> Iterator[Tuple[Tag, Optional[torch.Tensor], Optional[str]]]:
         backlog: Deque[_Entry] = deque()
@@ -285,8 +286,10 @@ class DaliClipReader:
                 self.pipe = None
 
     def _recover(self, err: RuntimeError, in_flight: Deque[List[_Entry]], backlog: Deque[_Entry]) -> None:
-        """The pipeline died on a batch: find the files that do not decode, drop them, rebuild the
-        graph and put every entry that was in flight back in front of the backlog, in order."""
+        """The pipeline died on a batch. Drop the files in flight that soundfile cannot decode either;
+        if there are none, DALI failed on a file that soundfile reads: feed every file in flight as
+        float WAV decoded by soundfile (the samples audio.decode gives). Then rebuild the graph and
+        put every entry that was in flight back in front of the backlog, in order."""
         entries = [e for record in in_flight for e in record]
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         message = next((line for line in lines if line.lower().startswith(("error decoding", "failed to"))), lines[0] if lines else repr(err))
@@ -299,9 +302,15 @@ class DaliClipReader:
             except audio.AudioError as bad:
                 entry.reject(bad.reason)
                 culprits += 1
-        if culprits == 0:
-            raise RuntimeError(f"DALI pipeline failed on files that soundfile decodes: {[e.path for e in entries if e.data is not None]}") from err
-        logger.warning("DALI stopped (%s); %d file(s) that do not decode dropped, graph rebuilt", message, culprits)
+        if culprits:
+            logger.warning("DALI stopped (%s); %d file(s) that do not decode dropped, graph rebuilt", message, culprits)
+        else:
+            pending = [e for e in entries if e.data is not None and not e.as_wav]
+            if not pending:
+                raise RuntimeError(f"DALI pipeline failed on float WAV of files soundfile decodes: {[e.path for e in entries if e.data is not None]}") from err
+            for entry in pending:
+                entry.data, entry.as_wav = _as_float_wav(entry.path, self.loader.max_seconds), True
+            logger.warning("DALI stopped (%s) on files soundfile decodes; %d file(s) fed again as float WAV", message, len(pending))
         self.pipe = None
         self.rebuilds += 1
         backlog.extendleft(reversed(entries))

@@ -267,10 +267,14 @@ def test_dali_and_torch_backends_agree_on_mixed_rates_and_bad_files(broken_folde
         torch.testing.assert_close(d["fbank"], t["fbank"], rtol=0, atol=5e-4)
 
 
-def test_every_container_reaches_the_batch_with_both_backends(tmp_path):
-    """wav, flac, ogg and mp3 (which DALI's libsndfile cannot open: decoded by soundfile and fed to
-    the graph as float WAV) give the same features with either backend."""
+@pytest.mark.parametrize("route", ["by_container", "after_dali_fails"])
+def test_every_container_reaches_the_batch_with_both_backends(tmp_path, monkeypatch, route):
+    """wav, flac, ogg and mp3 give the same features with either backend. DALI's libsndfile cannot
+    open MP3: it is decoded by soundfile and fed to the graph as float WAV, known by its container
+    or (route "after_dali_fails") once DALI has stopped on it."""
     pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    if route == "after_dali_fails":
+        monkeypatch.setattr("sslam_fast.data_dali.NOT_DECODED_BY_DALI", frozenset())
     t = np.arange(32000) / 32000
     clip = (0.3 * np.sin(2 * np.pi * 700 * t) + 0.05 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
     rows = []
@@ -283,6 +287,8 @@ def test_every_container_reaches_the_batch_with_both_backends(tmp_path):
         loader = build_loader(str(tmp_path / "m.tsv"), batch_size=4, backend=backend, num_workers=1, infinite=False)
         batches[backend] = list(loader)
         assert loader.num_skipped == 0 and len(batches[backend]) == 1
+        if backend == "dali":
+            assert loader._dali.rebuilds == (route == "after_dali_fails")
     want, got = batches["torch"][0], batches["dali"][0]
     assert torch.equal(want["index"], got["index"])
     loud = want["fbank"] > (-10.0 - audio.NORM_MEAN) / (2 * audio.NORM_STD)  # log-mel above -10, as for the golden cases
