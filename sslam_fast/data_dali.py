@@ -23,8 +23,9 @@ shorter than one frame) is skipped before it is fed. A decoding error inside DAL
 pipeline: the clips it held are decoded again with soundfile, the ones that fail are skipped with
 soundfile's reason, the graph is rebuilt and the others are fed again, so nothing is lost and the
 order is kept (if soundfile reads them all, they are fed again as float WAV that it decoded).
-MP3, which DALI's libsndfile cannot open, is always fed that way. Clips that decode to NaN/Inf are dropped from the batch after the graph. The
-loader refills batches from the following clips, as for the torch backend.
+MP3, which DALI's libsndfile cannot open, is always fed that way. Clips that decode to NaN/Inf
+are dropped from the batch after the graph. The loader refills batches from the following clips,
+as for the torch backend.
 """
 
 from __future__ import annotations
@@ -248,11 +249,14 @@ class DaliClipReader:
                 if not record:
                     return
                 data = [e.data for e in record if e.data is not None]
-                if data:
-                    pipe = self._pipeline()
-                    pipe.feed_input("encoded", data)
-                    pipe.schedule_run()
                 in_flight.append(record)
+                if data:
+                    try:
+                        pipe = self._pipeline()
+                        pipe.feed_input("encoded", data)
+                        pipe.schedule_run()
+                    except RuntimeError as err:  # DALI reports decoding errors at outputs(); anything else lands here
+                        self._recover(err, in_flight, backlog)
 
         try:
             fill()

@@ -296,6 +296,34 @@ def test_every_container_reaches_the_batch_with_both_backends(tmp_path, monkeypa
     torch.testing.assert_close(got["fbank"][loud], want["fbank"][loud], rtol=0, atol=1e-4)
 
 
+def test_dali_feed_error_rebuilds_and_loses_nothing(demo, monkeypatch):
+    """A pipeline that refuses a feed (DALI raising outside outputs()) is rebuilt and the clips in
+    flight are fed again: the same batches come out."""
+    pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    from sslam_fast import data_dali
+
+    kwargs = dict(batch_size=4, seed=2, backend="dali", num_workers=1, infinite=False)
+    want = list(build_loader(demo, **kwargs))
+    real, calls = data_dali.file_pipeline, []
+
+    def failing_once(*args, **kw):
+        pipe = real(*args, **kw)
+        if not calls:
+            def refuse(*_, **__):
+                raise RuntimeError("injected: pipeline refused the feed")
+            pipe.feed_input = refuse
+        calls.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(data_dali, "file_pipeline", failing_once)
+    loader = build_loader(demo, **kwargs)
+    got = list(loader)
+    assert len(calls) == 2 and loader._dali.rebuilds == 1
+    assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in want]
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g["fbank"], w["fbank"], rtol=0, atol=1e-6)
+
+
 def test_stack_rows_reuses_consecutive_rows_and_copies_others():
     from sslam_fast.data import _stack_rows
 
