@@ -204,6 +204,23 @@ def test_fbank_only_cpu(benchmark, clips):
     record(benchmark, "fbank_only_cpu", NUM_CLIPS)
 
 
+
+def test_dali_fbank_only_cpu(benchmark, clips):
+    """The spectral half of the DALI graph (framing, spectrogram, pad/crop; mel, log and
+    normalisation in torch) on the same pre-resampled clips as test_fbank_only_cpu, batches of BATCH."""
+    pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    from sslam_fast.data_dali import DaliFbank
+
+    _, paths = clips
+    waves = [audio.subtract_mean(audio.load_audio(p)) for p in paths]
+    fbank = DaliFbank(BATCH, device_id=None, num_threads=2)
+    run = lambda: [audio.normalise(fbank(waves[i : i + BATCH])) for i in range(0, NUM_CLIPS, BATCH)]  # noqa: E731
+    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    want = audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves[0])))
+    loud = want > (-10.0 - audio.NORM_MEAN) / (2 * audio.NORM_STD)
+    torch.testing.assert_close(out[0][0][loud], want[loud], rtol=0, atol=1e-3)
+    record(benchmark, "dali_fbank_only_cpu", NUM_CLIPS)
+
 def gpu_clips(batch, rate):
     """`batch` 10-second clips at `rate` (noise plus a tone) made on the GPU: the device image has no
     soundfile, and decoding is CPU work that the GPU figures must not include."""
@@ -230,6 +247,28 @@ def test_fbank_gpu(benchmark, batch):
     record(benchmark, f"fbank_gpu_batch{batch}", batch)
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
 
+
+
+@pytest.mark.gpu
+def test_dali_fbank_gpu(benchmark):
+    """The DALI graph's spectral half on the GPU, 64 clips per run (waveforms fed from the CPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    from sslam_fast.data_dali import DaliFbank
+
+    batch = 64
+    waves = [w for w in audio.subtract_mean(gpu_clips(batch, 16000)).cpu()]
+    fbank = DaliFbank(batch, device_id=torch.cuda.current_device(), num_threads=4)
+
+    def run():
+        out = audio.normalise(fbank(waves))
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
+    record(benchmark, f"dali_fbank_gpu_batch{batch}", batch)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()
 
 @pytest.mark.gpu
 def test_resample_and_fbank_gpu(benchmark):
