@@ -58,6 +58,8 @@ def make_step(stage: int, provider: str):
 def test_pretraining_step(benchmark, stage, provider):
     step, cfg, batch, frames = make_step(stage, provider)
     benchmark.pedantic(step, rounds=10 if CUDA else 3, warmup_rounds=3 if CUDA else 1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, nothing to record
+        return
     median = benchmark.stats.stats.median
     clips_per_s = batch / median
     info = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "clips_per_s": clips_per_s,
