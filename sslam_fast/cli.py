@@ -51,6 +51,27 @@ def _norm_stats_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="fairseq manifest (.tsv) or a folder of audio files")
+    p.add_argument("-o", "--output", help="also write the manifest without the bad entries here (and its .lbl, if the input has one)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--max-seconds", type=float, default=None, help="longest clip accepted (default: the loader's limit)")
+
+
+def _check_data_run(args: argparse.Namespace) -> int:
+    from .data import MAX_SECONDS, check_manifest, write_clean_manifest
+
+    manifest, bad = check_manifest(args.manifest, args.num_workers, args.max_seconds or MAX_SECONDS)
+    where = (lambda i: manifest.path(i)) if os.path.isdir(args.manifest) else (lambda i: f"{manifest.source}:{i + 2}: {manifest.path(i)}")
+    for index, reason in bad:
+        print(f"{where(index)}: {reason}", file=sys.stderr)
+    print(f"{len(manifest) - len(bad)} of {len(manifest)} entries decode; {len(bad)} would be skipped")
+    if args.output:
+        labels = write_clean_manifest(manifest, [index for index, _ in bad], args.output)
+        print(f"wrote {args.output}" + (f" and {labels}" if labels else ""))
+    return 1 if bad else 0
+
+
 def _demo_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", help="output folder (audio/ and train.tsv are written there)")
     p.add_argument("--num-clips", type=int, default=64)
@@ -69,6 +90,7 @@ def _demo_data_run(args: argparse.Namespace) -> int:
 
 register("manifest", "write a fairseq manifest for a folder of audio files", _manifest_args, _manifest_run)
 register("norm-stats", "mean and std of a dataset's padded fbanks (for --norm-mean/--norm-std)", _norm_stats_args, _norm_stats_run)
+register("check-data", "decode every entry of a manifest as the loader would; report (exit 1) and drop the bad ones", _check_data_args, _check_data_run)
 register("demo-data", "write a small synthetic dataset with a manifest (no downloads)", _demo_data_args, _demo_data_run)
 
 

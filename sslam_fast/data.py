@@ -541,6 +541,62 @@ def build_loader(
 
 
 # ----------------------------------------------------------------------------------------------
+# Checking a dataset ahead of training
+# ----------------------------------------------------------------------------------------------
+
+
+class _CheckDataset(torch.utils.data.Dataset):
+    """index -> (index, None) for a clip the loader would deliver, (index, reason) otherwise."""
+
+    def __init__(self, manifest: Manifest, max_seconds: float):
+        self.manifest, self.max_seconds = manifest, max_seconds
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, index: int):
+        try:
+            read_clip(self.manifest.path(index), self.max_seconds)
+        except audio.AudioError as err:
+            return index, err.reason
+        return index, None
+
+
+def check_manifest(source: str, num_workers: int = 0, max_seconds: float = MAX_SECONDS) -> Tuple[Manifest, List[Tuple[int, str]]]:
+    """Decode and resample every entry of a manifest (or folder) as the loader would, in
+    `num_workers` processes. Returns (the manifest, [(entry index, reason), ...] for the entries the
+    loader would skip); entry i is manifest line i + 2."""
+    manifest = load_manifest(source)
+    loader = torch.utils.data.DataLoader(
+        _CheckDataset(manifest, max_seconds), batch_size=None, num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers else None,
+        multiprocessing_context=_worker_start_method() if num_workers else None)
+    return manifest, [(index, reason) for index, reason in loader if reason is not None]
+
+
+def write_clean_manifest(manifest: Manifest, drop: Sequence[int], out_path: str) -> Optional[str]:
+    """`manifest` without the entries `drop`, written to out_path with the same root. When the
+    manifest has a label file beside it (`<stem>.lbl`), the same lines are dropped from it and it is
+    written as `<out stem>.lbl`, so labels stay aligned; returns that path (or None)."""
+    dropped = set(drop)
+    keep = [i for i in range(len(manifest)) if i not in dropped]
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write(manifest.root + "\n")
+        f.writelines(f"{manifest.paths[i]}\t{manifest.sizes[i]}\n" for i in keep)
+    labels = os.path.splitext(manifest.source)[0] + ".lbl"
+    if not os.path.isfile(labels):
+        return None
+    with open(labels, "r", encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    if len(lines) != len(manifest):
+        raise ManifestError(f"{labels}: {len(lines)} label lines for {len(manifest)} entries of {manifest.source}")
+    out_labels = os.path.splitext(out_path)[0] + ".lbl"
+    with open(out_labels, "w", encoding="utf-8") as f:
+        f.writelines(lines[i] if lines[i].endswith("\n") else lines[i] + "\n" for i in keep)
+    return out_labels
+
+
+# ----------------------------------------------------------------------------------------------
 # Normalisation statistics (SPEC section 2 step 6)
 # ----------------------------------------------------------------------------------------------
 

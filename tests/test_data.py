@@ -336,6 +336,32 @@ def test_stack_rows_reuses_consecutive_rows_and_copies_others():
     assert torch.equal(_stack_rows([batch[4], other]), torch.stack([batch[4], other]))
 
 
+
+def test_check_data_reports_bad_entries_by_line_and_writes_a_clean_manifest(broken_folder, tmp_path, capsys):
+    manifest, good, bad = broken_folder
+    m = read_manifest(manifest)
+    labels = os.path.splitext(manifest)[0] + ".lbl"
+    with open(labels, "w", encoding="utf-8") as f:  # one label line per entry, named after its file
+        f.writelines(f"{os.path.basename(p)}\t/m/x\n" for p in m.paths)
+    clean = tmp_path / "clean.tsv"
+    try:
+        status = cli.main(["check-data", manifest, "-o", str(clean), "--num-workers", "2", "--max-seconds", "4"])
+    finally:
+        os.unlink(labels)
+    out, err = capsys.readouterr()
+    assert status == 1 and f"{len(good)} of {len(good) + len(bad)} entries decode" in out
+    for i, path in enumerate(m.paths):
+        line = f"{manifest}:{i + 2}: {m.path(i)}: "
+        assert (line in err) == (m.path(i) in bad), path
+    kept = read_manifest(str(clean))
+    assert kept.root == m.root and sorted(kept.path(i) for i in range(len(kept))) == good
+    kept_labels = (tmp_path / "clean.lbl").read_text().splitlines()
+    assert [row.split("\t")[0] for row in kept_labels] == [os.path.basename(p) for p in kept.paths]
+    loader = build_loader(str(clean), batch_size=1, backend="torch", num_workers=0, infinite=False, max_seconds=4.0)
+    assert len(list(loader)) == len(good) and loader.num_skipped == 0
+    assert cli.main(["check-data", str(clean), "--num-workers", "0", "--max-seconds", "4"]) == 0
+
+
 # ---------------------------------------------------------------------------------------------- backends, mixture
 
 
