@@ -30,6 +30,8 @@ as for the torch backend.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import logging
 from collections import deque
@@ -84,17 +86,42 @@ def _power_spectrum(wave, n, device: str, target_length: int):
     return power, frames_n
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device)
+
+
+@contextlib.contextmanager
+def _own_stream(device: torch.device):
+    """Run the enclosed torch work on a stream of this module's own and wait for it at the end (on
+    the CPU: just run it). Waiting for the current stream instead, usually the default one, would
+    also wait for every kernel the training step has queued there."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = _side_stream(device)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
 def _log_mel(outputs, device: torch.device, target_length: int, num_mel_bins: int):
     """DALI outputs (power, frame counts) -> (raw log-mel [B, target_length, F] with zeros past each
-    clip's frames, frame counts [B]). The DLPack view aliases DALI's buffer and is read here, before
-    the pipeline runs again."""
+    clip's frames, frame counts [B]). The DLPack view aliases DALI's buffer: call this inside
+    `_own_stream`, which waits for the read before the pipeline may run again."""
     power = torch.from_dlpack(outputs[0].as_tensor())
     n_frames = torch.from_dlpack(outputs[1].as_tensor()).to(device=device, dtype=torch.long).reshape(-1)
     mel = audio.log_mel(audio.mel_project(power, num_mel_bins))
     mel.masked_fill_(torch.arange(target_length, device=device)[None, :, None] >= n_frames[:, None, None], 0.0)
-    if device.type == "cuda":  # DALI may overwrite the buffer once we ask for the next batch
-        torch.cuda.current_stream(device).synchronize()
     return mel, n_frames
+
+
+def _hand_over(tensor: torch.Tensor, consumer) -> torch.Tensor:
+    """`tensor` was made on `_own_stream`; the caching allocator must not give its memory back to
+    that stream while `consumer` (the stream current where the result is used) may still read it."""
+    if tensor.is_cuda:
+        tensor.record_stream(consumer)
+    return tensor
 
 
 def spectra_pipeline(max_batch_size: int, device_id: Optional[int], num_threads: int, target_length: int):
@@ -128,16 +155,18 @@ class DaliFbank:
 
     def __call__(self, waves: List[torch.Tensor]) -> torch.Tensor:
         self.pipe.feed_input("wave", [w.numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32) for w in waves])
-        return _log_mel(self.pipe.run(), self.device, self.target_length, self.num_mel_bins)[0]
+        consumer = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        with _own_stream(self.device):
+            mel = _log_mel(self.pipe.run(), self.device, self.target_length, self.num_mel_bins)[0]
+        return _hand_over(mel, consumer)
 
 
 def _resample_to_16k(wave, rate):
     """fn.dl_tensor_python_function body: one decoded clip and its rate -> 16 kHz, mean subtracted."""
     wave = torch.from_dlpack(wave)
-    out = audio.resample(wave, int(round(float(torch.from_dlpack(rate)))), audio.SAMPLE_RATE)
-    out = out - out.mean() if out.numel() else out.clone()
-    if out.is_cuda:
-        torch.cuda.current_stream(out.device).synchronize()
+    with _own_stream(wave.device):  # DALI has synchronised its stream before the call (synchronize_stream)
+        out = audio.resample(wave, int(round(float(torch.from_dlpack(rate)))), audio.SAMPLE_RATE)
+        out = out - out.mean() if out.numel() else out.clone()
     return torch.utils.dlpack.to_dlpack(out.contiguous())
 
 
@@ -270,10 +299,14 @@ class DaliClipReader:
                         self._recover(err, in_flight, backlog)
                         fill()
                         continue
-                    mel, n_frames = _log_mel(outputs, self.device, self.loader.target_length, audio.NUM_MEL_BINS)
-                    finite = torch.isfinite(mel.sum(dim=(1, 2))).tolist()  # NaN/Inf samples reach every sum
-                    features = mel.sub_(self.loader.norm_mean).div_(2.0 * self.loader.norm_std)  # audio.normalise, in place
-                    for entry, row, ok, frames in zip(good, features, finite, n_frames.tolist()):
+                    consumer = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+                    with _own_stream(self.device):
+                        mel, n_frames = _log_mel(outputs, self.device, self.loader.target_length, audio.NUM_MEL_BINS)
+                        finite = torch.isfinite(mel.sum(dim=(1, 2))).tolist()  # NaN/Inf samples reach every sum
+                        features = mel.sub_(self.loader.norm_mean).div_(2.0 * self.loader.norm_std)  # audio.normalise, in place
+                        n_frames = n_frames.tolist()
+                    features = _hand_over(features, consumer)
+                    for entry, row, ok, frames in zip(good, features, finite, n_frames):
                         if frames <= 0:
                             entry.reject(f"{frames} Kaldi frames after decoding, shorter than one 25 ms frame")
                         elif not ok:
@@ -302,7 +335,7 @@ class DaliClipReader:
             if entry.data is None:
                 continue
             try:
-                audio.decode(io.BytesIO(entry.data.tobytes()), max_seconds=self.loader.max_seconds)
+                audio.decode(io.BytesIO(entry.data), max_seconds=self.loader.max_seconds)
             except audio.AudioError as bad:
                 entry.reject(bad.reason)
                 culprits += 1
