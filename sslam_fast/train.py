@@ -148,10 +148,10 @@ class Trainer:
         sums[-2] = float(not self.engine.was_step_applied())
         sums[-1] = float(self.stop_signal is not None)
         dist.all_reduce(sums)
-        values = (sums[:len(METRIC_KEYS)] / (self.world * self.plan.accumulation)).tolist()
-        metrics = dict(zip(METRIC_KEYS, values))
-        metrics["skipped"] = float(sums[-2].item() > 0)
-        metrics["stop"] = float(sums[-1].item() > 0)
+        totals = sums.tolist()  # one device-to-host copy for every metric
+        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(METRIC_KEYS, totals)}
+        metrics["skipped"] = float(totals[-2] > 0)
+        metrics["stop"] = float(totals[-1] > 0)
         metrics["data_s"] = data_s
         if not metrics["skipped"]:
             self.step += 1
