@@ -221,6 +221,7 @@ def test_dali_fbank_only_cpu(benchmark, clips):
     torch.testing.assert_close(out[0][0][loud], want[loud], rtol=0, atol=1e-3)
     record(benchmark, "dali_fbank_only_cpu", NUM_CLIPS)
 
+
 def gpu_clips(batch, rate):
     """`batch` 10-second clips at `rate` (noise plus a tone) made on the GPU: the device image has no
     soundfile, and decoding is CPU work that the GPU figures must not include."""
@@ -231,22 +232,26 @@ def gpu_clips(batch, rate):
     return 0.1 * torch.randn(batch, n, device="cuda", generator=g) + 0.3 * tones
 
 
+def gpu_entry(benchmark, work, name, clips, rounds=20, warmup_rounds=3):
+    """Time `work()` followed by a synchronize, and record `clips` per round under `name`."""
+
+    def run():
+        out = work()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    record(benchmark, name, clips)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [64, 256])
 def test_fbank_gpu(benchmark, batch):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     waves = audio.subtract_mean(gpu_clips(batch, 16000))
-
-    def run():
-        out = audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves)))
-        torch.cuda.synchronize()
-        return out
-
-    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=3)
-    record(benchmark, f"fbank_gpu_batch{batch}", batch)
-    benchmark.extra_info["device"] = torch.cuda.get_device_name()
-
+    gpu_entry(benchmark, lambda: audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves))), f"fbank_gpu_batch{batch}", batch)
 
 
 @pytest.mark.gpu
@@ -260,15 +265,8 @@ def test_dali_fbank_gpu(benchmark):
     batch = 64
     waves = [w for w in audio.subtract_mean(gpu_clips(batch, 16000)).cpu()]
     fbank = DaliFbank(batch, device_id=torch.cuda.current_device(), num_threads=4)
+    gpu_entry(benchmark, lambda: audio.normalise(fbank(waves)), f"dali_fbank_gpu_batch{batch}", batch, rounds=10, warmup_rounds=2)
 
-    def run():
-        out = audio.normalise(fbank(waves))
-        torch.cuda.synchronize()
-        return out
-
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
-    record(benchmark, f"dali_fbank_gpu_batch{batch}", batch)
-    benchmark.extra_info["device"] = torch.cuda.get_device_name()
 
 @pytest.mark.gpu
 def test_resample_and_fbank_gpu(benchmark):
@@ -276,15 +274,11 @@ def test_resample_and_fbank_gpu(benchmark):
         pytest.skip("no CUDA GPU")
     raw = gpu_clips(256, RATE)
 
-    def run():
+    def work():
         waves = audio.subtract_mean(audio.resample(raw, RATE, 16000))
-        out = audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves)))
-        torch.cuda.synchronize()
-        return out
+        return audio.normalise(audio.pad_or_crop(audio.kaldi_fbank(waves)))
 
-    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=3)
-    record(benchmark, "resample_fbank_gpu_batch256", raw.shape[0])
-    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    gpu_entry(benchmark, work, "resample_fbank_gpu_batch256", raw.shape[0])
 
 
 @pytest.mark.gpu
@@ -293,14 +287,8 @@ def test_reference_per_clip_gpu(benchmark):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     raw = gpu_clips(16, RATE)
-
-    def run():
-        out = [reference_fbank(reference_resample(w, RATE, 16000)) for w in raw]
-        torch.cuda.synchronize()
-        return out
-
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    record(benchmark, "reference_per_clip_gpu", raw.shape[0])
+    gpu_entry(benchmark, lambda: [reference_fbank(reference_resample(w, RATE, 16000)) for w in raw], "reference_per_clip_gpu",
+              raw.shape[0], rounds=5, warmup_rounds=1)
 
 
 def test_targets():
