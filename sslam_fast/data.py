@@ -64,6 +64,12 @@ class Manifest:
     def path(self, index: int) -> str:
         return os.path.join(self.root, self.paths[index])
 
+    def write(self, out_path: str) -> None:
+        """Write the entries in the fairseq layout (what read_manifest reads)."""
+        with open(out_path, "w", encoding="utf-8") as f:
+            f.write(self.root + "\n")
+            f.writelines(f"{path}\t{size}\n" for path, size in zip(self.paths, self.sizes))
+
 
 def read_manifest(path: str) -> Manifest:
     """Parse a fairseq manifest. Raises ManifestError naming file and line for a malformed line."""
@@ -145,22 +151,21 @@ def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AU
     """
     import soundfile as sf
 
-    root = os.path.abspath(directory)
-    rows, bad = [], []
-    for rel in scan_folder(root, extensions):
+    manifest = Manifest(source=out_path, root=os.path.abspath(directory), paths=[], sizes=[])
+    bad = []
+    for rel in scan_folder(manifest.root, extensions):
         try:
-            frames = sf.info(os.path.join(root, rel)).frames
+            frames = sf.info(os.path.join(manifest.root, rel)).frames
         except Exception as err:
             bad.append((rel, str(err)))
             continue
         if "\t" in rel or "\n" in rel:
             bad.append((rel, "tab or newline in the file name"))
             continue
-        rows.append(f"{rel}\t{frames}")
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(root + "\n")
-        f.writelines(row + "\n" for row in rows)
-    return len(rows), bad
+        manifest.paths.append(rel)
+        manifest.sizes.append(frames)
+    manifest.write(out_path)
+    return len(manifest), bad
 
 
 def load_manifest(source: str) -> Manifest:
@@ -580,9 +585,7 @@ def write_clean_manifest(manifest: Manifest, drop: Sequence[int], out_path: str)
     written as `<out stem>.lbl`, so labels stay aligned; returns that path (or None)."""
     dropped = set(drop)
     keep = [i for i in range(len(manifest)) if i not in dropped]
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(manifest.root + "\n")
-        f.writelines(f"{manifest.paths[i]}\t{manifest.sizes[i]}\n" for i in keep)
+    Manifest(out_path, manifest.root, [manifest.paths[i] for i in keep], [manifest.sizes[i] for i in keep]).write(out_path)
     labels = os.path.splitext(manifest.source)[0] + ".lbl"
     if not os.path.isfile(labels):
         return None
@@ -666,14 +669,10 @@ def make_demo_dataset(out_dir: str, num_clips: int = 64, seconds: float = 10.0, 
     audio_dir = os.path.join(out_dir, "audio")
     os.makedirs(audio_dir, exist_ok=True)
     n = int(round(seconds * sample_rate))
-    rows = []
-    for i in range(num_clips):
+    paths = [f"audio/demo_{i:05d}.wav" for i in range(num_clips)]
+    for i, rel in enumerate(paths):
         clip = _demo_clip(np.random.default_rng([seed, i]), n, sample_rate)
-        rel = f"audio/demo_{i:05d}.wav"
         sf.write(os.path.join(out_dir, rel), clip, sample_rate, subtype="PCM_16")
-        rows.append(f"{rel}\t{n}\n")
     manifest = os.path.join(out_dir, "train.tsv")
-    with open(manifest, "w", encoding="utf-8") as f:
-        f.write(os.path.abspath(out_dir) + "\n")
-        f.writelines(rows)
+    Manifest(manifest, os.path.abspath(out_dir), paths, [n] * num_clips).write(manifest)
     return manifest
