@@ -16,55 +16,32 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
+from .serialization import atomic_save, fsync_dir, safe_load, vet_pickle_file
+
 TRAIN_FORMAT = "sslam-fast/train"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``: write a temp file in
-    the same directory, flush and fsync it, rename it over ``path``, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
 # --------------------------------------------------------------------------- RNG states
 def rng_state(generator: torch.Generator) -> Dict[str, Any]:
-    """Every random state a step can touch: the step generator, torch (CPU, CUDA), numpy, python."""
+    """Every random state a step can touch: the step generator, torch (CPU, CUDA), numpy, python.
+
+    Stored as tensors and plain numbers only, so that the file loads with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
     return {
         "generator": generator.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": python_gauss},
     }
 
 
@@ -73,8 +50,32 @@ def restore_rng_state(state: Dict[str, Any], generator: torch.Generator) -> None
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss"]))
+
+
+# The objects DeepSpeed pickles into its engine checkpoint (its loader reads them with full pickle).
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def read_resume_state(path: str, rank: int) -> Dict[str, Any]:
+    """The safe reads of a resume: ``train.pt`` and ``rank_<rank>.pt`` through ``safe_load``
+    (weights only), and every file of ``deepspeed/`` vetted before DeepSpeed loads it."""
+    state = safe_load(os.path.join(path, "train.pt"))
+    own = safe_load(os.path.join(path, f"rank_{rank}.pt"))
+    engine_dir = os.path.join(path, "deepspeed")
+    for root, _, files in os.walk(engine_dir):
+        for name in sorted(files):
+            if name.endswith(".pt"):
+                vet_pickle_file(os.path.join(root, name), DEEPSPEED_GLOBALS)
+    return {"train": state, "rank": own}
 
 
 # --------------------------------------------------------------------------- run directory
@@ -120,7 +121,7 @@ def publish(tmp_dir: str, run_dir: str, step: int, keep_last: int) -> str:
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp_dir, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -4,65 +4,17 @@ The original stores ``{"cfg": {...}, "model": state_dict}``; the student's weigh
 ``modality_encoders.IMAGE.*`` and ``blocks.*``, and the EMA teacher's fp32 weights in
 ``model["_ema"]`` with the same names. Loading needs neither fairseq nor omegaconf.
 """
-import io
-import os
-import pickle
-import types
 from typing import Any, Dict, Optional
 
 import torch
 
+from .checkpoint import TRAIN_FORMAT
 from .config import SSLAMConfig, from_dict, to_dict
 from .pretrainer import SSLAMPretrainer
+from .serialization import CheckpointError, atomic_save, safe_load
 
 OWN_FORMAT = "sslam-fast/pretrainer"
-TRAIN_FORMAT = "sslam-fast/train"
 _ENC = "modality_encoders.IMAGE."
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a pretrainer; the message names the file and key."""
-
-
-# --------------------------------------------------------------------------- reading pickles
-class _Placeholder:
-    """Stands in for a class the checkpoint names but this environment lacks (fairseq meters...)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _LenientUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Placeholder,), {"__module__": module})
-
-
-_lenient_pickle = types.SimpleNamespace(Unpickler=_LenientUnpickler, load=pickle.load, __name__="lenient_pickle")
-
-
-def read_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """torch.load ``path``: safely (weights only) when possible, else tolerating classes of
-    packages that are not installed (original fairseq checkpoints pickle fairseq objects)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as exc:  # truncated or not a torch file
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
-    with open(path, "rb") as f:
-        data = io.BytesIO(f.read())
-    try:
-        return torch.load(data, map_location=map_location, weights_only=False, pickle_module=_lenient_pickle)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
 
 
 # --------------------------------------------------------------------------- fairseq layout
@@ -195,7 +147,7 @@ def load_pretrainer(path: str, map_location="cpu", **overrides) -> SSLAMPretrain
     (``save_pretrainer``) and this project's training checkpoints. ``overrides`` replace model
     config values, e.g. ``stage=2`` to continue an EAT (stage-1) checkpoint as SSLAM.
     """
-    ckpt = read_checkpoint(path, map_location)
+    ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt and "student" not in ckpt:
         raise CheckpointError(f"{path}: not a pretraining checkpoint (no 'model' or 'student' entry)")
     fmt = ckpt.get("format")
@@ -218,8 +170,6 @@ def _own_config(path: str, values: Dict[str, Any], overrides: Dict[str, Any]) ->
 
 def save_pretrainer(model: SSLAMPretrainer, path: str) -> None:
     """Write student, decoder, teacher and config in this project's format (atomically)."""
-    from .checkpoint import atomic_save
-
     atomic_save(
         {
             "format": OWN_FORMAT,

@@ -24,9 +24,11 @@ import torch.distributed as dist
 if __package__ in (None, ""):  # run as a file (deepspeed sslam_fast/train.py): import the package, not its files
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from sslam_fast.checkpoint import (TRAIN_FORMAT, atomic_save, latest_checkpoint, publish, remove_stale_temps,
-                         restore_rng_state, rng_state, temp_dir_for, train_checkpoint_file)
+from sslam_fast.checkpoint import (TRAIN_FORMAT, atomic_save, latest_checkpoint, publish, read_resume_state,
+                                   remove_stale_temps, restore_rng_state, rng_state, temp_dir_for,
+                                   train_checkpoint_file)
 from sslam_fast.config import ConfigError, to_dict
+from sslam_fast.serialization import CheckpointError
 from sslam_fast.metrics import RunLog
 from sslam_fast.optim import build_optimizer, build_scheduler, plan_batch
 from sslam_fast.pretrainer import SSLAMPretrainer
@@ -225,7 +227,8 @@ class Trainer:
         return self.last_checkpoint
 
     def _resume(self, path: str) -> None:
-        state = torch.load(os.path.join(path, "train.pt"), map_location="cpu", weights_only=False)
+        files = read_resume_state(path, self.rank)
+        state, own = files["train"], files["rank"]
         if state.get("format") != TRAIN_FORMAT:
             raise ConfigError(f"{path}: not a training checkpoint of this project")
         if state["world_size"] != self.world:
@@ -244,7 +247,6 @@ class Trainer:
         self.step = self.saved_step = state["step"]
         self.bad_total = state["counters"]["bad_total"]
         self.collapse_total = state["counters"]["collapse_total"]
-        own = torch.load(os.path.join(path, f"rank_{self.rank}.pt"), map_location="cpu", weights_only=False)
         restore_rng_state(own["rng"], self.generator)
         self.data.load_state_dict(own["data"])
         self.last_checkpoint = path
@@ -303,6 +305,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, init_distributed(args.local_rank))
     except ConfigError as e:
         logger.error("config error: %s", e)
+        return 1
+    except CheckpointError as e:
+        logger.error("checkpoint error: %s", e)
         return 1
     return trainer.run()
 

@@ -63,23 +63,26 @@ def test_bad_checkpoints_name_the_file(tmp_path):
 
 
 def test_checkpoint_with_classes_that_are_not_installed(tmp_path):
+    """Original checkpoints pickle fairseq meters: they load as inert placeholders."""
     import sys
     import types
-
-    module = types.ModuleType("fairseq_meters_stub")
 
     class AverageMeter:
         def __init__(self):
             self.val = 3.0
 
-    AverageMeter.__module__ = "fairseq_meters_stub"
+    AverageMeter.__module__ = "fairseq.logging.meters"
     AverageMeter.__qualname__ = "AverageMeter"
-    module.AverageMeter = AverageMeter
-    sys.modules["fairseq_meters_stub"] = module
+    stubs = {name: types.ModuleType(name) for name in ("fairseq", "fairseq.logging", "fairseq.logging.meters")}
+    stubs["fairseq.logging.meters"].AverageMeter = AverageMeter
     raw = torch.load(STAGE1, weights_only=True)
     raw["extra_state"] = {"metrics": {"train": AverageMeter()}}
     path = tmp_path / "with_meters.pt"
-    torch.save(raw, path)
-    del sys.modules["fairseq_meters_stub"]
+    sys.modules.update(stubs)
+    try:
+        torch.save(raw, path)
+    finally:
+        for name in stubs:
+            del sys.modules[name]
     model = load_pretrainer(str(path))
     assert model.cfg.embed_dim == 64
