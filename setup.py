@@ -1,11 +1,11 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="sslam-fast",
     version="0.1.0",
     description="Fast, faithful SSLAM / EAT audio self-supervised pretraining with Triton kernels",
     python_requires=">=3.9",
-    packages=["sslam_fast", "sslam_kernels"],
+    packages=find_packages(include=["sslam_fast", "sslam_fast.*"]) + ["sslam_kernels"],
     package_dir={"sslam_fast": "sslam_fast", "sslam_kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslam_fast import audio
+from sslam_fast.data import audio
 from sslam_fast.data import build_loader
 
 NUM_CLIPS = 64
@@ -209,7 +209,7 @@ def test_dali_fbank_only_cpu(benchmark, clips):
     """The spectral half of the DALI graph (framing, spectrogram, pad/crop; mel, log and
     normalisation in torch) on the same pre-resampled clips as test_fbank_only_cpu, batches of BATCH."""
     pytest.importorskip("nvidia.dali", reason="DALI not installed")
-    from sslam_fast.data_dali import DaliFbank
+    from sslam_fast.data.dali import DaliFbank
 
     _, paths = clips
     waves = [audio.subtract_mean(audio.load_audio(p)) for p in paths]
@@ -260,7 +260,7 @@ def test_dali_fbank_gpu(benchmark):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     pytest.importorskip("nvidia.dali", reason="DALI not installed")
-    from sslam_fast.data_dali import DaliFbank
+    from sslam_fast.data.dali import DaliFbank
 
     batch = 64
     waves = [w for w in audio.subtract_mean(gpu_clips(batch, 16000)).cpu()]

@@ -2,7 +2,8 @@
 from .config import ConfigError, SSLAMConfig
 from .model import CNNDecoder, Encoder
 from .pretrainer import Draws, SSLAMPretrainer
-from .formats import CheckpointError, load_pretrainer, save_pretrainer
+from .released.formats import load_pretrainer, save_pretrainer
+from .serialization import CheckpointError
 
 __all__ = [
     "CheckpointError",

@@ -26,7 +26,7 @@ def _manifest_args(p: argparse.ArgumentParser) -> None:
 
 
 def _manifest_run(args: argparse.Namespace) -> int:
-    from .data import write_manifest
+    from .data.manifest import write_manifest
 
     out = args.output or os.path.join(args.directory, "train.tsv")
     written, bad = write_manifest(args.directory, out)
@@ -44,7 +44,7 @@ def _norm_stats_args(p: argparse.ArgumentParser) -> None:
 
 
 def _norm_stats_run(args: argparse.Namespace) -> int:
-    from .data import norm_stats
+    from .data.tools import norm_stats
 
     mean, std, clips = norm_stats(args.manifest, args.target_length, args.max_clips, args.num_workers)
     print(f"clips {clips}\nnorm_mean {mean:.4f}\nnorm_std {std:.4f}")
@@ -59,7 +59,8 @@ def _check_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_data_run(args: argparse.Namespace) -> int:
-    from .data import MAX_SECONDS, check_manifest, write_clean_manifest
+    from .data.loader import MAX_SECONDS
+    from .data.tools import check_manifest, write_clean_manifest
 
     manifest, bad = check_manifest(args.manifest, args.num_workers, args.max_seconds or MAX_SECONDS)
     where = (lambda i: manifest.path(i)) if os.path.isdir(args.manifest) else (lambda i: f"{manifest.source}:{i + 2}: {manifest.path(i)}")
@@ -81,7 +82,7 @@ def _demo_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_data_run(args: argparse.Namespace) -> int:
-    from .data import make_demo_dataset
+    from .data.tools import make_demo_dataset
 
     manifest = make_demo_dataset(args.directory, args.num_clips, args.seconds, args.sample_rate, args.seed)
     print(f"wrote {args.num_clips} clips and {manifest}")

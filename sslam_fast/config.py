@@ -2,7 +2,7 @@
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
 

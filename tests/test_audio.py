@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_fast import audio
+from sslam_fast.data import audio
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
 META = json.load(open(os.path.join(GOLDEN, "kaldi_fbank_golden.json")))
@@ -205,7 +205,7 @@ def test_load_features_from_the_real_recording(name):
 
 def test_dali_cpu_fbank_matches_torchaudio():
     pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
-    from sslam_fast.data_dali import DaliFbank
+    from sslam_fast.data.dali import DaliFbank
 
     padded, lengths = padded_golden_batch()
     waves = [padded[i, : lengths[i]] for i in range(len(CASES))]
@@ -265,7 +265,7 @@ def test_dali_gpu_graphs_have_gpu_kernels_for_every_gpu_operator():
     pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
     from nvidia.dali import backend
 
-    from sslam_fast.data_dali import file_pipeline, spectra_pipeline
+    from sslam_fast.data.dali import file_pipeline, spectra_pipeline
 
     kernels = {"cpu": set(backend.RegisteredCPUOps(True)), "gpu": set(backend.RegisteredGPUOps(True))}
     for pipe in (file_pipeline(4, 0, 2, 1024, 2), spectra_pipeline(4, 0, 2, 1024)):
@@ -299,7 +299,7 @@ def test_dali_gpu_fbank_matches_torchaudio():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda130)")
-    from sslam_fast.data_dali import DaliFbank
+    from sslam_fast.data.dali import DaliFbank
 
     padded, lengths = padded_golden_batch()
     waves = [padded[i, : lengths[i]] for i in range(len(CASES))]

@@ -4,13 +4,14 @@ import os
 import pytest
 import torch
 
-from sslam_fast import checkpoint as ck
+from sslam_fast.serialization import atomic_save
+from sslam_fast.trainer import checkpoints as ck
 
 
 def test_atomic_save_writes_and_replaces(tmp_path):
     path = tmp_path / "a.pt"
-    ck.atomic_save({"v": 1}, str(path))
-    ck.atomic_save({"v": 2}, str(path))
+    atomic_save({"v": 1}, str(path))
+    atomic_save({"v": 2}, str(path))
     assert torch.load(path)["v"] == 2
     assert os.listdir(tmp_path) == ["a.pt"]
     umask = os.umask(0)
@@ -20,14 +21,14 @@ def test_atomic_save_writes_and_replaces(tmp_path):
 
 def test_atomic_save_interrupted_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "a.pt"
-    ck.atomic_save({"v": 1}, str(path))
+    atomic_save({"v": 1}, str(path))
 
     def crash(src, dst):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        ck.atomic_save({"v": 2}, str(path))
+        atomic_save({"v": 2}, str(path))
     assert torch.load(path)["v"] == 1
     assert os.listdir(tmp_path) == ["a.pt"]  # the temp file is gone too
 
@@ -35,7 +36,7 @@ def test_atomic_save_interrupted_keeps_the_old_file(tmp_path, monkeypatch):
 def _fake_checkpoint(run_dir, step):
     tmp = ck.temp_dir_for(str(run_dir), step)
     os.makedirs(tmp)
-    ck.atomic_save({"step": step}, os.path.join(tmp, "train.pt"))
+    atomic_save({"step": step}, os.path.join(tmp, "train.pt"))
     return tmp
 
 

@@ -9,8 +9,8 @@ import torch
 
 from sslam_fast import SSLAMConfig, SSLAMPretrainer
 from sslam_fast.config import ConfigError
-from sslam_fast.optim import CosineWithWarmup, build_optimizer, build_scheduler, param_groups, plan_batch
-from sslam_fast.trainer_config import load_config
+from sslam_fast.trainer.optim import CosineWithWarmup, build_optimizer, build_scheduler, param_groups, plan_batch
+from sslam_fast.trainer.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.json")))
@@ -104,7 +104,7 @@ def test_scheduler_state_does_not_carry_the_schedule():
 def test_no_weight_decay_on_biases_norms_and_cls():
     model = SSLAMPretrainer(SSLAMConfig(embed_dim=32, depth=2, num_heads=2, decoder_layers=1, decoder_groups=8,
                                         average_top_k_layers=2))
-    from sslam_fast.trainer_engine import StudentAndDecoder
+    from sslam_fast.trainer.engine import StudentAndDecoder
 
     trainable = StudentAndDecoder(model)
     decay, no_decay = param_groups(trainable, 0.05)
@@ -122,7 +122,7 @@ def test_no_weight_decay_on_biases_norms_and_cls():
 
 
 def test_deepspeed_config_from_the_train_config():
-    from sslam_fast.trainer_engine import deepspeed_config
+    from sslam_fast.trainer.engine import deepspeed_config
 
     cfg = load_config(os.path.join(REPO, "configs/as2m.json"),
                       ["deepspeed.extra={\"zero_optimization\": {\"overlap_comm\": true}, \"wall_clock_breakdown\": true}"])

@@ -8,7 +8,8 @@ import torch
 
 sf = pytest.importorskip("soundfile", reason="the GPU image has no soundfile")
 
-from sslam_fast import audio, cli  # noqa: E402
+from sslam_fast import cli
+from sslam_fast.data import audio  # noqa: E402
 from sslam_fast.data import (
     ManifestError,
     build_loader,
@@ -118,7 +119,7 @@ def test_loader_batches_and_features(demo):
 
 
 def test_write_features_equals_pad_crop_normalise():
-    from sslam_fast.data import write_features
+    from sslam_fast.data.loader import write_features
 
     fbank = torch.randn(1500, 128) * 5 - 4
     for frames in (1, 998, 1024, 1500):
@@ -274,7 +275,7 @@ def test_every_container_reaches_the_batch_with_both_backends(tmp_path, monkeypa
     or (route "after_dali_fails") once DALI has stopped on it."""
     pytest.importorskip("nvidia.dali", reason="DALI not installed")
     if route == "after_dali_fails":
-        monkeypatch.setattr("sslam_fast.data_dali.NOT_DECODED_BY_DALI", frozenset())
+        monkeypatch.setattr("sslam_fast.data.dali.NOT_DECODED_BY_DALI", frozenset())
     t = np.arange(32000) / 32000
     clip = (0.3 * np.sin(2 * np.pi * 700 * t) + 0.05 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
     rows = []
@@ -300,7 +301,7 @@ def test_dali_feed_error_rebuilds_and_loses_nothing(demo, monkeypatch):
     """A pipeline that refuses a feed (DALI raising outside outputs()) is rebuilt and the clips in
     flight are fed again: the same batches come out."""
     pytest.importorskip("nvidia.dali", reason="DALI not installed")
-    from sslam_fast import data_dali
+    from sslam_fast.data import dali as data_dali
 
     kwargs = dict(batch_size=4, seed=2, backend="dali", num_workers=1, infinite=False)
     want = list(build_loader(demo, **kwargs))
@@ -325,7 +326,7 @@ def test_dali_feed_error_rebuilds_and_loses_nothing(demo, monkeypatch):
 
 
 def test_stack_rows_reuses_consecutive_rows_and_copies_others():
-    from sslam_fast.data import _stack_rows
+    from sslam_fast.data.loader import _stack_rows
 
     batch = torch.randn(5, 7, 3)
     view = _stack_rows([batch[1], batch[2], batch[3]])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sslam_fast import Draws
-from sslam_fast.formats import load_pretrainer
+from sslam_fast.released.formats import load_pretrainer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASES = {

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sslam_fast import CheckpointError, load_pretrainer
-from sslam_fast.checkpoint import read_resume_state
+from sslam_fast.trainer.checkpoints import read_resume_state
 from sslam_fast.serialization import safe_load, vet_pickle_file
 
 sys.path.insert(0, os.path.dirname(__file__))

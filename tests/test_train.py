@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sslam_fast import train
-from sslam_fast.checkpoint import latest_checkpoint, list_checkpoints
+from sslam_fast.trainer.checkpoints import latest_checkpoint, list_checkpoints
 from sslam_fast.pretrainer import SSLAMPretrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +162,7 @@ def test_stage2_starts_from_the_stage1_weights(tmp_path, monkeypatch, stage1_str
 
 
 def test_stage2_from_an_original_eat_checkpoint(tmp_path, monkeypatch):
-    from sslam_fast.formats import load_pretrainer
+    from sslam_fast.released.formats import load_pretrainer
 
     source = os.path.join(REPO, "tests", "fixtures", "parity_stage1", "eat_original_tiny.pt")
     eat = ["model.embed_dim=64", "model.depth=12", "model.num_heads=4", "model.average_top_k_layers=12",
@@ -180,12 +180,13 @@ def test_stage2_from_an_original_eat_checkpoint(tmp_path, monkeypatch):
 KILL_WHILE_SAVING = textwrap.dedent("""
     import os, signal, sys
     from sslam_fast import train
-    save = train.atomic_save
+    from sslam_fast.trainer import loop
+    save = loop.atomic_save
     def killed_while_saving(obj, path):
         if "step_000000004" in path and path.endswith("train.pt"):
             os.kill(os.getpid(), signal.SIGKILL)
         save(obj, path)
-    train.atomic_save = killed_while_saving
+    loop.atomic_save = killed_while_saving
     sys.exit(train.main(sys.argv[1:]))
 """)
 
@@ -254,16 +255,16 @@ def test_collapse_is_detected_and_reported(tmp_path, monkeypatch, caplog):
 TWO_RANKS = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     from sslam_fast import train
-    from sslam_fast.trainer_config import load_config
+    from sslam_fast.trainer.config import load_config
     out, args = sys.argv[1], sys.argv[2:]
     cfg = load_config(None, [a for a in args if a != "--set"])
     trainer = train.Trainer(cfg, train.init_distributed())
-    seen, next_batch = [], trainer._next_batch
+    seen, next_batch = [], trainer.data.next
     def recording():
         batch = next_batch()
         seen.extend(batch["index"].tolist())
         return batch
-    trainer._next_batch = recording
+    trainer.data.next = recording
     status = trainer.run()
     flat = lambda ps: torch.cat([p.detach().float().reshape(-1) for p in ps])
     torch.save({"status": status, "seen": seen, "plan": trainer.plan,
@@ -297,7 +298,7 @@ def test_two_process_zero2_keeps_ranks_identical_and_shards_disjoint(tmp_path):
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_bf16_teacher_follows_the_fp32_masters(tmp_path, monkeypatch, zero_stage):
-    from sslam_fast.trainer_config import load_config
+    from sslam_fast.trainer.config import load_config
 
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(free_port())).items():
@@ -343,7 +344,7 @@ class _ListLoader:
 
 
 def test_prefetcher_reports_the_position_of_the_consumed_batch_and_forwards_errors():
-    from sslam_fast.trainer_data import Prefetcher
+    from sslam_fast.trainer.prefetch import Prefetcher
 
     data = Prefetcher(_ListLoader(5, ValueError("bad shard")), torch.device("cpu"), depth=3)
     assert data.next()["fbank"].item() == 1

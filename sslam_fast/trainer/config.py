@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import ConfigError, SSLAMConfig, from_dict
+from ..config import ConfigError, SSLAMConfig, from_dict
 
 
 @dataclass

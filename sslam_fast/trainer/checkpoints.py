@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .serialization import atomic_save, fsync_dir, safe_load, vet_pickle_file
+from ..serialization import fsync_dir, safe_load, vet_pickle_file
 
 TRAIN_FORMAT = "sslam-fast/train"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -1,8 +1,4 @@
-"""Data: fairseq manifests, robust clip reading, the sharded resumable loader, demo data, norm stats.
-
-Manifest layout (what SSLAM/EAT users already have): the first line is the root directory, every
-other line `relative/path<TAB>n_samples`; `<split>.lbl` holds one `id<TAB>label,label,...` line per
-manifest line and `label_descriptors.csv` holds `index,label,name` rows.
+"""The sharded, resumable audio loader and robust clip reading (manifests: `manifest.py`).
 
 Loader semantics (`build_loader`):
 - Epoch e visits a permutation of the manifest drawn from (seed, e); rank r takes every
@@ -17,163 +13,23 @@ Loader semantics (`build_loader`):
 - `state_dict()` is the (epoch, position) just after the last batch handed out; a loader given
   it with `load_state_dict()` yields the very same following batches.
 """
-
 from __future__ import annotations
 
-import csv
 import ctypes
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import audio
+from .manifest import Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3")
 MAX_SECONDS = 600.0
-
-
-class ManifestError(ValueError):
-    """A manifest, label or descriptor file that does not follow the fairseq layout."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Manifests and labels
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Manifest:
-    """Entries of a fairseq manifest; entry i is manifest line i + 2 (after the root line)."""
-
-    source: str
-    root: str
-    paths: List[str]
-    sizes: List[int]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.root, self.paths[index])
-
-    def write(self, out_path: str) -> None:
-        """Write the entries in the fairseq layout (what read_manifest reads)."""
-        with open(out_path, "w", encoding="utf-8") as f:
-            f.write(self.root + "\n")
-            f.writelines(f"{path}\t{size}\n" for path, size in zip(self.paths, self.sizes))
-
-
-def read_manifest(path: str) -> Manifest:
-    """Parse a fairseq manifest. Raises ManifestError naming file and line for a malformed line."""
-    with open(path, "r", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines or not lines[0].strip():
-        raise ManifestError(f"{path}:1: first line must be the root directory")
-    root = lines[0].strip()
-    paths, sizes = [], []
-    for lineno, line in enumerate(lines[1:], start=2):
-        fields = line.rstrip("\r").split("\t")
-        if len(fields) != 2 or not fields[0]:
-            raise ManifestError(f"{path}:{lineno}: expected 'relative/path<TAB>n_samples', got {line!r}")
-        try:
-            size = int(fields[1])
-        except ValueError:
-            raise ManifestError(f"{path}:{lineno}: n_samples {fields[1]!r} is not an integer") from None
-        if size < 0:
-            raise ManifestError(f"{path}:{lineno}: n_samples {size} is negative")
-        paths.append(fields[0])
-        sizes.append(size)
-    return Manifest(source=path, root=root, paths=paths, sizes=sizes)
-
-
-def read_label_descriptors(path: str) -> Dict[str, int]:
-    """label_descriptors.csv -> {label: class index}; rows are `index,label,display name`."""
-    labels: Dict[str, int] = {}
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise ManifestError(f"{path}:{lineno}: expected 'index,label[,name]', got {row!r}")
-            try:
-                index = int(row[0])
-            except ValueError:
-                raise ManifestError(f"{path}:{lineno}: class index {row[0]!r} is not an integer") from None
-            if row[1] in labels:
-                raise ManifestError(f"{path}:{lineno}: label {row[1]!r} listed twice")
-            labels[row[1]] = index
-    return labels
-
-
-def read_labels(label_path: str, descriptors: Dict[str, int], manifest: Optional[Manifest] = None) -> List[List[int]]:
-    """`<split>.lbl` -> class indices per manifest entry (line i belongs to manifest entry i)."""
-    out: List[List[int]] = []
-    with open(label_path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.rstrip("\r\n").split(None, 1)
-            if len(fields) != 2:
-                raise ManifestError(f"{label_path}:{lineno}: expected 'id<TAB>label,label,...', got {line.rstrip()!r}")
-            classes = []
-            for label in fields[1].strip().split(","):
-                if label not in descriptors:
-                    raise ManifestError(f"{label_path}:{lineno}: label {label!r} is not in label_descriptors.csv")
-                classes.append(descriptors[label])
-            out.append(classes)
-    if manifest is not None and len(out) != len(manifest):
-        raise ManifestError(f"{label_path}: {len(out)} label lines for {len(manifest)} entries of {manifest.source}")
-    return out
-
-
-def scan_folder(directory: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> List[str]:
-    """Audio files under `directory` (recursively), as sorted paths relative to it."""
-    found = []
-    for dirpath, _, files in os.walk(directory):
-        for name in files:
-            if name.lower().endswith(tuple(extensions)):
-                found.append(os.path.relpath(os.path.join(dirpath, name), directory))
-    return sorted(found)
-
-
-def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> Tuple[int, List[Tuple[str, str]]]:
-    """Scan `directory` and write a fairseq manifest (n_samples at the file's own rate) to out_path.
-
-    Unreadable files are left out and returned as (path, reason). Returns (entries written, left out).
-    """
-    import soundfile as sf
-
-    manifest = Manifest(source=out_path, root=os.path.abspath(directory), paths=[], sizes=[])
-    bad = []
-    for rel in scan_folder(manifest.root, extensions):
-        try:
-            frames = sf.info(os.path.join(manifest.root, rel)).frames
-        except Exception as err:
-            bad.append((rel, str(err)))
-            continue
-        if "\t" in rel or "\n" in rel:
-            bad.append((rel, "tab or newline in the file name"))
-            continue
-        manifest.paths.append(rel)
-        manifest.sizes.append(frames)
-    manifest.write(out_path)
-    return len(manifest), bad
-
-
-def load_manifest(source: str) -> Manifest:
-    """A manifest file, or a folder (scanned; sizes unknown are recorded as 0)."""
-    if os.path.isdir(source):
-        paths = scan_folder(source)
-        return Manifest(source=source, root=os.path.abspath(source), paths=paths, sizes=[0] * len(paths))
-    return read_manifest(source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +126,7 @@ def _worker_start_method():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["sslam_fast.data"])  # torch imported once, in the server
+    context.set_forkserver_preload(["sslam_fast.data.loader"])  # torch imported once, in the server
     return context
 
 
@@ -445,7 +301,7 @@ class AudioLoader:
             fbank = self._device_features(datas)[:, None]
         batch = {"fbank": fbank, "index": index}
         if self.mixture:
-            from .mixing import draw_mix_windows, partial_mixture
+            from ..mixing import draw_mix_windows, partial_mixture
 
             windows = self.mix_windows
             if windows is None:
@@ -465,7 +321,7 @@ class AudioLoader:
         return audio.normalise(audio.pad_or_crop(fbank, self.target_length), self.norm_mean, self.norm_std)
 
     def _dali_reader(self):
-        from .data_dali import DaliClipReader
+        from .dali import DaliClipReader
 
         if self._dali is None:
             device = torch.device(self.device) if self.device is not None else torch.device("cpu")
@@ -544,135 +400,3 @@ def build_loader(
         max_seconds=max_seconds,
     )
 
-
-# ----------------------------------------------------------------------------------------------
-# Checking a dataset ahead of training
-# ----------------------------------------------------------------------------------------------
-
-
-class _CheckDataset(torch.utils.data.Dataset):
-    """index -> (index, None) for a clip the loader would deliver, (index, reason) otherwise."""
-
-    def __init__(self, manifest: Manifest, max_seconds: float):
-        self.manifest, self.max_seconds = manifest, max_seconds
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, index: int):
-        try:
-            read_clip(self.manifest.path(index), self.max_seconds)
-        except audio.AudioError as err:
-            return index, err.reason
-        return index, None
-
-
-def check_manifest(source: str, num_workers: int = 0, max_seconds: float = MAX_SECONDS) -> Tuple[Manifest, List[Tuple[int, str]]]:
-    """Decode and resample every entry of a manifest (or folder) as the loader would, in
-    `num_workers` processes. Returns (the manifest, [(entry index, reason), ...] for the entries the
-    loader would skip); entry i is manifest line i + 2."""
-    manifest = load_manifest(source)
-    loader = torch.utils.data.DataLoader(
-        _CheckDataset(manifest, max_seconds), batch_size=None, num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers else None,
-        multiprocessing_context=_worker_start_method() if num_workers else None)
-    return manifest, [(index, reason) for index, reason in loader if reason is not None]
-
-
-def write_clean_manifest(manifest: Manifest, drop: Sequence[int], out_path: str) -> Optional[str]:
-    """`manifest` without the entries `drop`, written to out_path with the same root. When the
-    manifest has a label file beside it (`<stem>.lbl`), the same lines are dropped from it and it is
-    written as `<out stem>.lbl`, so labels stay aligned; returns that path (or None)."""
-    dropped = set(drop)
-    keep = [i for i in range(len(manifest)) if i not in dropped]
-    Manifest(out_path, manifest.root, [manifest.paths[i] for i in keep], [manifest.sizes[i] for i in keep]).write(out_path)
-    labels = os.path.splitext(manifest.source)[0] + ".lbl"
-    if not os.path.isfile(labels):
-        return None
-    with open(labels, "r", encoding="utf-8") as f:
-        lines = f.read().splitlines(keepends=True)
-    if len(lines) != len(manifest):
-        raise ManifestError(f"{labels}: {len(lines)} label lines for {len(manifest)} entries of {manifest.source}")
-    out_labels = os.path.splitext(out_path)[0] + ".lbl"
-    with open(out_labels, "w", encoding="utf-8") as f:
-        f.writelines(lines[i] if lines[i].endswith("\n") else lines[i] + "\n" for i in keep)
-    return out_labels
-
-
-# ----------------------------------------------------------------------------------------------
-# Normalisation statistics (SPEC section 2 step 6)
-# ----------------------------------------------------------------------------------------------
-
-
-def norm_stats(manifest: str, target_length: int = audio.TARGET_LENGTH, max_clips: Optional[int] = None, num_workers: int = 0) -> Tuple[float, float, int]:
-    """Mean and std of the un-normalised, zero-padded/cropped [target_length, 128] fbanks of a
-    dataset (every element of every clip, as AST/SSLAM compute theirs: padding included), the
-    values step 6 divides by. Bad files are skipped. Returns (mean, std, clips used)."""
-    loader = build_loader(
-        manifest, batch_size=1, backend="torch", num_workers=num_workers, infinite=False, drop_last=False,
-        target_length=target_length, norm_mean=0.0, norm_std=0.5,
-    )
-    total = total_sq = 0.0
-    count = clips = 0
-    for batch in loader:
-        x = batch["fbank"].double()
-        total += float(x.sum())
-        total_sq += float((x * x).sum())
-        count += x.numel()
-        clips += 1
-        if max_clips is not None and clips >= max_clips:
-            break
-    if clips == 0:
-        raise ValueError(f"{manifest}: no readable clip")
-    mean = total / count
-    return mean, math.sqrt(max(total_sq / count - mean * mean, 0.0)), clips
-
-
-# ----------------------------------------------------------------------------------------------
-# Demo data: deterministic synthetic audio for a CPU-only first run
-# ----------------------------------------------------------------------------------------------
-
-
-def _demo_clip(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    t = np.arange(n) / sr
-    clip = 0.003 * rng.standard_normal(n)
-    for _ in range(rng.integers(1, 4)):
-        kind = rng.integers(5)
-        start = rng.uniform(0, 0.6) * n / sr
-        length = rng.uniform(0.5, 4.0)
-        env = ((t >= start) & (t < start + length)) * np.exp(-(t - start).clip(0) * rng.uniform(0.2, 3.0))
-        amp = rng.uniform(0.05, 0.3)
-        if kind == 0:  # tone
-            event = np.sin(2 * np.pi * rng.uniform(100, 4000) * t)
-        elif kind == 1:  # chirp
-            f0, f1 = rng.uniform(100, 7000, size=2)
-            event = np.sin(2 * np.pi * (f0 * (t - start) + (f1 - f0) * (t - start) ** 2 / (2 * length)))
-        elif kind == 2:  # noise burst
-            event = rng.standard_normal(n)
-        elif kind == 3:  # harmonic stack
-            f0 = rng.uniform(80, 400)
-            event = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 9) if k * f0 < sr / 2)
-        else:  # click train
-            event = np.zeros(n)
-            event[np.arange(int(start * sr), n, int(sr / rng.uniform(2, 20)))] = 1.0
-            env = (t >= start).astype(float)
-        clip += amp * env * event
-    return np.clip(clip, -1.0, 1.0).astype(np.float32)
-
-
-def make_demo_dataset(out_dir: str, num_clips: int = 64, seconds: float = 10.0, sample_rate: int = 16000, seed: int = 0) -> str:
-    """Write `num_clips` varied synthetic wav clips (tones, chirps, noise bursts, harmonic stacks,
-    clicks) and a fairseq manifest `out_dir/train.tsv`; the same arguments give the same files.
-    Returns the manifest path."""
-    import soundfile as sf
-
-    audio_dir = os.path.join(out_dir, "audio")
-    os.makedirs(audio_dir, exist_ok=True)
-    n = int(round(seconds * sample_rate))
-    paths = [f"audio/demo_{i:05d}.wav" for i in range(num_clips)]
-    for i, rel in enumerate(paths):
-        clip = _demo_clip(np.random.default_rng([seed, i]), n, sample_rate)
-        sf.write(os.path.join(out_dir, rel), clip, sample_rate, subtype="PCM_16")
-    manifest = os.path.join(out_dir, "train.tsv")
-    Manifest(manifest, os.path.abspath(out_dir), paths, [n] * num_clips).write(manifest)
-    return manifest

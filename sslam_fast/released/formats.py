@@ -8,10 +8,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .checkpoint import TRAIN_FORMAT
-from .config import SSLAMConfig, from_dict, to_dict
-from .pretrainer import SSLAMPretrainer
-from .serialization import CheckpointError, atomic_save, safe_load
+from ..config import SSLAMConfig, from_dict, to_dict
+from ..pretrainer import SSLAMPretrainer
+from ..serialization import CheckpointError, atomic_save, safe_load
+from ..trainer.checkpoints import TRAIN_FORMAT
 
 OWN_FORMAT = "sslam-fast/pretrainer"
 _ENC = "modality_encoders.IMAGE."

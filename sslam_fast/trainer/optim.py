@@ -10,8 +10,8 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
-from .trainer_config import OptimConfig
+from ..config import ConfigError
+from .config import OptimConfig
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

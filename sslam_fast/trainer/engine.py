@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..pretrainer import SSLAMPretrainer
+from .config import TrainConfig
 from .optim import BatchPlan
-from .pretrainer import SSLAMPretrainer
-from .trainer_config import TrainConfig
 
 
 def init_distributed(local_rank: int = -1) -> torch.device:

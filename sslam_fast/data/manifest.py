@@ -1,0 +1,147 @@
+"""Fairseq manifests and labels: the layout SSLAM / EAT users already have.
+
+A manifest's first line is the root directory, every other line `relative/path<TAB>n_samples`;
+`<split>.lbl` holds one `id<TAB>label,label,...` line per manifest line and
+`label_descriptors.csv` holds `index,label,name` rows. A malformed line is a ManifestError that
+names the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3")
+
+
+class ManifestError(ValueError):
+    """A manifest, label or descriptor file that does not follow the fairseq layout."""
+
+
+@dataclass
+class Manifest:
+    """Entries of a fairseq manifest; entry i is manifest line i + 2 (after the root line)."""
+
+    source: str
+    root: str
+    paths: List[str]
+    sizes: List[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.paths[index])
+
+    def write(self, out_path: str) -> None:
+        """Write the entries in the fairseq layout (what read_manifest reads)."""
+        with open(out_path, "w", encoding="utf-8") as f:
+            f.write(self.root + "\n")
+            f.writelines(f"{path}\t{size}\n" for path, size in zip(self.paths, self.sizes))
+
+
+def read_manifest(path: str) -> Manifest:
+    """Parse a fairseq manifest. Raises ManifestError naming file and line for a malformed line."""
+    with open(path, "r", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines or not lines[0].strip():
+        raise ManifestError(f"{path}:1: first line must be the root directory")
+    root = lines[0].strip()
+    paths, sizes = [], []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != 2 or not fields[0]:
+            raise ManifestError(f"{path}:{lineno}: expected 'relative/path<TAB>n_samples', got {line!r}")
+        try:
+            size = int(fields[1])
+        except ValueError:
+            raise ManifestError(f"{path}:{lineno}: n_samples {fields[1]!r} is not an integer") from None
+        if size < 0:
+            raise ManifestError(f"{path}:{lineno}: n_samples {size} is negative")
+        paths.append(fields[0])
+        sizes.append(size)
+    return Manifest(source=path, root=root, paths=paths, sizes=sizes)
+
+
+def read_label_descriptors(path: str) -> Dict[str, int]:
+    """label_descriptors.csv -> {label: class index}; rows are `index,label,display name`."""
+    labels: Dict[str, int] = {}
+    with open(path, "r", encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise ManifestError(f"{path}:{lineno}: expected 'index,label[,name]', got {row!r}")
+            try:
+                index = int(row[0])
+            except ValueError:
+                raise ManifestError(f"{path}:{lineno}: class index {row[0]!r} is not an integer") from None
+            if row[1] in labels:
+                raise ManifestError(f"{path}:{lineno}: label {row[1]!r} listed twice")
+            labels[row[1]] = index
+    return labels
+
+
+def read_labels(label_path: str, descriptors: Dict[str, int], manifest: Optional[Manifest] = None) -> List[List[int]]:
+    """`<split>.lbl` -> class indices per manifest entry (line i belongs to manifest entry i)."""
+    out: List[List[int]] = []
+    with open(label_path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.rstrip("\r\n").split(None, 1)
+            if len(fields) != 2:
+                raise ManifestError(f"{label_path}:{lineno}: expected 'id<TAB>label,label,...', got {line.rstrip()!r}")
+            classes = []
+            for label in fields[1].strip().split(","):
+                if label not in descriptors:
+                    raise ManifestError(f"{label_path}:{lineno}: label {label!r} is not in label_descriptors.csv")
+                classes.append(descriptors[label])
+            out.append(classes)
+    if manifest is not None and len(out) != len(manifest):
+        raise ManifestError(f"{label_path}: {len(out)} label lines for {len(manifest)} entries of {manifest.source}")
+    return out
+
+
+def scan_folder(directory: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> List[str]:
+    """Audio files under `directory` (recursively), as sorted paths relative to it."""
+    found = []
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            if name.lower().endswith(tuple(extensions)):
+                found.append(os.path.relpath(os.path.join(dirpath, name), directory))
+    return sorted(found)
+
+
+def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> Tuple[int, List[Tuple[str, str]]]:
+    """Scan `directory` and write a fairseq manifest (n_samples at the file's own rate) to out_path.
+
+    Unreadable files are left out and returned as (path, reason). Returns (entries written, left out).
+    """
+    import soundfile as sf
+
+    manifest = Manifest(source=out_path, root=os.path.abspath(directory), paths=[], sizes=[])
+    bad = []
+    for rel in scan_folder(manifest.root, extensions):
+        try:
+            frames = sf.info(os.path.join(manifest.root, rel)).frames
+        except Exception as err:
+            bad.append((rel, str(err)))
+            continue
+        if "\t" in rel or "\n" in rel:
+            bad.append((rel, "tab or newline in the file name"))
+            continue
+        manifest.paths.append(rel)
+        manifest.sizes.append(frames)
+    manifest.write(out_path)
+    return len(manifest), bad
+
+
+def load_manifest(source: str) -> Manifest:
+    """A manifest file, or a folder (scanned; sizes unknown are recorded as 0)."""
+    if os.path.isdir(source):
+        paths = scan_folder(source)
+        return Manifest(source=source, root=os.path.abspath(source), paths=paths, sizes=[0] * len(paths))
+    return read_manifest(source)

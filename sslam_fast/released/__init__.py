@@ -1,0 +1,1 @@
+"""Released models: reading and writing checkpoints in this project's and the original formats."""

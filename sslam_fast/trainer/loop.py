@@ -1,0 +1,283 @@
+"""The training loop: ``Trainer`` builds the model, the DeepSpeed engine and the loader, runs the
+updates, guards them and checkpoints (launched by ``sslam_fast/train.py``).
+
+One optimizer update ("step") sees ``train.global_batch`` clips, split over the processes and
+gradient-accumulation micro steps. Every random draw of a step comes from one per-rank generator seeded from (seed, rank) whose state is
+checkpointed with the data position, so a resumed run repeats the uninterrupted one exactly.
+
+Order of a step: micro batches (forward, backward) -> DeepSpeed step (clip 4.0, AdamW, LR schedule;
+skipped by DeepSpeed when a gradient is not finite) -> EMA teacher from the fp32 master weights ->
+metrics, guards, checkpoint.
+"""
+import logging
+import math
+import os
+import signal
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, to_dict
+from ..pretrainer import SSLAMPretrainer
+from ..serialization import atomic_save
+from .checkpoints import (TRAIN_FORMAT, latest_checkpoint, publish, read_resume_state, remove_stale_temps,
+                          restore_rng_state, rng_state, temp_dir_for, train_checkpoint_file)
+from .config import TrainConfig
+from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
+from .optim import build_optimizer, build_scheduler, plan_batch
+from .prefetch import Prefetcher
+from .runlog import RunLog
+
+logger = logging.getLogger("sslam_fast.train")
+METRIC_KEYS = ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var")
+IMPLEMENTATION_KEYS = ("attention", "use_kernels")  # may change on resume: same maths, other code path
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps, a collapse with stop_on_collapse)."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        import deepspeed
+
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.checkpoint.dir
+        self.plan = plan_batch(cfg.train.global_batch, self.world, cfg.train.max_micro_batch)
+        resume_from = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        if not cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
+            raise ConfigError(f"checkpoint.dir={self.run_dir} holds checkpoints and checkpoint.resume is false")
+
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.model = SSLAMPretrainer(cfg.model)
+        if cfg.train.init_from and resume_from is None:
+            self._init_weights(cfg.train.init_from)
+        self.model.to(device)
+        self.trainable = StudentAndDecoder(self.model, torch.bfloat16 if cfg.train.precision == "bf16" else None)
+        optimizer = build_optimizer(self.trainable, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.cosine_steps)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.trainable, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.plan))
+        self.masters = MasterWeights(self.engine, list(self.trainable.parameters()))
+        self.num_student_params = len(list(self.model.student.parameters()))
+
+        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
+        self.loader = self._build_loader()
+        self.data = Prefetcher(self.loader, device, depth=cfg.data.prefetch)
+        self.step = 0
+        self.bad_total = 0
+        self.bad_in_row = 0
+        self.collapse_total = 0
+        self.collapsed = False
+        self.saved_step = -1
+        self.last_checkpoint: Optional[str] = None
+        self.stop_signal: Optional[str] = None
+        if resume_from is not None:
+            self._resume(resume_from)
+        dist.barrier()
+        if self.is_main:
+            for name in remove_stale_temps(self.run_dir):
+                logger.warning("removed %s, left by a save that did not finish", os.path.join(self.run_dir, name))
+        self.log = RunLog(self.run_dir, self.step, cfg.train.max_steps, self.plan.global_batch,
+                          cfg.logging.every_steps, cfg.logging.tensorboard, cfg.logging.progress_bar, self.is_main)
+        self.log.message(
+            f"{'resumed from ' + resume_from if resume_from else 'starting'} at step {self.step}: "
+            f"{self.world} processes x {self.plan.accumulation} accumulation x {self.plan.micro_batch} clips = "
+            f"{self.plan.global_batch} clips per update, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
+            f"stage {cfg.model.stage}, device {device.type}")
+
+    # ------------------------------------------------------------------------------ building
+    def _init_weights(self, path: str) -> None:
+        from ..released.formats import load_pretrainer
+
+        source = load_pretrainer(train_checkpoint_file(path), **to_dict(self.cfg.model))
+        self.model.load_state_dict(source.state_dict())
+        if self.is_main:
+            logger.info("initialised student, decoder and teacher from %s (fresh optimizer and schedule)", path)
+
+    def _build_loader(self):
+        from ..data.loader import build_loader
+        from ..data.tools import make_demo_dataset
+
+        d = self.cfg.data
+        manifest = d.manifest
+        if d.demo_clips > 0:
+            manifest = os.path.join(self.run_dir, "demo_data", "train.tsv")
+            if self.is_main and not os.path.exists(manifest):
+                seconds = (400 + 160 * (d.target_length - 1)) / 16000  # exactly target_length frames
+                make_demo_dataset(os.path.dirname(manifest), d.demo_clips, seconds=seconds, seed=self.cfg.train.seed)
+            dist.barrier()
+        return build_loader(manifest, self.plan.micro_batch, rank=self.rank, world_size=self.world,
+                            seed=self.cfg.train.seed, target_length=d.target_length, norm_mean=d.norm_mean,
+                            norm_std=d.norm_std, backend=d.backend, num_workers=d.num_workers,
+                            device=self.device if self.device.type == "cuda" else None)
+
+    # ------------------------------------------------------------------------------ one update
+    def train_step(self) -> Dict[str, float]:
+        """Forward/backward over the micro batches, the optimizer step and the teacher's EMA.
+
+        Returns the step's metrics averaged over ranks; ``skipped`` is 1 when DeepSpeed skipped the
+        update for a non-finite gradient (the weights, the schedule and the teacher stay unchanged).
+        """
+        sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64, device=self.device)
+        lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
+        data_s = 0.0
+        for _ in range(self.plan.accumulation):
+            t = time.perf_counter()
+            fbank = self.data.next()["fbank"]
+            data_s += time.perf_counter() - t
+            out = self.engine(fbank, generator=self.generator)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            ss = out["sample_size"].double()
+            sums[:len(METRIC_KEYS)] += torch.stack([
+                out["loss"].detach().double(), out["patch_loss"].double() / ss, out["cls_loss"].double() / ss,
+                out["srl_loss"].double() / ss, out["target_var"].detach().double(), out["pred_var"].detach().double()])
+        sums[-2] = float(not self.engine.was_step_applied())
+        sums[-1] = float(self.stop_signal is not None)
+        dist.all_reduce(sums)
+        totals = sums.tolist()  # one device-to-host copy for every metric
+        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(METRIC_KEYS, totals)}
+        metrics["skipped"] = float(totals[-2] > 0)
+        metrics["stop"] = float(totals[-1] > 0)
+        metrics["data_s"] = data_s
+        if not metrics["skipped"]:
+            self.step += 1
+            source = self.masters.gather() if self.cfg.train.ema_from == "master" else self.model.student.parameters()
+            metrics["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
+        metrics["lr"] = lr
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return metrics
+
+    # ------------------------------------------------------------------------------ guards
+    def check_guards(self, m: Dict[str, float]) -> None:
+        t = self.cfg.train
+        if m["skipped"] or not math.isfinite(m["loss"]):
+            self.bad_total += 1
+            self.bad_in_row += 1
+            self.log.message(f"step {self.step + 1}: non-finite loss or gradient (loss {m['loss']}), update skipped "
+                             f"({self.bad_in_row} in a row, {self.bad_total} in total)", warning=True)
+            if self.bad_in_row >= t.max_bad_steps:
+                raise TrainingStopped(
+                    f"{self.bad_in_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}) at step "
+                    f"{self.step}: the run is diverging. Last checkpoint: {self.last_checkpoint or 'none'}. Lower "
+                    f"optim.lr, check the data (norm_mean/norm_std), or resume from an earlier checkpoint.")
+            return
+        self.bad_in_row = 0
+        collapsed = self.step > t.collapse_after and (m["target_var"] < t.min_target_var or m["pred_var"] < t.min_pred_var)
+        if collapsed:
+            self.collapse_total += 1
+            if not self.collapsed:
+                self.log.message(
+                    f"step {self.step}: representation collapse? target_var {m['target_var']:.4g} "
+                    f"(min {t.min_target_var}), pred_var {m['pred_var']:.4g} (min {t.min_pred_var})", warning=True)
+            if t.stop_on_collapse:
+                raise TrainingStopped(f"collapse at step {self.step}: target_var {m['target_var']:.4g}, "
+                                      f"pred_var {m['pred_var']:.4g} (train.stop_on_collapse)")
+        elif self.collapsed:
+            self.log.message(f"step {self.step}: variances back above the collapse thresholds")
+        self.collapsed = collapsed
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        """All ranks write into a temp directory; rank 0 publishes it by renaming."""
+        tmp = temp_dir_for(self.run_dir, self.step)
+        if self.is_main:
+            remove_stale_temps(self.run_dir)
+            os.makedirs(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="engine", save_latest=False)
+        masters = self.masters.gather()
+        atomic_save({"rng": rng_state(self.generator), "data": self.data.state_dict()},
+                    os.path.join(tmp, f"rank_{self.rank}.pt"))
+        if self.is_main:
+            state = self.model.state_dict()
+            for (name, _), master in zip(self.trainable.named_parameters(), masters):
+                state[name] = master.float()
+            atomic_save({
+                "format": TRAIN_FORMAT,
+                "version": 1,
+                "config": to_dict(self.cfg),
+                "model": {k: v.detach().cpu() for k, v in state.items()},
+                "step": self.step,
+                "world_size": self.world,
+                "counters": {"bad_total": self.bad_total, "collapse_total": self.collapse_total},
+            }, os.path.join(tmp, "train.pt"))
+        os.sync()  # DeepSpeed's own files are on disk before the directory is published
+        dist.barrier()
+        final = publish(tmp, self.run_dir, self.step, self.cfg.checkpoint.keep_last) if self.is_main else None
+        dist.barrier()
+        self.saved_step = self.step
+        self.last_checkpoint = final or os.path.join(self.run_dir, os.path.basename(tmp)[len(".tmp-"):])
+        return self.last_checkpoint
+
+    def _resume(self, path: str) -> None:
+        files = read_resume_state(path, self.rank)
+        state, own = files["train"], files["rank"]
+        if state.get("format") != TRAIN_FORMAT:
+            raise ConfigError(f"{path}: not a training checkpoint of this project")
+        if state["world_size"] != self.world:
+            raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has {self.world}: "
+                              "the optimizer shards and data positions need the same number (start a new "
+                              "checkpoint.dir with train.init_from to change it)")
+        saved, mine = state["config"]["model"], to_dict(self.cfg.model)
+        changed = sorted(k for k in mine if k in saved and saved[k] != mine[k] and k not in IMPLEMENTATION_KEYS)
+        if changed:
+            raise ConfigError(f"{path}: model.{changed[0]} is {saved[changed[0]]!r} in the checkpoint and "
+                              f"{mine[changed[0]]!r} now; resume with the checkpoint's model section")
+        self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        teacher = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
+        self.model.teacher.load_state_dict(teacher)
+        self.step = self.saved_step = state["step"]
+        self.bad_total = state["counters"]["bad_total"]
+        self.collapse_total = state["counters"]["collapse_total"]
+        restore_rng_state(own["rng"], self.generator)
+        self.data.load_state_dict(own["data"])
+        self.last_checkpoint = path
+
+    # ------------------------------------------------------------------------------ the run
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+        self.log.message(f"{self.stop_signal} received: saving a checkpoint after this step, then exiting")
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        cfg = self.cfg
+        reason, status = f"reached train.max_steps={cfg.train.max_steps}", 0
+        try:
+            while self.step < cfg.train.max_steps:
+                t = time.perf_counter()
+                m = self.train_step()
+                data_s = m.pop("data_s")
+                compute_s = time.perf_counter() - t - data_s
+                stop = m.pop("stop")
+                self.check_guards(m)
+                m.update(bad_steps=self.bad_total, collapse_steps=self.collapse_total)
+                self.log.step(self.step, m, data_s, compute_s)
+                if stop:
+                    reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
+                    break
+                if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
+                    self.save()
+        except TrainingStopped as e:
+            reason, status = str(e), 2
+            logger.error(reason)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.data.close()
+        if status == 0 and self.step != self.saved_step:
+            self.save()
+        self.log.message(self.log.summary(self.step, self.bad_total, self.collapse_total, self.last_checkpoint, reason))
+        self.log.close()
+        return status
