@@ -40,7 +40,7 @@ def _run(benchmark, fn, bytes_moved=None, **info):
 
 
 def vit_b_shapes():
-    """Parameter shapes of a ViT-B/16 audio encoder (SPEC section 3): 149 tensors, 85.3M values."""
+    """Parameter shapes of a ViT-B/16 audio encoder (docs/method.md §3): 149 tensors, 85.3M values."""
     D, H = 768, 3072
     shapes = [(D, 1, 16, 16), (D,), (1, 1, D), (D,), (D,)]  # patch conv, CLS, input LayerNorm
     for _ in range(12):

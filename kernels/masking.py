@@ -1,4 +1,4 @@
-"""Inverse block masking (SPEC section 4): the PyTorch reference, also the CPU fallback.
+"""Inverse block masking (docs/method.md §4): the PyTorch reference, also the CPU fallback.
 
 A view keeps a few 2-D blocks of patches (grown around random centres), is then adjusted at
 random to an exact number of kept patches, and everything else is masked.
@@ -156,7 +156,7 @@ def inverse_block_mask(
     return_keep_index: bool = False,
 ):
     """Inverse block masks for ``num_views`` views of a ``grid = (time, freq)`` patch grid
-    (SPEC section 4): Triton on CUDA, ``inverse_block_mask_reference`` otherwise.
+    (docs/method.md §4): Triton on CUDA, ``inverse_block_mask_reference`` otherwise.
 
     Returns mask bool [V, time * freq] (True = masked, exactly P - num_keep per row), and with
     ``return_keep_index`` also keep_index int64 [V, num_keep], the visible positions ascending.

@@ -1,4 +1,4 @@
-"""Layer-averaged teacher targets (SPEC section 5), without materialising K normalised copies.
+"""Layer-averaged teacher targets (docs/method.md §5), without materialising K normalised copies.
 
 For K layer outputs [N, T, D]: instance-norm each layer over T per channel (no affine, biased
 variance), average the K results, then LayerNorm over D (no affine). The fused kernel holds one

@@ -85,11 +85,11 @@ def to_dict(obj) -> Dict[str, Any]:
 class SSLAMConfig:
     """The pretraining model: encoder, masking, decoder, teacher targets and the losses.
 
-    Defaults are the released ViT-B recipe (SPEC sections 3-7); ``stage`` 1 is EAT, 2 is SSLAM.
+    Defaults are the released ViT-B recipe (docs/method.md §3-7); ``stage`` 1 is EAT, 2 is SSLAM.
     """
 
     stage: int = 1
-    # encoder (SPEC 3)
+    # encoder (docs/method.md §3)
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -100,32 +100,32 @@ class SSLAMConfig:
     norm_eps: float = 1e-6
     attention: str = "auto"  # auto: flash-attn if it imports, else SDPA; "sdpa"; "eager" (reference)
     use_kernels: bool = True  # Triton kernels on CUDA; False runs the plain PyTorch reference ops
-    # masking (SPEC 4)
+    # masking (docs/method.md §4)
     mask_prob: float = 0.8
     mask_length: int = 5
     mask_prob_adjust: float = 0.07
     clone_batch: int = 16
-    # decoder (SPEC 6)
+    # decoder (docs/method.md §6)
     decoder_layers: int = 6
     decoder_kernel: int = 3
     decoder_groups: int = 16
     decoder_norm_eps: float = 1e-5
     mask_noise_std: float = 0.01
-    # targets (SPEC 5)
+    # targets (docs/method.md §5)
     average_top_k_layers: int = 12
     instance_norm_eps: float = 1e-5
     target_norm_eps: float = 1e-5
-    # losses (SPEC 6, 7); loss_scale None means 1 / sqrt(embed_dim)
+    # losses (docs/method.md §6, 7); loss_scale None means 1 / sqrt(embed_dim)
     loss_scale: Optional[float] = None
     cls_loss_weight: float = 1.0
     patch_loss_weight: float = 1.0
     srl_loss_weight: float = 2.0
-    # partial mixtures (SPEC 7), in frames
+    # partial mixtures (docs/method.md §7), in frames
     mix_window: int = 240
     mix_w1_max: int = 496
     mix_w2_max: int = 782
     mix_step: int = 16
-    # EMA teacher (SPEC 5)
+    # EMA teacher (docs/method.md §5)
     ema_decay: float = 0.9998
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 100_000

@@ -1,4 +1,4 @@
-"""Masking of student views (SPEC 4): which patches each view keeps.
+"""Masking of student views (docs/method.md §4): which patches each view keeps.
 
 Mask generation and the gather/scatter of visible patches live in ``sslam_kernels`` (GPU kernels
 with PyTorch references); this module checks a given [V, P] mask and turns it into the index form
@@ -12,7 +12,7 @@ from sslam_kernels import keep_index_from_mask
 def visible_index(masks: torch.Tensor) -> torch.Tensor:
     """[V, P] bool masks (True = masked) -> [V, K] ascending indices of the visible patches.
 
-    Every view must keep the same number K of patches (the exact counts of SPEC 4 guarantee it).
+    Every view must keep the same number K of patches (the exact counts of docs/method.md §4 guarantee it).
     """
     if masks.dtype != torch.bool or masks.dim() != 2:
         raise ValueError(f"masks must be a bool tensor [V, P], got {masks.dtype} {list(masks.shape)}")

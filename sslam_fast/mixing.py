@@ -1,4 +1,4 @@
-"""SSLAM partial mixtures (SPEC 7): two unmixed windows, element-wise max with the partner clip."""
+"""SSLAM partial mixtures (docs/method.md §7): two unmixed windows, element-wise max with the partner clip."""
 from typing import Optional, Tuple
 
 import torch

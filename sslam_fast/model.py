@@ -1,4 +1,4 @@
-"""The encoder (student and teacher share it) and the CNN decoder of SSLAM / EAT (SPEC 3, 6)."""
+"""The encoder (student and teacher share it) and the CNN decoder of SSLAM / EAT (docs/method.md §3, 6)."""
 from typing import List, Optional, Tuple
 
 import torch

@@ -1,4 +1,4 @@
-"""Teacher targets and the losses of EAT (stage 1) and SSLAM (stage 2), SPEC 5-7."""
+"""Teacher targets and the losses of EAT (stage 1) and SSLAM (stage 2), docs/method.md §5-7."""
 import torch
 
 

@@ -1,4 +1,4 @@
-"""One SSLAM / EAT pretraining step as a pure function of (weights, batch, draws): SPEC 4-7."""
+"""One SSLAM / EAT pretraining step as a pure function of (weights, batch, draws): docs/method.md §4-7."""
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -193,7 +193,7 @@ class SSLAMPretrainer(nn.Module):
 
 
 def step_flops_per_clip(cfg: SSLAMConfig, num_frames: int = 1024) -> float:
-    """Training FLOPs per clip of one step (SPEC 10): teacher forward(s), plus student and decoder
+    """Training FLOPs per clip of one step (docs/method.md §10): teacher forward(s), plus student and decoder
     forward + backward (3x forward) for each view. Matmul FLOPs only (2 per multiply-add)."""
     D, depth = cfg.embed_dim, cfg.depth
     patches = num_frames // cfg.patch_size * cfg.freq_patches

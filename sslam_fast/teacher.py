@@ -1,4 +1,4 @@
-"""The EMA teacher (SPEC 5): an fp32 copy of the student encoder, updated after each step."""
+"""The EMA teacher (docs/method.md §5): an fp32 copy of the student encoder, updated after each step."""
 import copy
 from typing import Iterable, List
 

@@ -82,7 +82,7 @@ def _adjacent_kept_pairs(mask, grid):
 
 
 def test_statistics_match_reference_spec_config():
-    # SPEC section 4: 64 x 8 grid, 5 centres, 102 kept. Per-position coverage and block
+    # docs/method.md §4: 64 x 8 grid, 5 centres, 102 kept. Per-position coverage and block
     # clustering of the kernel's draws against the reference's, within 5 standard errors.
     grid, n = (64, 8), 2048
     mask, _ = _draw_triton(n, grid, 1234)

@@ -84,7 +84,7 @@ def test_timm_vit_unchanged_after_patching(kwargs, monkeypatch):
 
 
 # A compact model with fairseq data2vec 2.0 / EAT's module structure and method contracts
-# (ModalitySpecificEncoder + Data2VecMultiModel), written from SPEC section 3 for this test.
+# (ModalitySpecificEncoder + Data2VecMultiModel), written from docs/method.md §3 for this test.
 MaskInfo = namedtuple("MaskInfo", ["x_unmasked", "mask", "ids_restore", "ids_keep"])
 
 

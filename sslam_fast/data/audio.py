@@ -1,4 +1,4 @@
-"""Audio front end of SPEC section 2: decode, mono, resample to 16 kHz, Kaldi fbank, pad/crop, normalise.
+"""Audio front end of docs/method.md §2: decode, mono, resample to 16 kHz, Kaldi fbank, pad/crop, normalise.
 
 Everything here is plain PyTorch, batched over clips with per-clip lengths, and runs unchanged on
 the CPU and on a GPU. `kaldi_fbank` equals `torchaudio.compliance.kaldi.fbank` with the arguments
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 128
 TARGET_LENGTH = 1024
-NORM_MEAN = -4.268  # AudioSet (SPEC section 2, step 6)
+NORM_MEAN = -4.268  # AudioSet (docs/method.md §2, step 6)
 NORM_STD = 4.569
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
@@ -363,7 +363,7 @@ def kaldi_fbank(
     num_mel_bins: int = NUM_MEL_BINS,
     lengths: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Log-mel filter bank of SPEC section 2 step 4, equal to
+    """Log-mel filter bank of docs/method.md §2.4, equal to
     torchaudio.compliance.kaldi.fbank(w[None], htk_compat=True, sample_frequency=sample_rate,
     use_energy=False, window_type='hanning', num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10).
 
@@ -410,7 +410,7 @@ def pad_or_crop(fbank: torch.Tensor, target_length: int = TARGET_LENGTH) -> torc
 
 
 def normalise(fbank: torch.Tensor, norm_mean: float = NORM_MEAN, norm_std: float = NORM_STD) -> torch.Tensor:
-    """(x - mean) / (2 * std), SPEC section 2 step 6."""
+    """(x - mean) / (2 * std), docs/method.md §2.6."""
     return (fbank - norm_mean) / (2.0 * norm_std)
 
 
@@ -433,7 +433,7 @@ def fbank_features(
     norm_std: float = NORM_STD,
     num_mel_bins: int = NUM_MEL_BINS,
 ) -> torch.Tensor:
-    """Mono waveform(s) at `sample_rate` -> normalised model input (SPEC section 2, steps 2-6).
+    """Mono waveform(s) at `sample_rate` -> normalised model input (docs/method.md §2, steps 2-6).
 
     waveform: float [N] or zero-padded [B, N] with `lengths` [B]. Returns [target_length, F] or
     [B, target_length, F]. Resamples to 16 kHz first when sample_rate differs.

@@ -38,7 +38,7 @@ MAX_SECONDS = 600.0
 
 
 def read_clip(path: str, max_seconds: float = MAX_SECONDS) -> torch.Tensor:
-    """File -> mono 16 kHz float32 [N], mean subtracted (SPEC section 2 steps 1-3).
+    """File -> mono 16 kHz float32 [N], mean subtracted (docs/method.md §2.1-2.3).
 
     Raises audio.AudioError for anything that cannot give at least one fbank frame.
     """
@@ -374,7 +374,7 @@ def build_loader(
 
     backend: "torch" (fbank in the worker processes on the CPU, or batched on `device`), "dali"
     (decode, resample and spectra in a DALI graph, on the CPU with num_workers threads, or on the GPU
-    of `device`; see data_dali), or "auto" (DALI where installed). mixture=True adds the SPEC section 7 mixture batch, with the windows
+    of `device`; see data_dali), or "auto" (DALI where installed). mixture=True adds the docs/method.md §7 mixture batch, with the windows
     `mix_windows` or drawn per batch from (seed, rank, epoch, position).
     """
     if backend == "auto":

@@ -67,7 +67,7 @@ def write_clean_manifest(manifest: Manifest, drop: Sequence[int], out_path: str)
 
 
 # ----------------------------------------------------------------------------------------------
-# Normalisation statistics (SPEC section 2 step 6)
+# Normalisation statistics (docs/method.md §2.6)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 Sections: model (``SSLAMConfig``), data, train, optim, checkpoint, logging, deepspeed. Batch sizes,
 the LR schedule and the EMA schedule are stated in clips and optimizer updates, never per GPU, so
-the same file means the same run on 1, 8 or 64 GPUs (SPEC section 8).
+the same file means the same run on 1, 8 or 64 GPUs (docs/method.md §8).
 """
 import json
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ class TrainSection:
     init_from: Optional[str] = None  # weights to start from (stage 2: a stage-1 or EAT checkpoint)
     ema_from: str = "master"  # "master": EMA from the fp32 master weights; "model": from the bf16 weights
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
-    min_target_var: float = 0.1  # collapse alarm thresholds (SPEC 6), checked after collapse_after steps
+    min_target_var: float = 0.1  # collapse alarm thresholds (docs/method.md §6), checked after collapse_after steps
     min_pred_var: float = 0.01
     collapse_after: int = 5000
     stop_on_collapse: bool = False

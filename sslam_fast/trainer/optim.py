@@ -1,4 +1,4 @@
-"""Optimizer, LR schedule and batch plan of SPEC section 8.
+"""Optimizer, LR schedule and batch plan of docs/method.md §8.
 
 Adam with decoupled weight decay (fairseq's "adam" is AdamW), betas (0.9, 0.95), wd 0.05 except on
 biases, 1-D parameters (norms) and the CLS token; cosine decay after a linear warmup, in updates.
