@@ -1,11 +1,12 @@
-"""sslam_fast.evaluation: metrics against scikit-learn."""
+"""sslam_fast.evaluation: metrics against scikit-learn, EAT's balanced weights."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from sslam_fast.evaluation import accuracy, average_precision, d_prime, mean_auc, mean_average_precision, roc_auc
+from sslam_fast.evaluation import (BalancedSampler, accuracy, average_precision, balanced_weights, d_prime, mean_auc,
+                                   mean_average_precision, read_weights, roc_auc, write_weights)
 
 sk_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -82,3 +83,48 @@ def test_metrics_name_bad_shapes():
         mean_average_precision(np.zeros((4, 3)), np.zeros((4, 3)))
     with pytest.raises(ValueError, match="0/1"):
         average_precision(np.zeros((2, 1)), np.array([[0.5], [1.0]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Balanced sampling (AST's gen_weight_file.py, read by EAT/SSLAM for AS-2M fine-tuning)
+# ----------------------------------------------------------------------------------------------
+
+
+def write_label_set(tmp_path):
+    (tmp_path / "label_descriptors.csv").write_text("0,/m/a,A\n1,/m/b,B\n2,/m/c,C\n3,/m/d,D\n")
+    (tmp_path / "train.lbl").write_text("x1\t/m/a\nx2\t/m/a,/m/b\nx3\t/m/a,/m/c\nx4\t/m/b\n")
+    return tmp_path / "train.lbl"
+
+
+def test_balanced_weights_by_hand(tmp_path):
+    lbl = write_label_set(tmp_path)
+    # counts: a 3, b 2, c 1, d 0; label weight 1000 / (count + 0.01)
+    a, b, c = 1000 / 3.01, 1000 / 2.01, 1000 / 1.01
+    expected = [a, a + b, a + c, b]
+    np.testing.assert_allclose(balanced_weights(str(lbl)), expected, rtol=1e-15)
+    np.testing.assert_allclose(balanced_weights([[0], [0, 1], [0, 2], [1]], num_classes=4), expected, rtol=1e-15)
+    out = tmp_path / "train_weight.csv"
+    write_weights(str(lbl), str(out))
+    lines = out.read_text().splitlines()
+    assert lines == [f"{w:.18e}" for w in expected]
+    np.testing.assert_array_equal(read_weights(str(out)), np.array(expected))
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        balanced_weights([[0], [3]], num_classes=2)
+
+
+def test_balanced_sampler_is_deterministic_per_seed_and_epoch():
+    weights = np.array([1.0, 5.0, 0.0, 2.0, 8.0, 1.0])
+    sampler = BalancedSampler(weights, num_samples=4, seed=3)
+    first = list(sampler)
+    assert list(sampler) == first and len(set(first)) == 4 and 2 not in first  # no replacement, as EAT draws
+    sampler.set_epoch(1)
+    other_epochs = [list(sampler)]
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    assert list(BalancedSampler(weights, num_samples=4, seed=3)) == first
+    draws = [list(BalancedSampler(weights, num_samples=4, seed=3, epoch=e)) for e in range(1, 6)]
+    assert draws[0] == other_epochs[0] and any(d != first for d in draws)
+    heavy = np.bincount(list(BalancedSampler(weights, num_samples=4000, replacement=True)), minlength=6)
+    assert heavy[2] == 0 and heavy[4] > heavy[1] > heavy[0]
+    with pytest.raises(ValueError, match="positive weight"):
+        BalancedSampler(weights, num_samples=6)
