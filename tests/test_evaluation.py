@@ -1,14 +1,21 @@
-"""sslam_fast.evaluation: metrics against scikit-learn, EAT's balanced weights."""
+"""sslam_fast.evaluation: metrics against scikit-learn, EAT's balanced weights, the benchmark."""
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from sslam_fast.evaluation import (BalancedSampler, accuracy, average_precision, balanced_weights, d_prime, mean_auc,
-                                   mean_average_precision, read_weights, roc_auc, write_weights)
+from sslam_fast import data
+from sslam_fast.evaluation import (BalancedSampler, accuracy, average_precision, balanced_weights, build_benchmark,
+                                   d_prime, mean_auc, mean_average_precision, read_weights, recorded_sources, roc_auc,
+                                   write_weights)
 
 sk_metrics = pytest.importorskip("sklearn.metrics")
+sf = pytest.importorskip("soundfile")
+
+APT_PACKAGES = "alsa-utils sound-theme-freedesktop sound-icons asterisk-core-sounds-en-wav"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,3 +135,70 @@ def test_balanced_sampler_is_deterministic_per_seed_and_epoch():
     assert heavy[2] == 0 and heavy[4] > heavy[1] > heavy[0]
     with pytest.raises(ValueError, match="positive weight"):
         BalancedSampler(weights, num_samples=6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------
+
+SMALL = dict(clip_seconds=1.0, train_clips_per_class=2, test_clips_per_class=1, train_scenes=12, test_scenes=6)
+
+
+def check_benchmark(bench):
+    descriptors = data.read_label_descriptors(bench.descriptors)
+    assert list(descriptors) == bench.classes
+    recordings = {}
+    for split in ("mono_train", "mono_test", "poly_train", "poly_test"):
+        manifest = data.read_manifest(bench.manifests[split])
+        assert manifest.root == bench.root
+        labels = data.read_labels(bench.labels[split], descriptors, manifest)
+        events = json.load(open(bench.events[split]))
+        assert events["synthesised"] == bench.synthesised
+        assert [c["path"] for c in events["clips"]] == manifest.paths
+        for i, (size, clip_labels, clip) in enumerate(zip(manifest.sizes, labels, events["clips"])):
+            wave, rate = sf.read(manifest.path(i))
+            assert rate == 16000 and len(wave) == size == int(bench.info["clip_seconds"] * 16000)
+            assert np.abs(wave).max() > 0.01
+            assert sorted(clip_labels) == sorted(descriptors[e["label"]] for e in clip["events"])
+            assert len(set(clip_labels)) == len(clip_labels)
+            assert (len(clip_labels) == 1) if split.startswith("mono") else (2 <= len(clip_labels) <= 4)
+            if split.startswith("poly"):
+                start = max(e["offset_s"] for e in clip["events"])
+                stop = min(e["offset_s"] + e["duration_s"] for e in clip["events"])
+                assert start < stop, "a scene's events all sound together somewhere"
+        recordings[split] = {e["recording"] for c in events["clips"] for e in c["events"]}
+    assert not recordings["mono_train"] & recordings["mono_test"]
+    assert not (recordings["mono_train"] | recordings["poly_train"]) & (recordings["mono_test"] | recordings["poly_test"])
+    for entry in bench.info["classes"]:
+        assert entry["train_recordings"] and entry["test_recordings"]
+        assert not set(entry["train_recordings"]) & set(entry["test_recordings"])
+    on_disk = json.load(open(os.path.join(bench.root, "benchmark.json")))
+    assert on_disk == json.loads(json.dumps(bench.info)) and on_disk["synthesised"] == bench.synthesised
+
+
+def test_benchmark_from_recordings(tmp_path):
+    if sum(len(r) >= 2 for r in recorded_sources().values()) < 8:
+        pytest.skip(f"recordings missing: apt-get install {APT_PACKAGES}")
+    bench = build_benchmark(str(tmp_path / "a"), seed=5, source="recordings", **SMALL)
+    assert not bench.synthesised and os.path.basename(bench.root) == "recordings"
+    assert 8 <= len(bench.classes) <= 12 and "speech" in bench.classes
+    assert "SYNTHESISED" not in bench.info["name"]
+    check_benchmark(bench)
+    again = build_benchmark(str(tmp_path / "b"), seed=5, source="recordings", **SMALL)
+    for split, path in bench.manifests.items():
+        assert open(bench.labels[split]).read() == open(again.labels[split]).read()
+        first, second = data.read_manifest(path), data.read_manifest(again.manifests[split])
+        for rel in first.paths:
+            assert open(os.path.join(first.root, rel), "rb").read() == open(os.path.join(second.root, rel), "rb").read()
+    other = build_benchmark(str(tmp_path / "c"), seed=6, source="recordings", **SMALL)
+    assert open(other.labels["poly_train"]).read() != open(bench.labels["poly_train"]).read()
+
+
+def test_benchmark_synthesised_fallback_is_labelled(tmp_path):
+    bench = build_benchmark(str(tmp_path), seed=0, source="synthetic", **SMALL)
+    assert bench.synthesised and os.path.basename(bench.root) == "synthesised"
+    assert bench.info["synthesised"] is True and "SYNTHESISED" in bench.info["name"]
+    assert all(label.startswith("synth_") for label in bench.classes)
+    check_benchmark(bench)
+    with pytest.raises(ValueError, match="source"):
+        build_benchmark(str(tmp_path), source="nope")
