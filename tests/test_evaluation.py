@@ -1,4 +1,4 @@
-"""sslam_fast.evaluation: metrics against scikit-learn, EAT's balanced weights, the benchmark."""
+"""sslam_fast.evaluation: metrics against scikit-learn, EAT's balanced weights, the benchmark, the linear probe."""
 import json
 import math
 import os
@@ -9,8 +9,8 @@ import torch
 
 from sslam_fast import data
 from sslam_fast.evaluation import (BalancedSampler, accuracy, average_precision, balanced_weights, build_benchmark,
-                                   d_prime, mean_auc, mean_average_precision, read_weights, recorded_sources, roc_auc,
-                                   write_weights)
+                                   compute_features, d_prime, mean_auc, mean_average_precision, read_weights,
+                                   recorded_sources, roc_auc, train_linear_probe, write_weights)
 
 sk_metrics = pytest.importorskip("sklearn.metrics")
 sf = pytest.importorskip("soundfile")
@@ -202,3 +202,62 @@ def test_benchmark_synthesised_fallback_is_labelled(tmp_path):
     check_benchmark(bench)
     with pytest.raises(ValueError, match="source"):
         build_benchmark(str(tmp_path), source="nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe
+# ----------------------------------------------------------------------------------------------
+
+
+def test_probe_multiclass_separable():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 3
+    labels = torch.arange(300) % 5
+    x = centres[labels] + torch.randn(300, 16, generator=g)
+    result = train_linear_probe(x[:200], labels[:200], x[200:], labels[200:], task="multiclass", epochs=30, batch_size=32)
+    assert result.final_metric > 0.9  # chance is 0.2
+    assert result.curve["train_loss"][-1] < 0.5 * result.curve["train_loss"][0]
+    assert result.scores.shape == (100, 5)
+    again = train_linear_probe(x[:200], labels[:200], x[200:], labels[200:], task="multiclass", epochs=30, batch_size=32)
+    assert torch.equal(again.weight, result.weight) and again.curve == result.curve
+
+
+def test_probe_multilabel_map_high_and_loss_falls():
+    g = torch.Generator().manual_seed(1)
+    targets = (torch.rand(400, 6, generator=g) < 0.3).float()
+    x = targets @ torch.randn(6, 24, generator=g) + 0.3 * torch.randn(400, 24, generator=g)
+    result = train_linear_probe(x[:300], targets[:300], x[300:], targets[300:], task="multilabel", epochs=50, batch_size=64)
+    assert result.final_metric > 0.9
+    assert result.curve["train_loss"][-1] < 0.5 * result.curve["train_loss"][0]
+    assert len(result.curve["eval_mAP"]) == 50
+    torch.testing.assert_close(result.predict(x[300:]), result.scores)
+
+
+def test_features_are_cached_and_reused(tmp_path):
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    calls = []
+    encoder.register_forward_hook(lambda *_: calls.append(1))
+    inputs = torch.randn(10, 3, 4)
+    loader = [{"fbank": inputs[:6], "index": torch.arange(6)}, {"fbank": inputs[6:], "index": torch.arange(6, 10)}]
+    first = compute_features(encoder, loader, cache_path=str(tmp_path))
+    assert len(calls) == 2 and first.shape == (10, 4) and len(os.listdir(tmp_path)) == 1
+    second = compute_features(encoder, loader, cache_path=str(tmp_path))
+    assert len(calls) == 2 and torch.equal(first, second)
+    torch.testing.assert_close(compute_features(encoder, inputs, batch_size=4), first)
+    with torch.no_grad():
+        encoder[1].bias.add_(1.0)
+    compute_features(encoder, loader, cache_path=str(tmp_path))
+    assert len(calls) == 2 + 3 + 2 and len(os.listdir(tmp_path)) == 2  # the uncached run above, then the new weights
+    plain_calls = []
+
+    def encoder_fn(batch):
+        plain_calls.append(1)
+        return batch.flatten(1)[:, :2]
+
+    compute_features(encoder_fn, inputs, cache_path=str(tmp_path), checkpoint_id="ckpt-a")
+    compute_features(encoder_fn, inputs, cache_path=str(tmp_path), checkpoint_id="ckpt-a")
+    assert len(plain_calls) == 1
+    compute_features(encoder_fn, inputs + 1, cache_path=str(tmp_path), checkpoint_id="ckpt-a")
+    assert len(plain_calls) == 2
+    with pytest.raises(ValueError, match="checkpoint_id"):
+        compute_features(encoder_fn, inputs, cache_path=str(tmp_path))
