@@ -244,10 +244,16 @@ def test_features_are_cached_and_reused(tmp_path):
     second = compute_features(encoder, loader, cache_path=str(tmp_path))
     assert len(calls) == 2 and torch.equal(first, second)
     torch.testing.assert_close(compute_features(encoder, inputs, batch_size=4), first)
+    assert len(calls) == 2 + 3
+    assert torch.equal(compute_features(encoder, inputs, cache_path=str(tmp_path), batch_size=4), first)
+    assert len(calls) == 2 + 3  # the same clips batched differently: the same cache entry
     with torch.no_grad():
         encoder[1].bias.add_(1.0)
     compute_features(encoder, loader, cache_path=str(tmp_path))
-    assert len(calls) == 2 + 3 + 2 and len(os.listdir(tmp_path)) == 2  # the uncached run above, then the new weights
+    assert len(calls) == 2 + 3 + 2 and len(os.listdir(tmp_path)) == 2  # new weights, a new entry
+    norm = torch.nn.BatchNorm1d(4)  # a 0-d buffer (num_batches_tracked) in the state dict
+    compute_features(norm, torch.randn(3, 4), cache_path=str(tmp_path))
+    assert norm.training
     plain_calls = []
 
     def encoder_fn(batch):

@@ -26,13 +26,16 @@ logger = logging.getLogger(__name__)
 TASKS = ("multilabel", "multiclass")
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def module_id(module: torch.nn.Module) -> str:
     """A checkpoint id for a module: the SHA-256 of its state dict (names, dtypes, shapes, values)."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -51,11 +54,13 @@ def _batches(inputs, input_key: str, batch_size: int) -> List[torch.Tensor]:
 
 
 def _inputs_key(batches: List[torch.Tensor], checkpoint_id: str) -> str:
+    """SHA-256 of the checkpoint id and the clips (their dtype, shape and bytes), whatever the batching."""
     digest = hashlib.sha256(f"checkpoint|{checkpoint_id}|".encode())
     for batch in batches:
-        t = batch.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        header = f"{batch.dtype}|{tuple(batch.shape[1:])}|".encode()
+        for clip in batch:
+            digest.update(header)
+            digest.update(_tensor_bytes(clip))
     return digest.hexdigest()
 
 
@@ -64,15 +69,16 @@ def compute_features(encoder_fn: Callable[[torch.Tensor], torch.Tensor], inputs:
                      batch_size: int = 64) -> torch.Tensor:
     """encoder_fn over all inputs -> float32 features [clips, dim] on the CPU.
 
-    inputs: a tensor/array of clips [clips, ...] (run `batch_size` at a time), or an iterable of
-    batches: tensors, or dicts holding the batch under `input_key` (as the project's loader
-    yields). It is read once. encoder_fn maps a batch to [batch, dim] (a module is run in eval
+    inputs: a tensor/array of clips [clips, ...] (run `batch_size` at a time), or a finite iterable
+    of batches: tensors, or dicts holding the batch under `input_key` (as the project's loader
+    yields with infinite=False). It is read once, into memory. encoder_fn maps a batch to [batch, dim] (a module is run in eval
     mode and left in the mode it had).
 
     cache_path: a directory; the features are stored there as `features-<key>.pt`, the key a
-    SHA-256 of checkpoint_id and the inputs' bytes, dtypes and shapes, and loaded instead of
-    running the encoder when that file exists. checkpoint_id names the encoder weights (a
-    checkpoint path and step, say); for a torch module it defaults to `module_id(module)`.
+    SHA-256 of checkpoint_id and the clips' bytes, dtype and shape (not of how they are batched),
+    and loaded instead of running the encoder when that file exists. checkpoint_id names the
+    encoder weights (a checkpoint path and step, say); for a torch module it defaults to
+    `module_id(module)`.
     """
     batches = _batches(inputs, input_key, batch_size)
     if not batches:
