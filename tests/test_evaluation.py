@@ -202,6 +202,8 @@ def test_benchmark_synthesised_fallback_is_labelled(tmp_path):
     check_benchmark(bench)
     with pytest.raises(ValueError, match="source"):
         build_benchmark(str(tmp_path), source="nope")
+    with pytest.raises(ValueError, match="test_fraction"):
+        build_benchmark(str(tmp_path), source="synthetic", test_fraction=1.0)
 
 
 # ----------------------------------------------------------------------------------------------

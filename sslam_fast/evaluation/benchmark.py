@@ -242,6 +242,10 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
         raise ValueError(f"source must be 'auto', 'recordings' or 'synthetic', got {source!r}")
     if not 1 <= min_events <= max_events:
         raise ValueError(f"need 1 <= min_events <= max_events, got {min_events}, {max_events}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if min(train_clips_per_class, test_clips_per_class, train_scenes, test_scenes) < 0:
+        raise ValueError("clip and scene counts must be >= 0")
     import soundfile as sf
 
     n = int(round(clip_seconds * SAMPLE_RATE))
@@ -263,7 +267,7 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
             for r in range(SYNTHETIC_RECORDINGS_PER_CLASS):
                 waves[f"synthetic:{label}/{r}"] = _synthetic_recording(label, np.random.default_rng([seed, 1, c, r]))
         recordings = {label: sorted(k for k in waves if k.startswith(f"synthetic:{label}/")) for label in names}
-        dropped = []
+        paths, dropped = {}, []
     else:
         names = {label: RECORDED_CLASSES[label][0] for label in usable}
         paths = {rec: path for recs in usable.values() for rec, path in recs}
