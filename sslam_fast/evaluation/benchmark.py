@@ -56,8 +56,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import audio as _audio
 from .. import data as _data
+from ..data import audio as _audio
 
 SAMPLE_RATE = 16000
 SPLITS = ("mono_train", "mono_test", "poly_train", "poly_test")
