@@ -125,12 +125,12 @@ def test_balanced_sampler_is_deterministic_per_seed_and_epoch():
     first = list(sampler)
     assert list(sampler) == first and len(set(first)) == 4 and 2 not in first  # no replacement, as EAT draws
     sampler.set_epoch(1)
-    other_epochs = [list(sampler)]
+    epoch_one = list(sampler)
     sampler.set_epoch(0)
     assert list(sampler) == first
     assert list(BalancedSampler(weights, num_samples=4, seed=3)) == first
     draws = [list(BalancedSampler(weights, num_samples=4, seed=3, epoch=e)) for e in range(1, 6)]
-    assert draws[0] == other_epochs[0] and any(d != first for d in draws)
+    assert draws[0] == epoch_one and any(d != first for d in draws)
     heavy = np.bincount(list(BalancedSampler(weights, num_samples=4000, replacement=True)), minlength=6)
     assert heavy[2] == 0 and heavy[4] > heavy[1] > heavy[0]
     with pytest.raises(ValueError, match="positive weight"):
