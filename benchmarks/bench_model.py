@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sslam_fast import SSLAMConfig, SSLAMPretrainer
+from sslam_fast.implementation import set_implementation
 from sslam_fast.pretrainer import step_flops_per_clip
 
 CUDA = torch.cuda.is_available()
@@ -22,7 +23,7 @@ RESULTS = {}
 
 def make_step(stage: int, provider: str):
     fast = provider == "fast"
-    common = dict(stage=stage, attention="auto" if fast else "eager", use_kernels=fast)
+    common = dict(stage=stage, attention="auto" if fast else "eager")
     if CUDA:
         cfg = SSLAMConfig(clone_batch=16 if stage == 1 else 8, **common)
         batch, frames, device = 12, 1024, torch.device("cuda")
@@ -31,7 +32,7 @@ def make_step(stage: int, provider: str):
                           clone_batch=2, **common)
         batch, frames, device = 2, 1024, torch.device("cpu")
     torch.manual_seed(0)
-    model = SSLAMPretrainer(cfg).to(device).train()
+    model = set_implementation(SSLAMPretrainer(cfg), "fused" if fast else "reference").to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=CUDA)
     gen = torch.Generator(device=device).manual_seed(0)

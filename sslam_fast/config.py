@@ -99,7 +99,6 @@ class SSLAMConfig:
     max_time_patches: int = 768
     norm_eps: float = 1e-6
     attention: str = "auto"  # auto: flash-attn if it imports, else SDPA; "sdpa"; "eager" (reference)
-    use_kernels: bool = True  # Triton kernels on CUDA; False runs the plain PyTorch reference ops
     # masking (docs/method.md §4)
     mask_prob: float = 0.8
     mask_length: int = 5
@@ -154,10 +153,6 @@ class SSLAMConfig:
     @property
     def freq_patches(self) -> int:
         return self.num_mel_bins // self.patch_size
-
-    @classmethod
-    def base(cls, **overrides) -> "SSLAMConfig":
-        return cls(**overrides)
 
     @classmethod
     def large(cls, **overrides) -> "SSLAMConfig":

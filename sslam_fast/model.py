@@ -5,10 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import sslam_kernels
-
 from .attention import attention
 from .config import SSLAMConfig
+from .implementation import FUSED
 
 
 def sincos_table(embed_dim: int, time_patches: int, freq_patches: int) -> torch.Tensor:
@@ -100,6 +99,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attention) for _ in range(cfg.depth)
         )
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -129,9 +129,7 @@ class Encoder(nn.Module):
         ``keep_index`` [B * clone, K] (visible patches, ascending), view v takes the visible patches
         of clip v // clone: [B * clone, 1 + K, D]. Positions, gather and CLS are one fused op."""
         patches = self.patchify(fbank)
-        return sslam_kernels.embed_mask_gather(
-            patches, self.positions(patches.shape[1]), self.cls_token, keep_index, clone,
-            use_triton=None if self.cfg.use_kernels else False)
+        return self.ops.embed_mask_gather(patches, self.positions(patches.shape[1]), self.cls_token, keep_index, clone)
 
     def run_blocks(self, x: torch.Tensor, collect: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """LayerNorm then the blocks on [N, 1 + L, D] (CLS first); returns the output and, when

@@ -1,22 +1,37 @@
 """Teacher targets and the losses of EAT (stage 1) and SSLAM (stage 2), docs/method.md §5-7."""
+from typing import Callable, List, Tuple
+
 import torch
+import torch.nn as nn
+
+from .config import SSLAMConfig
+from .mixing import mixed_rows
 
 
-def source_retention_target(own: torch.Tensor, partner_mixed_rows: torch.Tensor, rows: torch.Tensor,
-                            freq_patches: int) -> torch.Tensor:
-    """The Source Retention target of SSLAM for the mixtures of a batch.
+def source_retention_target(teacher: nn.Module, original_tokens: torch.Tensor, own: torch.Tensor,
+                            windows: Tuple[int, int], grid: Tuple[int, int], cfg: SSLAMConfig,
+                            target: Callable[[List[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """The Source Retention target of SSLAM (docs/method.md §7), [B, P, D], one per mixture.
 
-    own: [B, P, D] each clip's own patch target. partner_mixed_rows: [B, R * freq_patches, D] the
-    12-layer target of each clip computed with only its mixed rows (the unmixed windows dropped);
-    rows: [P // freq_patches] bool, True for the R mixed rows. For mixture i, clip i-1's features
-    are put into the mixed rows of a copy of clip i's target, and the result averaged with clip i's
-    target: 0.5 * (target(A_i) + target_with_partner_in_mixed_rows(A_{i-1})).
+    Mixture i is clip i mixed with clip i-1 outside the two unmixed windows. The teacher encodes
+    each original clip again with the patch rows of those windows dropped (original positions
+    kept), which gives clip i-1's features for the mixed rows alone; they replace the mixed rows of
+    a copy of clip i's own target, and the result is averaged with clip i's target:
+    0.5 * (target(A_i) + target_with_partner_in_mixed_rows(A_{i-1})), with no re-normalisation.
+
+    original_tokens: [B, 1 + P, D] the teacher's input tokens of the originals (CLS first,
+    positions added); own: [B, P, D] their patch targets; grid: (time, freq) patches;
+    target: teacher layers -> layer-averaged target (``layer_averaged_target``).
     """
     B, P, D = own.shape
-    partner = torch.roll(partner_mixed_rows, shifts=1, dims=0)
-    rebuilt = own.clone().view(B, P // freq_patches, freq_patches, D)
+    time_patches, freq_patches = grid
+    rows = mixed_rows(time_patches, windows, cfg.mix_window, cfg.patch_size, own.device)
+    kept = original_tokens[:, 1:].view(B, time_patches, freq_patches, D)[:, rows].reshape(B, -1, D)
+    _, layers = teacher.run_blocks(torch.cat([original_tokens[:, :1], kept], dim=1), collect=True)
+    partner = torch.roll(target(layers[-cfg.average_top_k_layers:]), shifts=1, dims=0)  # clip i-1 at index i
+    rebuilt = own.clone().view(B, time_patches, freq_patches, D)
     rebuilt[:, rows] = partner.view(B, -1, freq_patches, D).to(rebuilt.dtype)
-    return (own + rebuilt.view(B, P, D)) / 2.0
+    return 0.5 * (own + rebuilt.view(B, P, D))
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """One SSLAM / EAT pretraining step as a pure function of (weights, batch, draws): docs/method.md §4-7."""
+import functools
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -8,8 +9,9 @@ import torch.nn as nn
 import sslam_kernels
 
 from .config import SSLAMConfig
+from .implementation import FUSED
 from .masking import visible_index
-from .mixing import check_windows, draw_mix_windows, mixed_rows, partial_mixture
+from .mixing import check_windows, draw_mix_windows, partial_mixture
 from .model import CNNDecoder, Encoder, as_fbank_batch
 from .objectives import feature_std, regression_loss, source_retention_target
 from .teacher import ema_decay_at, ema_update, make_teacher
@@ -44,6 +46,7 @@ class SSLAMPretrainer(nn.Module):
         self.student = Encoder(cfg)
         self.decoder = CNNDecoder(cfg)
         self.teacher = make_teacher(self.student)
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -61,7 +64,7 @@ class SSLAMPretrainer(nn.Module):
         decay = self.ema_decay(step)
         if decay < 1:
             ema_update(self.teacher, self.student.parameters() if student_params is None else student_params, decay,
-                       use_kernels=self.cfg.use_kernels)
+                       self.ops.ema_update)
         return decay
 
     # ----------------------------------------------------------------------- draws
@@ -75,8 +78,7 @@ class SSLAMPretrainer(nn.Module):
         views, patches = inputs * c.clone_batch, grid[0] * grid[1]
         masks = draws.masks
         if masks is None:
-            draw_masks = sslam_kernels.inverse_block_mask if c.use_kernels else sslam_kernels.inverse_block_mask_reference
-            masks = draw_masks(batch_size * c.clone_batch, grid, c.mask_prob, c.mask_length, c.mask_prob_adjust,
+            masks = self.ops.inverse_block_mask(batch_size * c.clone_batch, grid, c.mask_prob, c.mask_length, c.mask_prob_adjust,
                                generator=generator, device=device)
             if c.stage == 2:
                 masks = torch.cat([masks, masks])  # each mixture reuses its base clip's masks
@@ -102,7 +104,7 @@ class SSLAMPretrainer(nn.Module):
         """fbank: [B, 1, T, 128] normalised log-mel. ``mixture`` (stage 2) may come precomputed from
         the data pipeline for ``draws.mix_windows``. Returns loss (= (patch_loss + cls_loss +
         srl_loss) / sample_size), the three summed terms, sample_size, target_var, pred_var, and
-        the draws used."""
+        the draws used. The step: draw, predict (student and decoder), targets (teacher), losses."""
         c = self.cfg
         fbank = as_fbank_batch(fbank, c.num_mel_bins, c.patch_size, self.student.max_frames)
         B, _, T, _ = fbank.shape
@@ -111,33 +113,54 @@ class SSLAMPretrainer(nn.Module):
         given_masks = draws is not None and draws.masks is not None
         draws = self.draw(B, T, fbank.device, generator, draws)
         grid = (T // c.patch_size, c.freq_patches)
-        clone = c.clone_batch
-        scale = c.loss_scale if c.loss_scale is not None else c.embed_dim ** -0.5
-
         if c.stage == 2:
             if mixture is None:
                 mixture = partial_mixture(fbank, draws.mix_windows, c.mix_window)
-            inputs = torch.cat([fbank, mixture.to(fbank.dtype)])
+            inputs = torch.cat([fbank, mixture.to(fbank.dtype)])  # [B originals, B mixtures]
         else:
             inputs = fbank
+        pred, student_cls = self.predict(inputs, draws, grid, given_masks)
+        targets = self.teacher_targets(inputs, B, draws.mix_windows, grid)
+        return {**self.losses(pred, student_cls, targets, draws.masks), "draws": draws}
 
-        # Student on the visible patches of every view; decoder input = noise with the visible
-        # outputs put back in place.
+    def predict(self, inputs: torch.Tensor, draws: Draws, grid: Tuple[int, int],
+                check_masks: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The student on the visible patches of every view, then the decoder on the visible
+        outputs put back in place among noise: predictions [V, P, D] and the student CLS [V, D]."""
+        c = self.cfg
         masks = draws.masks
-        if given_masks:
+        if check_masks:
             keep = visible_index(masks)  # checks that every view keeps the same number of patches
         else:
             num_keep = sslam_kernels.mask_counts(masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
             keep = sslam_kernels.keep_index_from_mask(masks, num_keep)
-        x = self.student(inputs, keep_index=keep, clone=clone)
-        student_cls = x[:, 0]
-        dec_in = sslam_kernels.decoder_input_scatter(x[:, 1:], keep, draws.decoder_noise,
-                                                     use_triton=None if c.use_kernels else False)
-        pred = self.decoder(dec_in, grid)
+        x = self.student(inputs, keep_index=keep, clone=c.clone_batch)
+        dec_in = self.ops.decoder_input_scatter(x[:, 1:], keep, draws.decoder_noise)
+        return self.decoder(dec_in, grid), x[:, 0]
 
-        targets = self.teacher_targets(inputs, B, draws.mix_windows, grid)
+    @torch.no_grad()
+    def teacher_targets(self, inputs: torch.Tensor, batch_size: int, windows, grid) -> Dict[str, torch.Tensor]:
+        """Teacher on the full inputs: patch targets [N, P, D] (top-K layer average) and utterance
+        targets [N, D] (stage 1: the same average; stage 2: the last layer). Stage 2 adds the Source
+        Retention target [B, P, D] of the B mixtures (``source_retention_target``)."""
+        c = self.cfg
+        target = functools.partial(self.ops.layer_averaged_target, eps_instance=c.instance_norm_eps,
+                                   eps_layer=c.target_norm_eps)
+        tokens = self.teacher.tokens(inputs)
+        _, layers = self.teacher.run_blocks(tokens, collect=True)
+        patch = target(layers[-c.average_top_k_layers:])
+        if c.stage == 1:
+            return {"patch": patch, "cls": patch.mean(dim=1)}
+        srl = source_retention_target(self.teacher, tokens[:batch_size], patch[:batch_size], windows, grid, c, target)
+        return {"patch": patch, "cls": target(layers[-1:]).mean(dim=1), "srl": srl}
 
-        # Losses at masked positions; view v's target is its clip's, v // clone.
+    def losses(self, pred: torch.Tensor, student_cls: torch.Tensor, targets: Dict[str, torch.Tensor],
+               masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Patch, CLS and (stage 2) Source Retention losses at the masked positions, each summed;
+        view v's targets are those of its input, v // clone_batch (docs/method.md §6-7)."""
+        c = self.cfg
+        clone = c.clone_batch
+        scale = c.loss_scale if c.loss_scale is not None else c.embed_dim ** -0.5
         vi, pi = masks.nonzero(as_tuple=True)
         sample_size = vi.numel()
         pred_masked = pred[vi, pi]
@@ -150,46 +173,16 @@ class SSLAMPretrainer(nn.Module):
             mvi, mpi = masks[half:].nonzero(as_tuple=True)
             srl_loss = regression_loss(pred[half + mvi, mpi], targets["srl"][mvi // clone, mpi], scale) * c.srl_loss_weight
         else:
-            srl_loss = torch.zeros((), device=fbank.device)
-        loss = (patch_loss + cls_loss + srl_loss) / sample_size
+            srl_loss = torch.zeros((), device=pred.device)
         return {
-            "loss": loss,
+            "loss": (patch_loss + cls_loss + srl_loss) / sample_size,
             "patch_loss": patch_loss.detach(),
             "cls_loss": cls_loss.detach(),
             "srl_loss": srl_loss.detach(),
-            "sample_size": torch.tensor(sample_size, device=fbank.device),
+            "sample_size": torch.tensor(sample_size, device=pred.device),
             "target_var": feature_std(target_masked),
             "pred_var": feature_std(pred_masked),
-            "draws": draws,
         }
-
-    @torch.no_grad()
-    def teacher_targets(self, inputs: torch.Tensor, batch_size: int, windows, grid) -> Dict[str, torch.Tensor]:
-        """Teacher on the full inputs: patch targets [N, P, D] (top-K layer average) and utterance
-        targets [N, D] (stage 1: the same average; stage 2: the last layer). Stage 2 adds the Source
-        Retention target [B, P, D] from a pass over the originals with the unmixed rows dropped."""
-        c = self.cfg
-        t = self.teacher
-        K = c.average_top_k_layers
-
-        def target(layers):
-            return sslam_kernels.layer_averaged_target(layers, c.instance_norm_eps, c.target_norm_eps,
-                                                       use_triton=None if c.use_kernels else False)
-
-        tokens = t.tokens(inputs)
-        _, layers = t.run_blocks(tokens, collect=True)
-        patch = target(layers[-K:])
-        if c.stage == 1:
-            return {"patch": patch, "cls": patch.mean(dim=1)}
-        last = target(layers[-1:])
-        rows = mixed_rows(grid[0], windows, c.mix_window, c.patch_size, tokens.device)
-        D = tokens.shape[-1]
-        originals = tokens[:batch_size]
-        kept = originals[:, 1:].view(batch_size, grid[0], grid[1], D)[:, rows].reshape(batch_size, -1, D)
-        _, dropped_layers = t.run_blocks(torch.cat([originals[:, :1], kept], dim=1), collect=True)
-        partner = target(dropped_layers[-K:])
-        srl = source_retention_target(patch[:batch_size], partner, rows, grid[1])
-        return {"patch": patch, "cls": last.mean(dim=1), "srl": srl}
 
 
 def step_flops_per_clip(cfg: SSLAMConfig, num_frames: int = 1024) -> float:

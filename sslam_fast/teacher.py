@@ -1,6 +1,6 @@
 """The EMA teacher (docs/method.md §5): an fp32 copy of the student encoder, updated after each step."""
 import copy
-from typing import Iterable, List
+from typing import Callable, Iterable, List
 
 import torch
 import torch.nn as nn
@@ -25,12 +25,13 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student_params: Iterable[torch.Tensor], decay: float,
-               use_kernels: bool = True) -> None:
+               update: Callable = sslam_kernels.ema_update) -> None:
     """teacher <- decay * teacher + (1 - decay) * student, over the teacher's parameters in order.
 
     ``student_params`` are the tensors to average in (the fp32 master copies where an optimizer
     keeps them, else the student's own parameters), matching ``teacher.parameters()`` one to one.
-    With ``use_kernels``, CUDA tensors are updated in one Triton launch.
+    ``update(teacher_tensors, student_tensors, decay)`` does the arithmetic (the implementation's
+    ``Ops.ema_update``: one Triton launch for CUDA tensors, or the reference loop).
     """
     t_params: List[torch.Tensor] = list(teacher.parameters())
     s_params = [p.detach() for p in student_params]
@@ -39,6 +40,5 @@ def ema_update(teacher: nn.Module, student_params: Iterable[torch.Tensor], decay
     for t, s in zip(t_params, s_params):
         if t.shape != s.shape:
             raise ValueError(f"teacher/student parameter shapes differ: {list(t.shape)} vs {list(s.shape)}")
-    update = sslam_kernels.ema_update if use_kernels else sslam_kernels.ema_update_reference
     update(t_params, s_params, decay)
 

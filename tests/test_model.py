@@ -19,7 +19,7 @@ def test_vit_base_parameter_count():
 
 @pytest.mark.parametrize("size", ["base", "large"])
 def test_feature_shapes_for_base_and_large(size):
-    cfg = SSLAMConfig.base() if size == "base" else SSLAMConfig.large()
+    cfg = SSLAMConfig() if size == "base" else SSLAMConfig.large()
     enc = Encoder(cfg).eval()
     with torch.no_grad():
         x = fbank_batch(2, 128)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sslam_fast import Draws, SSLAMConfig, SSLAMPretrainer
+from sslam_fast.implementation import set_implementation
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -13,7 +14,7 @@ def pair(stage, **overrides):
     values = dict(stage=stage, embed_dim=192, depth=4, num_heads=3, average_top_k_layers=4, clone_batch=4)
     values.update(overrides)
     fast = SSLAMPretrainer(SSLAMConfig(**values)).cuda()
-    ref = SSLAMPretrainer(SSLAMConfig(**{**values, "use_kernels": False, "attention": "eager"})).cuda()
+    ref = set_implementation(SSLAMPretrainer(SSLAMConfig(**{**values, "attention": "eager"})), "reference").cuda()
     ref.load_state_dict(fast.state_dict())
     return fast, ref
 

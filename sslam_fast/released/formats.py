@@ -164,7 +164,12 @@ def load_pretrainer(path: str, map_location="cpu", **overrides) -> SSLAMPretrain
     return _load_fairseq(path, ckpt, overrides)
 
 
+# Model keys of earlier versions that now live outside the model config (ignored when read).
+LEGACY_MODEL_KEYS = ("use_kernels",)
+
+
 def _own_config(path: str, values: Dict[str, Any], overrides: Dict[str, Any]) -> SSLAMConfig:
+    values = {k: v for k, v in values.items() if k not in LEGACY_MODEL_KEYS}
     return from_dict(SSLAMConfig, {**values, **overrides}, where=f"{path}: config")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ConfigError, SSLAMConfig, from_dict
+from ..implementation import IMPLEMENTATIONS
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainSection:
     seed: int = 1
     init_from: Optional[str] = None  # weights to start from (stage 2: a stage-1 or EAT checkpoint)
     ema_from: str = "master"  # "master": EMA from the fp32 master weights; "model": from the bf16 weights
+    implementation: str = "fused"  # how the model's ops run: "fused", "reference" or "compiled" (implementation.py)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     min_target_var: float = 0.1  # collapse alarm thresholds (docs/method.md §6), checked after collapse_after steps
     min_pred_var: float = 0.01
@@ -49,6 +51,9 @@ class TrainSection:
             raise ConfigError(f"{where}.global_batch: batch sizes must be positive")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"{where}.precision: must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ConfigError(f"{where}.implementation: must be one of {', '.join(IMPLEMENTATIONS)}, "
+                              f"got {self.implementation!r}")
         if self.ema_from not in ("master", "model"):
             raise ConfigError(f"{where}.ema_from: must be 'master' or 'model', got {self.ema_from!r}")
         if self.max_steps < 1:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, to_dict
+from ..implementation import set_implementation
 from ..pretrainer import SSLAMPretrainer
 from ..serialization import atomic_save
 from .checkpoints import (TRAIN_FORMAT, latest_checkpoint, publish, read_resume_state, remove_stale_temps,
@@ -32,7 +33,7 @@ from .runlog import RunLog
 
 logger = logging.getLogger("sslam_fast.train")
 METRIC_KEYS = ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var")
-IMPLEMENTATION_KEYS = ("attention", "use_kernels")  # may change on resume: same maths, other code path
+IMPLEMENTATION_KEYS = ("attention",)  # may change on resume: same maths, other code path
 
 
 class TrainingStopped(RuntimeError):
@@ -58,6 +59,7 @@ class Trainer:
         if cfg.train.init_from and resume_from is None:
             self._init_weights(cfg.train.init_from)
         self.model.to(device)
+        set_implementation(self.model, cfg.train.implementation)
         self.trainable = StudentAndDecoder(self.model, torch.bfloat16 if cfg.train.precision == "bf16" else None)
         optimizer = build_optimizer(self.trainable, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.cosine_steps)

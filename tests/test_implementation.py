@@ -1,0 +1,88 @@
+"""One switch picks how the model's ops run (fused / reference / compiled), applied from outside."""
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import fbank_batch, tiny_model
+from sslam_fast import Draws, load_pretrainer, save_pretrainer
+from sslam_fast.config import ConfigError
+from sslam_fast.implementation import FUSED, REFERENCE, set_implementation
+from sslam_fast.trainer.config import load_config
+
+
+def test_set_implementation_reaches_every_module():
+    model = tiny_model(stage=2)
+    assert model.ops is FUSED and model.student.ops is FUSED
+    set_implementation(model, "reference")
+    holders = [m for m in model.modules() if hasattr(m, "ops")]
+    assert {id(m) for m in holders} >= {id(model), id(model.student), id(model.teacher)}
+    assert all(m.ops is REFERENCE for m in holders)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        set_implementation(model, "triton")
+
+
+def test_every_op_is_read_from_the_ops_attribute():
+    """The model calls each op through ``ops``, so the switch reaches every one of them."""
+    calls = []
+
+    def counting(name, fn):
+        return lambda *a, **k: (calls.append(name), fn(*a, **k))[1]
+
+    model = set_implementation(tiny_model(stage=2), "reference")
+    names = [f.name for f in dataclasses.fields(REFERENCE) if f.name != "name"]
+    ops = dataclasses.replace(REFERENCE, **{n: counting(n, getattr(REFERENCE, n)) for n in names})
+    for module in (model, model.student, model.teacher):
+        module.ops = ops
+    out = model(fbank_batch(2, 1024), generator=torch.Generator().manual_seed(0))
+    model.update_teacher(1)
+    assert torch.isfinite(out["loss"]) and sorted(set(calls)) == sorted(names)
+
+
+def test_reference_ops_are_the_plain_pytorch_ones():
+    import sslam_kernels
+
+    assert REFERENCE.inverse_block_mask is sslam_kernels.inverse_block_mask_reference
+    assert REFERENCE.ema_update is sslam_kernels.ema_update_reference
+    for name in ("embed_mask_gather", "decoder_input_scatter", "layer_averaged_target"):
+        op = getattr(REFERENCE, name)
+        assert op.func is getattr(sslam_kernels, name) and op.keywords == {"use_triton": False}
+
+
+def step(model, seed=0):
+    x = fbank_batch(2, 1024, seed=seed)
+    draws = model.draw(2, 1024, "cpu", torch.Generator().manual_seed(seed))
+    out = model(x, draws=Draws(draws.masks, draws.mix_windows, draws.decoder_noise))
+    out["loss"].backward()
+    grads = torch.cat([p.grad.flatten() for p in model.student.parameters() if p.grad is not None])
+    return out, grads
+
+
+def test_compiled_matches_reference():
+    reference = set_implementation(tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1), "reference")
+    compiled = tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1)
+    compiled.load_state_dict(reference.state_dict())
+    set_implementation(compiled, "compiled")
+    ref, ref_grads = step(reference)
+    out, grads = step(compiled)
+    for key in ("loss", "patch_loss", "cls_loss", "srl_loss"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    assert any(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.student.blocks)
+
+
+def test_trainer_config_names_a_bad_implementation():
+    with pytest.raises(ConfigError, match="train.implementation"):
+        load_config(None, ["data.demo_clips=4", "train.implementation=triton"])
+    assert load_config(None, ["data.demo_clips=4"]).train.implementation == "fused"
+
+
+def test_checkpoints_with_the_former_use_kernels_key_still_load(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "own.pt"
+    save_pretrainer(model, str(path))
+    raw = torch.load(path, weights_only=True)
+    raw["config"]["use_kernels"] = False
+    torch.save(raw, path)
+    loaded = load_pretrainer(str(path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
