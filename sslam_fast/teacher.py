@@ -39,6 +39,8 @@ def ema_update(teacher: nn.Module, student_params: Iterable[torch.Tensor], decay
     for t, s in zip(t_params, s_params):
         if t.shape != s.shape:
             raise ValueError(f"teacher/student parameter shapes differ: {list(t.shape)} vs {list(s.shape)}")
-    update = sslam_kernels.ema_update if use_kernels else sslam_kernels.ema_update_reference
-    update(t_params, s_params, decay)
+    if use_kernels:
+        sslam_kernels.FusedEMA(s_params, t_params).update(decay)
+    else:
+        sslam_kernels.ema_update_reference(t_params, s_params, decay)
 
