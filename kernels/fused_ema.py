@@ -12,7 +12,7 @@ fairseq's EMAModule does. Three layouts are handled:
   a ZeRO-3 teacher has its own local shard blended with the student's;
 - DTensor (FSDP2) student and teacher with the same placements: the local shards are blended.
 """
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,9 +32,11 @@ def _zero3_rank(param: torch.Tensor) -> int:
     return dist.get_rank(group=getattr(param, "ds_process_group", None))
 
 
-def _named(x: Union[nn.Module, Sequence[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def _named(x: Union[nn.Module, Mapping[str, torch.Tensor], Sequence[torch.Tensor]]) -> Dict[str, torch.Tensor]:
     if isinstance(x, nn.Module):
         return {_strip(n): p for n, p in x.named_parameters()}
+    if isinstance(x, Mapping):
+        return {_strip(n): t for n, t in x.items()}
     return {str(i): t for i, t in enumerate(x)}
 
 
@@ -47,8 +49,9 @@ class FusedEMA:
 
     student: any nn.Module (may be wrapped by DDP / DeepSpeed; parameters fp32 or bf16), or a
         list of tensors (e.g. an optimizer's fp32 master copies) matched by position.
-    teacher: an nn.Module whose parameters (fp32) are a subset, by name, of the student's, or a
-        list of fp32 tensors as long as the student's list.
+    teacher: an nn.Module whose parameters (fp32) are a subset, by name, of the student's, a
+        dict of fp32 tensors by name (e.g. fairseq EMAModule's ``fp32_params``), or a list of fp32
+        tensors as long as the student's list.
     names: optional iterable of teacher parameter names to update (default: all of them; for
         lists the names are the positions "0", "1", ...).
     shard_rank: for ZeRO-3 students, the function giving a parameter's rank in its partition
@@ -65,7 +68,7 @@ class FusedEMA:
                  teacher: Union[nn.Module, Sequence[torch.Tensor]], names: Optional[Iterable[str]] = None,
                  shard_rank: Callable[[torch.Tensor], int] = _zero3_rank, backend: str = "auto"):
         s_params, t_params = _named(student), _named(teacher)
-        if not isinstance(student, nn.Module) and len(s_params) != len(t_params):
+        if not isinstance(student, (nn.Module, Mapping)) and len(s_params) != len(t_params):
             raise ValueError(f"{len(t_params)} teacher tensors vs {len(s_params)} student tensors")
         names = list(t_params) if names is None else [_strip(n) for n in names]
         missing = [n for n in names if n not in s_params or n not in t_params]
