@@ -13,7 +13,7 @@ those counters (``patch_report(model)`` rebuilds it for any model, e.g. a deep c
 otherwise).
 """
 import types
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -90,12 +90,6 @@ def patch_report(model: nn.Module) -> PatchReport:
         for method, counter in getattr(module, "_sslam_counters", {}).items():
             counters[f"{prefix}.{method}" if prefix else method] = counter
     return PatchReport(counters)
-
-
-def apply_fused_ema(student: nn.Module, teacher: nn.Module, names: Optional[Iterable[str]] = None,
-                    backend: str = "auto") -> FusedEMA:
-    """The one-launch EMA for any (student, teacher) pair: call ``.update(decay)`` each step."""
-    return FusedEMA(student, teacher, names=names, backend=backend)
 
 
 def _rebind(obj: nn.Module, name: str, fn, strict: bool) -> None:
