@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sslam_kernels as sk
-from sslam_kernels.ema import ema_update_foreach, ema_update_reference
+from sslam_kernels.ema import EMAPair, EMAPlan, ema_update_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
 INNER = 10
@@ -69,8 +69,7 @@ def test_ema_update(benchmark, provider, student_dtype):
     numel = sum(t.numel() for t in teacher)
     decay = 0.9998
     if provider == "triton":
-        pairs = sk.ema.as_pairs(teacher, student)
-        plan = sk.ema.EMAPlan(pairs)
+        plan = EMAPlan([EMAPair(t, s) for t, s in zip(teacher, student)])
 
         def fn():
             plan.launch(decay)
@@ -83,7 +82,8 @@ def test_ema_update(benchmark, provider, student_dtype):
                 torch._foreach_lerp_(teacher, student, 1 - decay)
     elif provider == "foreach":
         def fn():
-            ema_update_foreach(teacher, student, decay)
+            torch._foreach_mul_(teacher, decay)
+            torch._foreach_add_(teacher, [s.to(t.dtype) for t, s in zip(teacher, student)], alpha=1 - decay)
     else:
         def fn():
             ema_update_reference(teacher, student, decay)

@@ -2,7 +2,7 @@
 
 Every op dispatches to Triton for CUDA tensors and to its PyTorch reference otherwise.
 """
-from .ema import EMAPair, ema_update, ema_update_foreach, ema_update_reference
+from .ema import ema_update_reference
 from .fused_ema import FusedEMA
 from .gather import (decoder_input_gather, decoder_input_gather_reference, decoder_input_scatter,
                      decoder_input_scatter_reference, embed_mask_gather, embed_mask_gather_reference)
@@ -11,14 +11,11 @@ from .masking import (inverse_block_mask, inverse_block_mask_reference, keep_ind
                       mask_counts)
 
 __all__ = [
-    "EMAPair",
     "FusedEMA",
     "decoder_input_gather",
     "decoder_input_gather_reference",
     "decoder_input_scatter",
     "decoder_input_scatter_reference",
-    "ema_update",
-    "ema_update_foreach",
     "ema_update_reference",
     "embed_mask_gather",
     "embed_mask_gather_reference",

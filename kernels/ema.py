@@ -1,16 +1,13 @@
 """EMA teacher update: teacher <- decay * teacher + (1 - decay) * student.
 
-The teacher is kept in fp32; the student may be fp32 or bf16. Three implementations of the same
-update:
+The teacher is kept in fp32; the student may be fp32 or bf16. ``FusedEMA`` (fused_ema.py) is the
+user entry point; here are its one internal update, ``ema_update_pairs``, and the test oracle:
 
-- ``ema_update_reference``: a per-tensor loop in fairseq's order (scale, then add); the CPU
-  fallback and the test oracle.
-- ``ema_update_foreach``: torch's multi-tensor ops.
-- ``ema_update_triton``: every (teacher, student) pair in ONE launch. A table holds one row per
-  chunk of ``BLOCK`` elements (teacher address, student address, element count), so ~150 tensors
-  of any sizes cost one launch; ``decay`` is a runtime scalar (no recompilation per value).
-
-``ema_update`` dispatches: Triton for CUDA tensors, the reference otherwise.
+- ``ema_update_reference``: a per-tensor loop in fairseq's order (scale, then add).
+- ``ema_update_pairs``: on CUDA every (teacher, student) pair in ONE Triton launch. A table holds
+  one row per chunk of ``BLOCK`` elements (teacher address, student address, element count), so
+  ~150 tensors of any sizes cost one launch; ``decay`` is a runtime scalar (no recompilation per
+  value). Elsewhere the same update per tensor in torch.
 
 Sharded students (ZeRO-3) are handled by pairing slices: each pair may name an element range of
 the teacher (``EMAPair``), so a rank holding only its local student shard updates only the
@@ -36,16 +33,6 @@ def ema_update_reference(teacher: Sequence[torch.Tensor], student: Sequence[torc
     """
     for t, s in zip(teacher, student):
         t.mul_(decay).add_(s.to(t.dtype).view(t.shape), alpha=1 - decay)
-
-
-@torch.no_grad()
-def ema_update_foreach(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-                       decay: float) -> None:
-    """Same update with torch's multi-tensor ops (few launches on the GPU)."""
-    teacher = list(teacher)
-    student = [s.to(t.dtype).view(t.shape) for t, s in zip(teacher, student)]
-    torch._foreach_mul_(teacher, decay)
-    torch._foreach_add_(teacher, student, alpha=1 - decay)
 
 
 @dataclass(frozen=True)
@@ -150,48 +137,25 @@ def _check_pair(p: EMAPair) -> None:
                          f"{p.t_start}, student {tuple(p.student.shape)}, count {count}")
 
 
-def as_pairs(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> List[EMAPair]:
-    """Whole-tensor pairs; each teacher/student pair must have the same numel."""
-    teacher, student = list(teacher), list(student)
-    if len(teacher) != len(student):
-        raise ValueError(f"{len(teacher)} teacher tensors vs {len(student)} student tensors")
-    for i, (t, s) in enumerate(zip(teacher, student)):
-        if t.numel() != s.numel():
-            raise ValueError(f"pair {i}: teacher numel {t.numel()} != student numel {s.numel()}")
-    return [EMAPair(t, s) for t, s in zip(teacher, student)]
-
-
-_last_plan: List[EMAPlan] = []  # ema_update's one-entry cache: the same tensors every step
-
-
-@torch.no_grad()
-def ema_update_triton(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-                      decay: float) -> None:
-    """The Triton update over all pairs in one launch (per student dtype).
-
-    teacher: list of fp32 contiguous tensors (updated in place).
-    student: list of contiguous fp32 / bf16 / fp16 tensors, numel equal to the teacher's.
-    decay: python float in [0, 1].
-    The chunk table of the last call is reused while the same storages come back.
-    """
-    pairs = as_pairs(teacher, student)
-    key = _storage_key(pairs) + tuple((t.numel(), s.dtype) for t, s in zip(teacher, student))
-    if not _last_plan or _last_plan[0].key != key:
-        plan = EMAPlan(pairs)
-        plan.key = key
-        _last_plan[:] = [plan]
-    _last_plan[0].launch(decay)
+def _flat_slices(p: EMAPair) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_pair(p)
+    count = p.resolved_count()
+    return p.teacher.view(-1)[p.t_start:p.t_start + count], p.student.view(-1)[:count]
 
 
 @torch.no_grad()
 def ema_update_pairs(pairs: Sequence[EMAPair], decay: float, plan: Optional[EMAPlan] = None,
-                     backend: str = "auto") -> Optional[EMAPlan]:
-    """Update a list of ``EMAPair``. backend: "auto" (Triton for CUDA tensors, the reference
-    otherwise), "triton" or "torch".
+                     backend: str = "auto", copies: Sequence[EMAPair] = ()) -> Optional[EMAPlan]:
+    """Blend every pair of ``pairs`` with ``decay``; copy every pair of ``copies`` (the student's
+    frozen parameters, as fairseq's EMAModule does). backend: "auto" (Triton for CUDA tensors,
+    torch otherwise), "triton" or "torch".
 
     Returns the plan so callers can pass it back (it is rebuilt if any storage moved)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown EMA backend {backend!r}")
+    for p in copies:
+        t, s = _flat_slices(p)
+        t.copy_(s)
     pairs = list(pairs)
     if not pairs:
         return plan
@@ -201,26 +165,6 @@ def ema_update_pairs(pairs: Sequence[EMAPair], decay: float, plan: Optional[EMAP
         plan.launch(decay)
         return plan
     for p in pairs:
-        _check_pair(p)
-        count = p.resolved_count()
-        t = p.teacher.view(-1)[p.t_start:p.t_start + count]
-        t.mul_(decay).add_(p.student.view(-1)[:count].to(torch.float32), alpha=1 - decay)
+        t, s = _flat_slices(p)
+        t.mul_(decay).add_(s.to(torch.float32), alpha=1 - decay)
     return plan
-
-
-@torch.no_grad()
-def ema_update(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-               decay: float) -> None:
-    """teacher[i] <- decay * teacher[i] + (1 - decay) * student[i], for all i.
-
-    teacher: list of fp32 contiguous tensors, updated in place.
-    student: list of fp32 or bf16 contiguous tensors with the same numels (shapes may differ,
-        e.g. a flat local shard).
-    decay: python float; changing it between calls never recompiles.
-    On CUDA: one Triton launch for all tensors. On CPU: ``ema_update_reference``.
-    """
-    teacher, student = list(teacher), list(student)
-    if teacher and teacher[0].is_cuda and triton_available:
-        ema_update_triton(teacher, student, decay)
-    else:
-        ema_update_reference(teacher, student, decay)

@@ -8,6 +8,9 @@
   Backward is a gather.
 
 Each has a plain-indexing PyTorch reference (``*_reference``), used on CPU and as the test oracle.
+The Triton paths are ``torch.library`` custom ops (``torch.ops.sslam_kernels.*``) with fake
+(meta) implementations and registered backward ops, so models using them compile with
+``torch.compile(fullgraph=True)``.
 """
 from typing import Optional
 
@@ -171,86 +174,145 @@ def _scatter_rows(rows, fill, inv, num_out, clone, rows_from, out_dtype, compact
     return out
 
 
-class EmbedMaskGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, patches, pos, prefix, keep_index, clone, out_dtype):
-        num_views = patches.shape[0] * clone
-        index = None if keep_index is None else keep_index.contiguous()
-        ctx.save_for_backward(index)
-        ctx.shape = patches.shape
-        ctx.clone = clone
-        ctx.n_prefix = 0 if prefix is None else prefix.shape[0]
-        ctx.pos_needs_grad = pos is not None and pos.requires_grad
-        ctx.dtypes = (patches.dtype, None if pos is None else pos.dtype,
-                      None if prefix is None else prefix.dtype)
-        return _gather_rows(patches, pos, prefix, index, clone, num_views, out_dtype)
+# The Triton paths as torch.library ops: opaque to torch.compile (shapes from the fake
+# implementations), differentiable through their registered backward ops.
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (index,) = ctx.saved_tensors
-        N, P, D = ctx.shape
-        grad_out = grad_out.contiguous()
-        V = grad_out.shape[0]
-        if index is None:
-            index = torch.arange(P, device=grad_out.device).expand(V, P)
-        inv = inverse_index(index, P)
-        p_dtype, pos_dtype, pre_dtype = ctx.dtypes
-        need_fp32 = ctx.pos_needs_grad and ctx.needs_input_grad[1]
-        grad = _scatter_rows(grad_out, None, inv, N, ctx.clone, ctx.n_prefix,
-                             torch.float32 if need_fp32 else p_dtype)
-        grad_pos = grad.sum(0).to(pos_dtype) if need_fp32 else None
+@torch.library.custom_op("sslam_kernels::embed_mask_gather", mutates_args=())
+def _embed_mask_gather_op(patches: torch.Tensor, pos: Optional[torch.Tensor], prefix: Optional[torch.Tensor],
+                          keep_index: Optional[torch.Tensor], clone: int, out_dtype: torch.dtype) -> torch.Tensor:
+    index = None if keep_index is None else keep_index.contiguous()
+    return _gather_rows(patches, pos, prefix, index, clone, patches.shape[0] * clone, out_dtype)
+
+
+@_embed_mask_gather_op.register_fake
+def _(patches, pos, prefix, keep_index, clone, out_dtype):
+    N, P, D = patches.shape
+    K = P if keep_index is None else keep_index.shape[1]
+    n_prefix = 0 if prefix is None else prefix.shape[0]
+    return patches.new_empty(N * clone, n_prefix + K, D, dtype=out_dtype)
+
+
+@torch.library.custom_op("sslam_kernels::embed_mask_gather_backward", mutates_args=())
+def _embed_mask_gather_backward_op(grad_out: torch.Tensor, keep_index: Optional[torch.Tensor], num_clips: int,
+                                   num_patches: int, clone: int, n_prefix: int,
+                                   out_dtype: torch.dtype) -> torch.Tensor:
+    """The patches' gradient [num_clips, num_patches, D]: the clones' rows summed per clip."""
+    grad_out = grad_out.contiguous()
+    V = grad_out.shape[0]
+    if keep_index is None:
+        keep_index = torch.arange(num_patches, device=grad_out.device).expand(V, num_patches)
+    inv = inverse_index(keep_index, num_patches)
+    return _scatter_rows(grad_out, None, inv, num_clips, clone, n_prefix, out_dtype)
+
+
+@_embed_mask_gather_backward_op.register_fake
+def _(grad_out, keep_index, num_clips, num_patches, clone, n_prefix, out_dtype):
+    return grad_out.new_empty(num_clips, num_patches, grad_out.shape[2], dtype=out_dtype)
+
+
+def _embed_mask_gather_setup(ctx, inputs, output):
+    patches, pos, prefix, keep_index, clone, _ = inputs
+    ctx.save_for_backward(keep_index)
+    ctx.shape = patches.shape
+    ctx.clone = clone
+    ctx.n_prefix = 0 if prefix is None else prefix.shape[0]
+    ctx.dtypes = (patches.dtype, None if pos is None else pos.dtype, None if prefix is None else prefix.dtype)
+
+
+def _embed_mask_gather_backward(ctx, grad_out):
+    (index,) = ctx.saved_tensors
+    N, P, _ = ctx.shape
+    p_dtype, pos_dtype, pre_dtype = ctx.dtypes
+    need_pos = ctx.needs_input_grad[1]
+    grad_patches = grad_pos = grad_prefix = None
+    if ctx.needs_input_grad[0] or need_pos:
+        grad = _embed_mask_gather_backward_op(grad_out, index, N, P, ctx.clone, ctx.n_prefix,
+                                              torch.float32 if need_pos else p_dtype)
+        grad_pos = grad.sum(0).to(pos_dtype) if need_pos else None
         grad_patches = grad.to(p_dtype) if ctx.needs_input_grad[0] else None
-        grad_prefix = None
-        if ctx.n_prefix and ctx.needs_input_grad[2]:
-            grad_prefix = grad_out[:, :ctx.n_prefix].float().sum(0).to(pre_dtype)
-        return grad_patches, grad_pos, grad_prefix, None, None, None
+    if ctx.n_prefix and ctx.needs_input_grad[2]:
+        grad_prefix = grad_out[:, :ctx.n_prefix].float().sum(0).to(pre_dtype)
+    return grad_patches, grad_pos, grad_prefix, None, None, None
 
 
-class DecoderInputScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, visible, keep_index, noise):
-        index = keep_index.contiguous()
-        ctx.save_for_backward(index)
-        ctx.visible_dtype = visible.dtype
-        inv = inverse_index(index, noise.shape[1])
-        return _scatter_rows(visible, noise, inv, noise.shape[0], 1, 0, visible.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (index,) = ctx.saved_tensors
-        grad_visible = _gather_rows(grad_out, None, None, index, 1, grad_out.shape[0],
-                                    ctx.visible_dtype)
-        return grad_visible, None, None
+_embed_mask_gather_op.register_autograd(_embed_mask_gather_backward, setup_context=_embed_mask_gather_setup)
 
 
-class DecoderInputGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ids_restore, mask_tokens, num_extra):
-        restore = ids_restore.contiguous()
-        ctx.save_for_backward(restore)
-        ctx.num_extra = num_extra
-        ctx.num_visible = x.shape[1] - num_extra
-        ctx.dtypes = (x.dtype, mask_tokens.dtype)
-        return _scatter_rows(x, mask_tokens, restore, x.shape[0], 1, num_extra, x.dtype,
-                             compact_fill=True)
+@torch.library.custom_op("sslam_kernels::decoder_input_scatter", mutates_args=())
+def _decoder_input_scatter_op(visible: torch.Tensor, keep_index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    inv = inverse_index(keep_index.contiguous(), noise.shape[1])
+    return _scatter_rows(visible, noise, inv, noise.shape[0], 1, 0, visible.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (restore,) = ctx.saved_tensors
-        V, T, D = grad_out.shape
-        grad_out = grad_out.contiguous()
-        position = torch.empty_like(restore, dtype=torch.int64).scatter_(
-            1, restore.long(), torch.arange(T, device=restore.device).expand(V, T))
-        num_extra = ctx.num_extra
-        x_dtype, m_dtype = ctx.dtypes
-        num_visible = ctx.num_visible
-        grad_x = grad_m = None
-        if ctx.needs_input_grad[0]:
-            zeros = grad_out.new_zeros(num_extra, D) if num_extra else None
-            grad_x = _gather_rows(grad_out, None, zeros, position[:, :num_visible], 1, V, x_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_m = _gather_rows(grad_out, None, None, position[:, num_visible:], 1, V, m_dtype)
-        return grad_x, None, grad_m, None
+
+@_decoder_input_scatter_op.register_fake
+def _(visible, keep_index, noise):
+    return visible.new_empty(noise.shape)
+
+
+@torch.library.custom_op("sslam_kernels::gather_rows", mutates_args=())
+def _gather_rows_op(src: torch.Tensor, index: torch.Tensor, num_prefix: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[v] = cat(num_prefix zero rows, src[v, index[v]]) of ``out_dtype``."""
+    zeros = src.new_zeros(num_prefix, src.shape[2]) if num_prefix else None
+    return _gather_rows(src, None, zeros, index.contiguous(), 1, src.shape[0], out_dtype)
+
+
+@_gather_rows_op.register_fake
+def _(src, index, num_prefix, out_dtype):
+    return src.new_empty(src.shape[0], num_prefix + index.shape[1], src.shape[2], dtype=out_dtype)
+
+
+def _decoder_input_scatter_setup(ctx, inputs, output):
+    visible, keep_index, _ = inputs
+    ctx.save_for_backward(keep_index)
+    ctx.visible_dtype = visible.dtype
+
+
+def _decoder_input_scatter_backward(ctx, grad_out):
+    (index,) = ctx.saved_tensors
+    return _gather_rows_op(grad_out.contiguous(), index, 0, ctx.visible_dtype), None, None
+
+
+_decoder_input_scatter_op.register_autograd(_decoder_input_scatter_backward,
+                                            setup_context=_decoder_input_scatter_setup)
+
+
+@torch.library.custom_op("sslam_kernels::decoder_input_gather", mutates_args=())
+def _decoder_input_gather_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_tokens: torch.Tensor,
+                             num_extra: int) -> torch.Tensor:
+    return _scatter_rows(x, mask_tokens, ids_restore.contiguous(), x.shape[0], 1, num_extra, x.dtype,
+                         compact_fill=True)
+
+
+@_decoder_input_gather_op.register_fake
+def _(x, ids_restore, mask_tokens, num_extra):
+    return x.new_empty(x.shape[0], ids_restore.shape[1], x.shape[2])
+
+
+def _decoder_input_gather_setup(ctx, inputs, output):
+    x, ids_restore, mask_tokens, num_extra = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.num_extra = num_extra
+    ctx.num_visible = x.shape[1] - num_extra
+    ctx.dtypes = (x.dtype, mask_tokens.dtype)
+
+
+def _decoder_input_gather_backward(ctx, grad_out):
+    (restore,) = ctx.saved_tensors
+    V, T, _ = grad_out.shape
+    grad_out = grad_out.contiguous()
+    position = torch.empty_like(restore, dtype=torch.int64).scatter_(
+        1, restore.long(), torch.arange(T, device=restore.device).expand(V, T))
+    x_dtype, m_dtype = ctx.dtypes
+    grad_x = grad_m = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _gather_rows_op(grad_out, position[:, :ctx.num_visible], ctx.num_extra, x_dtype)
+    if ctx.needs_input_grad[2]:
+        grad_m = _gather_rows_op(grad_out, position[:, ctx.num_visible:], 0, m_dtype)
+    return grad_x, None, grad_m, None
+
+
+_decoder_input_gather_op.register_autograd(_decoder_input_gather_backward,
+                                           setup_context=_decoder_input_gather_setup)
 
 
 def _check_gather_args(patches, pos, prefix, keep_index, clone):
@@ -289,7 +351,7 @@ def embed_mask_gather(patches: torch.Tensor, pos: Optional[torch.Tensor],
         use_triton = patches.is_cuda and triton_available
     if not use_triton:
         return embed_mask_gather_reference(patches, pos, cls, keep_index, clone, out_dtype)
-    return EmbedMaskGather.apply(patches, pos, _prefix_2d(cls, patches.shape[2]), keep_index, clone,
+    return _embed_mask_gather_op(patches, pos, _prefix_2d(cls, patches.shape[2]), keep_index, clone,
                                  out_dtype or patches.dtype)
 
 
@@ -311,7 +373,7 @@ def decoder_input_scatter(visible: torch.Tensor, keep_index: torch.Tensor, noise
         use_triton = visible.is_cuda and triton_available
     if not use_triton:
         return decoder_input_scatter_reference(visible, keep_index, noise)
-    return DecoderInputScatter.apply(visible, keep_index, noise)
+    return _decoder_input_scatter_op(visible, keep_index, noise)
 
 
 def decoder_input_gather_reference(x: torch.Tensor, ids_restore: torch.Tensor,
@@ -342,4 +404,4 @@ def decoder_input_gather(x: torch.Tensor, ids_restore: torch.Tensor, mask_tokens
         use_triton = x.is_cuda and triton_available
     if not use_triton:
         return decoder_input_gather_reference(x, ids_restore, mask_tokens, num_extra)
-    return DecoderInputGather.apply(x, ids_restore, mask_tokens, num_extra)
+    return _decoder_input_gather_op(x, ids_restore, mask_tokens, num_extra)

@@ -6,7 +6,7 @@ variance), average the K results, then LayerNorm over D (no affine). The fused k
 fp32 average once; the LayerNorm over D is torch's own single-pass kernel. Teacher targets take no
 gradient, so there is no backward.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +66,11 @@ def _fits_kernel(layers: Sequence[torch.Tensor]) -> bool:
                     and x.device == first.device for x in layers))
 
 
-def instance_norm_average_triton(layers: Sequence[torch.Tensor], eps_instance: float = 1e-5) -> torch.Tensor:
-    """The mean over K layers of the instance-normalised layers, fp32 [N, T, D] (one launch)."""
+@torch.library.custom_op("sslam_kernels::instance_norm_average", mutates_args=())
+def instance_norm_average_triton(layers: List[torch.Tensor], eps_instance: float = 1e-5) -> torch.Tensor:
+    """The mean over K layers of the instance-normalised layers, fp32 [N, T, D] (one launch).
+
+    A ``torch.library`` op (no gradient: teacher targets), so it compiles with torch.compile."""
     layers = list(layers)
     N, T, D = layers[0].shape
     out = _empty(N, T, D, dtype=torch.float32, device=layers[0].device)
@@ -82,6 +85,11 @@ def instance_norm_average_triton(layers: Sequence[torch.Tensor], eps_instance: f
         K=len(layers), IN_DTYPE=_TL[layers[0].dtype], ALIGNED=all(a % 16 == 0 for a in addresses),
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
     return out
+
+
+@instance_norm_average_triton.register_fake
+def _(layers, eps_instance=1e-5):
+    return layers[0].new_empty(layers[0].shape, dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ class Ops:
     embed_mask_gather: Callable
     decoder_input_scatter: Callable
     layer_averaged_target: Callable
-    ema_update: Callable
+    ema_backend: str  # FusedEMA's backend: "auto" (Triton for CUDA tensors) or "torch"
 
 
 FUSED = Ops(
@@ -40,7 +40,7 @@ FUSED = Ops(
     embed_mask_gather=sslam_kernels.embed_mask_gather,
     decoder_input_scatter=sslam_kernels.decoder_input_scatter,
     layer_averaged_target=sslam_kernels.layer_averaged_target,
-    ema_update=sslam_kernels.ema_update,
+    ema_backend="auto",
 )
 REFERENCE = Ops(
     name="reference",
@@ -48,7 +48,7 @@ REFERENCE = Ops(
     embed_mask_gather=functools.partial(sslam_kernels.embed_mask_gather, use_triton=False),
     decoder_input_scatter=functools.partial(sslam_kernels.decoder_input_scatter, use_triton=False),
     layer_averaged_target=functools.partial(sslam_kernels.layer_averaged_target, use_triton=False),
-    ema_update=sslam_kernels.ema_update_reference,
+    ema_backend="torch",
 )
 
 

@@ -14,7 +14,7 @@ from .masking import visible_index
 from .mixing import check_windows, draw_mix_windows, partial_mixture
 from .model import CNNDecoder, Encoder, as_fbank_batch
 from .objectives import feature_std, regression_loss, source_retention_target
-from .teacher import ema_decay_at, ema_update, make_teacher
+from .teacher import ema_decay_at, make_teacher
 
 
 @dataclass
@@ -47,6 +47,7 @@ class SSLAMPretrainer(nn.Module):
         self.decoder = CNNDecoder(cfg)
         self.teacher = make_teacher(self.student)
         self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
+        self._ema = None  # (key, FusedEMA) of the last update_teacher source
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -63,8 +64,12 @@ class SSLAMPretrainer(nn.Module):
         parameters (pass fp32 master copies where the optimizer keeps them). Returns the decay."""
         decay = self.ema_decay(step)
         if decay < 1:
-            ema_update(self.teacher, self.student.parameters() if student_params is None else student_params, decay,
-                       self.ops.ema_update)
+            source = [p.detach() for p in (self.student.parameters() if student_params is None else student_params)]
+            teacher = list(self.teacher.parameters())
+            key = (self.ops.ema_backend, tuple(p.data_ptr() for p in source + teacher))
+            if self._ema is None or self._ema[0] != key:  # built once while the tensors stay where they are
+                self._ema = (key, sslam_kernels.FusedEMA(source, teacher, backend=self.ops.ema_backend))
+            self._ema[1].update(decay)
         return decay
 
     # ----------------------------------------------------------------------- draws

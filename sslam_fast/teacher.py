@@ -1,11 +1,7 @@
-"""The EMA teacher (docs/method.md §5): an fp32 copy of the student encoder, updated after each step."""
+"""The EMA teacher (docs/method.md §5): an fp32 copy of the student encoder, updated after each step
+(``SSLAMPretrainer.update_teacher``, through ``sslam_kernels.FusedEMA``)."""
 import copy
-from typing import Callable, Iterable, List
-
-import torch
 import torch.nn as nn
-
-import sslam_kernels
 
 
 def ema_decay_at(step: int, start: float, end: float, anneal_end_step: int) -> float:
@@ -21,24 +17,3 @@ def make_teacher(student: nn.Module) -> nn.Module:
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student_params: Iterable[torch.Tensor], decay: float,
-               update: Callable = sslam_kernels.ema_update) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student, over the teacher's parameters in order.
-
-    ``student_params`` are the tensors to average in (the fp32 master copies where an optimizer
-    keeps them, else the student's own parameters), matching ``teacher.parameters()`` one to one.
-    ``update(teacher_tensors, student_tensors, decay)`` does the arithmetic (the implementation's
-    ``Ops.ema_update``: one Triton launch for CUDA tensors, or the reference loop).
-    """
-    t_params: List[torch.Tensor] = list(teacher.parameters())
-    s_params = [p.detach() for p in student_params]
-    if len(t_params) != len(s_params):
-        raise ValueError(f"teacher has {len(t_params)} parameters, student gave {len(s_params)}")
-    for t, s in zip(t_params, s_params):
-        if t.shape != s.shape:
-            raise ValueError(f"teacher/student parameter shapes differ: {list(t.shape)} vs {list(s.shape)}")
-    update(t_params, s_params, decay)
-

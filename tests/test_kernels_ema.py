@@ -1,10 +1,11 @@
-"""EMA update: the Triton kernel (interpreter on CPU, compiled on CUDA) against the reference."""
+"""EMA update: ``FusedEMA``'s Triton kernel (interpreter on CPU, compiled on CUDA) and its torch
+path against the per-tensor reference, on odd shapes, fp32 and bf16 students."""
 import pytest
 import torch
 from torch import nn
 
-from sslam_kernels import FusedEMA, ema_update, ema_update_reference
-from sslam_kernels.ema import BLOCK, EMAPair, ema_update_foreach, ema_update_pairs, ema_update_triton
+from sslam_kernels import FusedEMA, ema_update_reference
+from sslam_kernels.ema import BLOCK
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # element counts around and across the chunk size, odd shapes, a scalar-like tensor
@@ -21,15 +22,16 @@ def _expected(teacher, student, decay):
     return [(t.double() * decay + s.double() * (1 - decay)).float() for t, s in zip(teacher, student)]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decay", [0.9998, 0.99999, 0.5])
-def test_triton_matches_reference(student_dtype, decay):
+def test_tensor_lists_match_reference(student_dtype, decay, backend):
     gen = torch.Generator().manual_seed(hash((str(student_dtype), decay)) % 2**31)
     teacher, student = _pairs(student_dtype, gen)
     expected = _expected(teacher, student, decay)
     ref = [t.clone() for t in teacher]
     ema_update_reference(ref, student, decay)
-    ema_update_triton(teacher, student, decay)
+    FusedEMA(student, teacher, backend=backend).update(decay)
     for out, r, e in zip(teacher, ref, expected):
         torch.testing.assert_close(out, e, rtol=2e-7, atol=2e-7)
         torch.testing.assert_close(out, r, rtol=2e-7, atol=2e-7)
@@ -39,22 +41,12 @@ def test_decay_changes_without_stale_values():
     gen = torch.Generator().manual_seed(1)
     teacher, student = _pairs(torch.float32, gen)
     ref = [t.clone() for t in teacher]
+    ema = FusedEMA(student, teacher, backend="triton")
     for decay in (0.9, 0.99, 0.123):
-        ema_update_triton(teacher, student, decay)
-        ema_update_foreach(ref, student, decay)
+        ema.update(decay)
+        ema_update_reference(ref, student, decay)
     for out, r in zip(teacher, ref):
         torch.testing.assert_close(out, r, rtol=1e-6, atol=1e-6)
-
-
-def test_cached_table_follows_the_tensors():
-    gen = torch.Generator().manual_seed(4)
-    a_t, a_s = _pairs(torch.float32, gen)
-    b_t, b_s = _pairs(torch.bfloat16, gen)
-    for teacher, student in ((a_t, a_s), (b_t, b_s), (a_t, a_s), (a_t, b_s)):
-        expected = _expected(teacher, student, 0.8)
-        ema_update_triton(teacher, student, 0.8)
-        for out, e in zip(teacher, expected):
-            torch.testing.assert_close(out, e, rtol=2e-7, atol=2e-7)
 
 
 def test_unaligned_and_flat_shapes():
@@ -63,17 +55,20 @@ def test_unaligned_and_flat_shapes():
     teacher = [base[1:BLOCK + 1], base[BLOCK + 1:BLOCK + 100]]  # 4-byte, not 16-byte aligned
     student = [torch.randn(BLOCK, generator=gen).to(DEVICE), torch.randn(99, generator=gen).to(DEVICE)]
     expected = _expected(teacher, student, 0.7)
-    ema_update_triton(teacher, student, 0.7)
+    FusedEMA(student, teacher, backend="triton").update(0.7)
     for out, e in zip(teacher, expected):
         torch.testing.assert_close(out, e, rtol=2e-7, atol=2e-7)
 
 
-def test_rejects_bad_pairs():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rejects_bad_pairs(backend):
     t = torch.zeros(4, device=DEVICE)
     with pytest.raises(ValueError):
-        ema_update_triton([t], [torch.zeros(5, device=DEVICE)], 0.9)
+        FusedEMA([torch.zeros(5, device=DEVICE)], [t], backend=backend)
+    with pytest.raises(ValueError):
+        FusedEMA([t, t], [t], backend=backend)
     with pytest.raises(TypeError):
-        ema_update_triton([t.bfloat16()], [torch.zeros(4, device=DEVICE)], 0.9)
+        FusedEMA([torch.zeros(4, device=DEVICE)], [t.bfloat16()], backend=backend).update(0.9)
 
 
 class _Net(nn.Module):
@@ -128,6 +123,36 @@ def test_fused_ema_follows_moved_storage():
         p.data = p.data.clone()
     expected = _expected_after(teacher, student, [0.8])
     ema.update(0.8)
+    for n, p in teacher.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-6, msg=n)
+
+
+class _WithFixedTable(_Net):
+    """A student holding a frozen parameter, as data2vec 2.0's fixed positional table is."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(9, 11), requires_grad=False)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_ema_copies_frozen_parameters(backend):
+    torch.manual_seed(5)
+    student, teacher = _WithFixedTable().to(DEVICE), _WithFixedTable().to(DEVICE)
+    teacher.requires_grad_(False)  # the teacher is frozen as a whole; the student's flags decide
+    expected = _expected_after(teacher, student, [0.9])
+    expected["positions"] = student.positions.detach().clone()
+    ema = FusedEMA(student, teacher, backend=backend)
+    ema.update(0.9)
+    for n, p in teacher.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-6, msg=n)
+    student.embed.weight.requires_grad_(False)  # frozen later: copied from then on
+    with torch.no_grad():
+        student.positions.add_(1.0)
+    expected = _expected_after(teacher, student, [0.5])
+    expected["positions"] = student.positions.detach().clone()
+    expected["embed.weight"] = student.embed.weight.detach().clone()
+    ema.update(0.5)
     for n, p in teacher.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-6, msg=n)
 
