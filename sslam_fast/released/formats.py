@@ -101,8 +101,8 @@ def _fairseq_decoder_key(key: str) -> Optional[str]:
     return None
 
 
-def _check_positions(path: str, table: torch.Tensor, encoder) -> None:
-    ours = encoder.pos_table if isinstance(encoder, torch.nn.Module) else encoder
+def _check_positions(path: str, table: torch.Tensor, encoder: torch.nn.Module) -> None:
+    ours = encoder.pos_table
     theirs = table.reshape(-1, table.shape[-1]).float()
     n = min(len(ours), len(theirs))
     if theirs.shape[-1] != ours.shape[-1] or not torch.allclose(theirs[:n], ours[:n], atol=1e-4):
@@ -261,9 +261,8 @@ class ReleasedWeights:
 def _pooling(path: str, mode: Any) -> str:
     """The original ``prediction_mode``: an enum (a placeholder holding its value once unpickled),
     its name as a string ("PredictionMode.CLS_TOKEN" or "CLS_TOKEN"), or its integer value."""
-    value = mode
-    if hasattr(mode, "args") and getattr(mode, "args", None):
-        value = mode.args[0]
+    args = getattr(mode, "args", None)
+    value = args[0] if args else mode
     if isinstance(value, str):
         name = value.split(".")[-1]
         if name in _POOLING_NAMES:

@@ -16,7 +16,7 @@ from ..data.audio import AudioError, load_audio
 from ..data.manifest import load_manifest
 from .classes import audioset_classes
 from .encoder import load_classifier, load_encoder
-from .hear import fbank_windows, encode_windows, pool_clips
+from .hear import encode_windows, fbank_windows, pool_clips
 
 
 def expand_inputs(inputs: Iterable[str]) -> List[str]:
@@ -42,7 +42,7 @@ def _windows_of(files: List[str], device: str, bad: List[Tuple[str, str]], progr
             wave = load_audio(path)
             windows, frames = fbank_windows(wave.to(device))
         except AudioError as err:
-            bad.append((path, err.reason if err.path == "<audio>" or err.path == str(path) else str(err)))
+            bad.append((path, err.reason))
             continue
         yield path, windows, frames
 
@@ -108,6 +108,17 @@ def extract_files(checkpoint: str, inputs: Iterable[str], out: str, granularity:
     return written, bad
 
 
+class _Probabilities(torch.nn.Module):
+    """The classifier followed by the sigmoid: per-class probabilities of each window."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, fbank):
+        return torch.sigmoid(self.classifier(fbank))
+
+
 def tag_files(checkpoint: str, files: Iterable[str], top_k: int = 5, batch_size: int = 8,
               device: Optional[str] = None, progress: bool = False) -> Tuple[List[dict], List[Tuple[str, str]]]:
     """Top-k classes of each file: the sigmoid of the logits of each 1024-frame window, the maximum
@@ -124,12 +135,3 @@ def tag_files(checkpoint: str, files: Iterable[str], top_k: int = 5, batch_size:
             {"index": int(i), "mid": mids[int(i)], "name": classifier.labels[int(i)], "probability": round(float(v), 4)}
             for v, i in zip(values, indices)]})
     return results, bad
-
-
-class _Probabilities(torch.nn.Module):
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, fbank):
-        return torch.sigmoid(self.classifier(fbank))
