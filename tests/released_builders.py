@@ -107,7 +107,12 @@ def original_finetuned(model, head, mode=PredictionMode.CLS_TOKEN):
 
 def reference_logits(model, head, fbank, pooling="cls", eps=1e-6):
     tokens = model.student(fbank)
-    x = tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(1)
+    if pooling == "lin_softmax":  # p = sum(s^2) / sum(s) over the patches, s = sigmoid; back to a logit
+        s = torch.sigmoid(tokens[:, 1:].double())
+        p = (s * s).sum(1) / s.sum(1) * torch.exp(torch.tensor(-1e-6, dtype=torch.float64))
+        x = torch.log(p / (1 - p)).float()
+    else:
+        x = tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(1)
     if "fc_norm.weight" in head:
         x = torch.nn.functional.layer_norm(x, x.shape[-1:], head["fc_norm.weight"], head["fc_norm.bias"], eps)
     return x @ head["head.weight"].T + head["head.bias"]
