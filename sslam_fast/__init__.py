@@ -2,6 +2,7 @@
 from .config import ConfigError, SSLAMConfig
 from .model import CNNDecoder, Encoder
 from .pretrainer import Draws, SSLAMPretrainer
+from .released.encoder import AudioClassifier, AudioEncoder, load_classifier, load_encoder
 from .released.formats import load_pretrainer, save_pretrainer
 from .serialization import CheckpointError
 
@@ -15,4 +16,8 @@ __all__ = [
     "SSLAMPretrainer",
     "load_pretrainer",
     "save_pretrainer",
+    "AudioEncoder",
+    "AudioClassifier",
+    "load_encoder",
+    "load_classifier",
 ]

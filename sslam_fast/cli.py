@@ -1,4 +1,4 @@
-"""`sslam-fast` command line: a registry of subcommands (manifest, norm-stats, demo-data, ...).
+"""`sslam-fast` command line: a registry of subcommands (manifest, norm-stats, train, extract, tag, export, ...).
 
 A subcommand is registered with `register(name, help, add_arguments, run)`; `run(args)` returns the
 exit status.
@@ -93,6 +93,78 @@ register("manifest", "write a fairseq manifest for a folder of audio files", _ma
 register("norm-stats", "mean and std of a dataset's padded fbanks (for --norm-mean/--norm-std)", _norm_stats_args, _norm_stats_run)
 register("check-data", "decode every entry of a manifest as the loader would; report (exit 1) and drop the bad ones", _check_data_args, _check_data_run)
 register("demo-data", "write a small synthetic dataset with a manifest (no downloads)", _demo_data_args, _demo_data_run)
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="FILES_OR_MANIFEST", help="audio files, fairseq manifests (.tsv) or folders")
+    p.add_argument("--checkpoint", required=True, help="any checkpoint load_encoder reads (original, ours, safetensors, HF folder)")
+    p.add_argument("--granularity", choices=["all", "frame", "utterance"], default="utterance",
+                   help="utterance: [D]; frame: [rows, 8, D]; all: [windows, 1 + P, D] (default utterance)")
+    p.add_argument("--which", choices=["student", "teacher"], default="student")
+    p.add_argument("-o", "--output", required=True, help="folder for one .npy per input, or a .npz file for all")
+    p.add_argument("--batch-size", type=int, default=8, help="1024-frame windows per forward")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
+def _report_bad(bad) -> None:
+    for path, reason in bad:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _extract_run(args: argparse.Namespace) -> int:
+    from .released.tools import extract_files
+
+    written, bad = extract_files(args.checkpoint, args.inputs, args.output, args.granularity, args.which,
+                                 args.batch_size, args.device)
+    _report_bad(bad)
+    print(f"wrote features of {len(written)} files to {args.output}; {len(bad)} skipped")
+    return 1 if bad else 0
+
+
+def _tag_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="audio files, fairseq manifests (.tsv) or folders")
+    p.add_argument("--checkpoint", required=True, help="a fine-tuned checkpoint (original, safetensors or HF folder)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+
+
+def _tag_run(args: argparse.Namespace) -> int:
+    import json
+
+    from .released.tools import tag_files
+
+    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(result["file"])
+            for label in result["labels"]:
+                print(f"  {label['probability']:.3f}  {label['name']} ({label['mid'] or label['index']})")
+    _report_bad(bad)
+    return 1 if bad else 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="any checkpoint load_encoder / load_classifier reads")
+    p.add_argument("--format", required=True, choices=["safetensors", "hf", "fairseq", "onnx"])
+    p.add_argument("-o", "--output", required=True, help="file (safetensors, fairseq .pt, .onnx) or folder (hf)")
+    p.add_argument("--which", choices=["student", "teacher"], default="student", help="the encoder ONNX exports")
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from .released.export import export
+
+    export(args.checkpoint, args.format, args.output, args.which)
+    print(f"wrote {args.output}")
+    return 0
+
+
+register("extract", "features of audio files from a released or trained model (.npy per file or one .npz)", _extract_args, _extract_run)
+register("tag", "top-k AudioSet classes of audio files from a fine-tuned model", _tag_args, _tag_run)
+register("export", "convert a checkpoint to safetensors, a Hugging Face folder, the original fairseq layout or ONNX", _export_args, _export_run)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,10 @@ checkpoints also pickle fairseq / omegaconf objects, so a second, allow-list unp
 - the globals that plain weights need (torch's tensor and storage rebuild functions, dtypes,
   ``OrderedDict``, ``argparse.Namespace``, numpy's array reconstruction) resolve to the real thing;
 - a global of a package whose checkpoints hold only data objects (fairseq, omegaconf, hydra)
-  becomes an inert placeholder that records what it was given and can do nothing else;
+  becomes an inert placeholder that records what it was given and can do nothing else; so does
+  the one class of the original fine-tuning code that fine-tuned checkpoints pickle, the enum
+  ``PredictionMode`` of ``<user_dir>.models.EAT_audio_classification`` (the user_dir package name
+  varies: "EAT", "SSLAM_Stage2", ...);
 - any other global (``os.system``, ``builtins.eval``, ``subprocess.call``, a class of some other
   package...) refuses the load with an error that names the file and the global.
 
@@ -29,6 +32,8 @@ import torch
 
 # Packages whose pickled objects in original checkpoints are data (meters, configs).
 PLACEHOLDER_PACKAGES = ("fairseq", "omegaconf", "hydra")
+# (module suffix, name) of data classes of the original fine-tuning code, under any user_dir package.
+PLACEHOLDER_CLASSES = ((".models.EAT_audio_classification", "PredictionMode"),)
 
 _NUMPY_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -119,7 +124,8 @@ class _AllowListUnpickler(pickle.Unpickler):
         found = _allowed(module, name)
         if found is not None:
             return found
-        if module.split(".")[0] in PLACEHOLDER_PACKAGES:
+        if module.split(".")[0] in PLACEHOLDER_PACKAGES or any(
+                module.endswith(suffix) and name == cls for suffix, cls in PLACEHOLDER_CLASSES):
             return _placeholder(module, name)
         raise UnsafeCheckpointError(
             f"{self.path}: refused: the file names the global {module}.{name}, which a checkpoint has no reason to "

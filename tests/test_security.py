@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslam_fast import CheckpointError, load_pretrainer
+from sslam_fast import CheckpointError, load_classifier, load_encoder, load_pretrainer
 from sslam_fast.trainer.checkpoints import read_resume_state
 from sslam_fast.serialization import safe_load, vet_pickle_file
 
@@ -76,6 +76,76 @@ def test_load_pretrainer_runs_no_payload(tmp_path, legacy):
         assert "refused" in str(err.value) and ("os.system" in str(err.value) or "eval" in str(err.value)
                                                 or "subprocess.call" in str(err.value) or "posix.system" in str(err.value))
         assert not marker.exists(), f"{path.name} ran its payload"
+
+
+def finetuned_placements(payload):
+    """The payload inside an original fine-tuned checkpoint: top level of model, cfg's
+    pretrained_model_args, and as the prediction_mode itself."""
+    base = torch.load(STAGE1, weights_only=True)
+    state = {"model." + k: v for k, v in base["model"].items() if k != "_ema" and ".decoder." not in k}
+    state.update({"head.weight": torch.zeros(527, 64), "head.bias": torch.zeros(527)})
+    cfg = {"model": {"_name": "mae_image_classification", "num_classes": 527, "use_fc_norm": False,
+                     "prediction_mode": "CLS_TOKEN", "pretrained_model_args": base["cfg"]}}
+    pretrained = dict(base["cfg"], model=dict(base["cfg"]["model"], evil=payload))
+    return {
+        "ft-model": {"cfg": cfg, "model": dict(state, evil=payload)},
+        "ft-pretrained-args": {"cfg": {"model": dict(cfg["model"], pretrained_model_args=pretrained)}, "model": state},
+        "ft-mode": {"cfg": {"model": dict(cfg["model"], prediction_mode=payload)}, "model": state},
+    }
+
+
+@pytest.mark.parametrize("entry", ["load_encoder", "load_encoder_teacher", "load_classifier"])
+def test_released_model_loaders_run_no_payload(tmp_path, entry):
+    load = {"load_encoder": load_encoder, "load_encoder_teacher": lambda p: load_encoder(p, "teacher"),
+            "load_classifier": load_classifier}[entry]
+    files, marker = crafted(tmp_path)
+    for fname, payload in payloads(str(marker)).items():
+        for where, obj in finetuned_placements(payload).items():
+            path = tmp_path / f"{fname}-{where}.pt"
+            torch.save(obj, path)
+            files.append(path)
+    assert len(files) == 18
+    for path in files:
+        with pytest.raises(CheckpointError, match=path.name) as err:
+            load(str(path))
+        assert "refused" in str(err.value)
+        assert not marker.exists(), f"{path.name} ran its payload through {entry}"
+
+
+def test_the_fine_tuning_enum_placeholder_is_inert(tmp_path):
+    """``<user_dir>.models.EAT_audio_classification.PredictionMode`` unpickles as a placeholder that
+    only records its arguments; another global of that module, or that name in another module, is
+    refused. Each global here would run a command if it were really called."""
+    import types
+
+    marker = tmp_path / "marker"
+
+    class PredictionMode:
+        def __init__(self, command):
+            os.system(command)
+
+    def system(command):
+        os.system(command)
+
+    stubs = {name: types.ModuleType(name) for name in ("EAT", "EAT.models", "EAT.models.EAT_audio_classification", "evil")}
+    for path, module_name, name, obj in ((tmp_path / "enum.pt", "EAT.models.EAT_audio_classification", "PredictionMode", PredictionMode),
+                                         (tmp_path / "function.pt", "EAT.models.EAT_audio_classification", "system", system),
+                                         (tmp_path / "elsewhere.pt", "evil", "PredictionMode", PredictionMode)):
+        obj.__module__, obj.__qualname__, obj.__name__ = module_name, name, name
+        setattr(stubs[module_name], name, obj)
+        sys.modules.update(stubs)
+        try:
+            torch.save({"model": {}, "x": Payload(obj, f"touch {marker}")}, path)
+        finally:
+            for module in stubs:
+                sys.modules.pop(module)
+    loaded = safe_load(str(tmp_path / "enum.pt"))
+    assert repr(loaded["x"]) == "<placeholder for EAT.models.EAT_audio_classification.PredictionMode>"
+    assert loaded["x"].args == (f"touch {marker}",)
+    for name, refused in (("function.pt", "EAT.models.EAT_audio_classification.system"), ("elsewhere.pt", "evil.PredictionMode")):
+        with pytest.raises(CheckpointError, match=f"{name}.*refused.*{refused}"):
+            safe_load(str(tmp_path / name))
+    assert not marker.exists()
 
 
 def test_payload_is_really_live(tmp_path):

@@ -1,20 +1,37 @@
-"""Checkpoint formats: this project's own, and the original fairseq SSLAM / EAT layout.
+"""Checkpoint formats and their key mappings (the one place that knows them).
 
-The original stores ``{"cfg": {...}, "model": state_dict}``; the student's weights sit under
-``modality_encoders.IMAGE.*`` and ``blocks.*``, and the EMA teacher's fp32 weights in
-``model["_ema"]`` with the same names. Loading needs neither fairseq nor omegaconf.
+- Original pretraining (fairseq SSLAM / EAT, ``data2vec_multi``): ``{"cfg": {...}, "model": state}``;
+  the student's weights sit under ``modality_encoders.IMAGE.*`` and ``blocks.*``, the CNN decoder
+  under ``modality_encoders.IMAGE.decoder.*``, and the EMA teacher's fp32 weights in
+  ``model["_ema"]`` with the encoder's names.
+- Original fine-tuned (``mae_image_classification``): the pretraining encoder under ``model.``
+  (no decoder, no ``_ema``), then ``fc_norm.*`` (LayerNorm, eps 1e-6, when ``use_fc_norm``) and
+  ``head.*`` (Linear); ``cfg["model"]`` holds ``num_classes``, ``prediction_mode`` and the
+  pretraining config in ``pretrained_model_args``.
+- Hugging Face EAT folders (``config.json`` + ``model.safetensors``, the hub's ``modeling_eat.py``):
+  ``model.local_encoder.proj.*``, ``model.extra_tokens``, ``model.fixed_positional_encoder.positions``,
+  ``model.pre_norm.*``, ``model.blocks.*`` and, fine-tuned, ``model.fc_norm.*`` (eps 1e-5 there)
+  and ``model.head.*``. Only the JSON and the tensors are read; no code from the folder runs.
+- This project's: ``save_pretrainer`` files, training checkpoints, and the exported safetensors.
+
+Loading needs neither fairseq nor omegaconf; every torch file goes through ``safe_load``.
 """
-from typing import Any, Dict, Optional
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..config import SSLAMConfig, from_dict, to_dict
+from ..model import sincos_table
 from ..pretrainer import SSLAMPretrainer
 from ..serialization import CheckpointError, atomic_save, safe_load
 from ..trainer.checkpoints import TRAIN_FORMAT
 
 OWN_FORMAT = "sslam-fast/pretrainer"
 _ENC = "modality_encoders.IMAGE."
+_POSITIONS = _ENC + "fixed_positional_encoder.positions"
 
 
 # --------------------------------------------------------------------------- fairseq layout
@@ -84,43 +101,56 @@ def _fairseq_decoder_key(key: str) -> Optional[str]:
     return None
 
 
-def _check_positions(path: str, table: torch.Tensor, model: SSLAMPretrainer) -> None:
-    ours = model.student.pos_table
+def _check_positions(path: str, table: torch.Tensor, encoder: torch.nn.Module) -> None:
+    ours = encoder.pos_table
     theirs = table.reshape(-1, table.shape[-1]).float()
     n = min(len(ours), len(theirs))
     if theirs.shape[-1] != ours.shape[-1] or not torch.allclose(theirs[:n], ours[:n], atol=1e-4):
         raise CheckpointError(f"{path}: the stored positional table differs from the 2-D sin-cos table")
 
 
-def _load_fairseq(path: str, ckpt: Dict[str, Any], overrides: Dict[str, Any]) -> SSLAMPretrainer:
-    cfg = _fairseq_config(path, ckpt.get("cfg") or {}, overrides)
-    model = SSLAMPretrainer(cfg)
-    state = dict(ckpt["model"])
-    ema = state.pop("_ema", None)
-    student, decoder = {}, {}
+def _fairseq_parts(path: str, state: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Split an original ``model`` state dict (keys under ``prefix``) into our student, decoder,
+    teacher (fp32, from ``_ema``) and the stored positional table; tensors keep their dtypes."""
+    state = dict(state)
+    ema = state.pop(prefix + "_ema", None)
+    student, decoder, positions = {}, {}, None
     for key, value in state.items():
-        if key == _ENC + "fixed_positional_encoder.positions":
-            _check_positions(path, value, model)
-            continue
-        if (name := _fairseq_encoder_key(key)) is not None:
+        if not key.startswith(prefix):
+            raise CheckpointError(f"{path}: unexpected key model[{key!r}] in a fairseq SSLAM/EAT checkpoint")
+        inner = key[len(prefix):]
+        if inner == _POSITIONS:
+            positions = value
+        elif (name := _fairseq_encoder_key(inner)) is not None:
             student[name] = value
-        elif (name := _fairseq_decoder_key(key)) is not None:
+        elif (name := _fairseq_decoder_key(inner)) is not None:
             decoder[name] = value
         else:
             raise CheckpointError(f"{path}: unexpected key model[{key!r}] in a fairseq SSLAM/EAT checkpoint")
-    _load_strict(path, "model", model.student, student)
-    if decoder:
-        _load_strict(path, "model (decoder)", model.decoder, decoder)
+    teacher = None
     if ema is not None:
         teacher = {}
         for key, value in ema.items():
-            if key == _ENC + "fixed_positional_encoder.positions":
+            if key == _POSITIONS:
                 continue
             name = _fairseq_encoder_key(key)
             if name is None:
                 raise CheckpointError(f"{path}: unexpected key model['_ema'][{key!r}]")
             teacher[name] = value.float()
-        _load_strict(path, "model['_ema']", model.teacher, teacher)
+    return {"student": student, "decoder": decoder or None, "teacher": teacher, "positions": positions}
+
+
+def _load_fairseq(path: str, ckpt: Dict[str, Any], overrides: Dict[str, Any]) -> SSLAMPretrainer:
+    cfg = _fairseq_config(path, ckpt.get("cfg") or {}, overrides)
+    model = SSLAMPretrainer(cfg)
+    parts = _fairseq_parts(path, ckpt["model"])
+    if parts["positions"] is not None:
+        _check_positions(path, parts["positions"], model.student)
+    _load_strict(path, "model", model.student, parts["student"])
+    if parts["decoder"]:
+        _load_strict(path, "model (decoder)", model.decoder, parts["decoder"])
+    if parts["teacher"] is not None:
+        _load_strict(path, "model['_ema']", model.teacher, parts["teacher"])
     else:
         model.teacher.load_state_dict(model.student.state_dict())
     return model
@@ -186,3 +216,384 @@ def save_pretrainer(model: SSLAMPretrainer, path: str) -> None:
         },
         path,
     )
+
+
+# --------------------------------------------------------------------------- released weights
+SAFETENSORS_FORMAT = "sslam-fast/released"
+POOLINGS = {1: "mean", 2: "cls", 3: "lin_softmax"}  # the original PredictionMode values (enum auto())
+_POOLING_NAMES = {"MEAN_POOLING": "mean", "CLS_TOKEN": "cls", "LIN_SOFTMAX": "lin_softmax"}
+
+
+@dataclass
+class HeadWeights:
+    """A fine-tuned classification head: optional ``fc_norm`` LayerNorm, then ``head`` Linear."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    norm_weight: Optional[torch.Tensor] = None
+    norm_bias: Optional[torch.Tensor] = None
+    norm_eps: float = 1e-6
+    pooling: str = "cls"  # "cls" (CLS token), "mean" (mean of the patch tokens) or "lin_softmax"
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
+class ReleasedWeights:
+    """Everything a released checkpoint holds, in this project's key names and the stored dtypes.
+
+    ``teacher`` and ``decoder`` exist for pretraining checkpoints, ``head`` for fine-tuned ones;
+    ``positions`` is the stored fixed positional table ([1, N, D]) when the file has one.
+    """
+
+    config: SSLAMConfig
+    student: Dict[str, torch.Tensor]
+    source: str
+    teacher: Optional[Dict[str, torch.Tensor]] = None
+    decoder: Optional[Dict[str, torch.Tensor]] = None
+    positions: Optional[torch.Tensor] = None
+    head: Optional[HeadWeights] = None
+
+    def positions_table(self) -> torch.Tensor:
+        if self.positions is not None:
+            return self.positions
+        c = self.config
+        return sincos_table(c.embed_dim, c.max_time_patches, c.freq_patches)[None]
+
+
+def _pooling(path: str, mode: Any) -> str:
+    """The original ``prediction_mode``: an enum (a placeholder holding its value once unpickled),
+    its name as a string ("PredictionMode.CLS_TOKEN" or "CLS_TOKEN"), or its integer value."""
+    args = getattr(mode, "args", None)
+    value = args[0] if args else mode
+    if isinstance(value, str):
+        name = value.split(".")[-1]
+        if name in _POOLING_NAMES:
+            return _POOLING_NAMES[name]
+    elif isinstance(value, int) and value in POOLINGS:
+        return POOLINGS[value]
+    raise CheckpointError(f"{path}: cfg['model']['prediction_mode'] {mode!r} is not a known prediction mode")
+
+
+def finetuned_config(path: str, cfg: Dict[str, Any]) -> Tuple[SSLAMConfig, Dict[str, Any]]:
+    """(encoder config, head settings) from the ``cfg`` of an original fine-tuned checkpoint."""
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("pretrained_model_args"), dict):
+        raise CheckpointError(f"{path}: cfg['model']['pretrained_model_args'] is missing; not a fine-tuned EAT/SSLAM checkpoint")
+    encoder = _fairseq_config(path, model["pretrained_model_args"], {})
+    mode = model.get("prediction_mode", "CLS_TOKEN")
+    return encoder, {"use_fc_norm": model.get("use_fc_norm", True), "pooling": _pooling(path, mode),
+                     "num_classes": model.get("num_classes")}
+
+
+def _read_finetuned(path: str, ckpt: Dict[str, Any]) -> ReleasedWeights:
+    config, settings = finetuned_config(path, ckpt.get("cfg") or {})
+    state = dict(ckpt["model"])
+    head = {k: state.pop(k) for k in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias") if k in state}
+    if "head.weight" not in head or "head.bias" not in head:
+        raise CheckpointError(f"{path}: a fine-tuned checkpoint needs model['head.weight'] and model['head.bias']")
+    if settings["use_fc_norm"] != ("fc_norm.weight" in head):
+        raise CheckpointError(f"{path}: cfg use_fc_norm={settings['use_fc_norm']} but fc_norm weights are "
+                              f"{'present' if 'fc_norm.weight' in head else 'absent'}")
+    if settings["num_classes"] is not None and head["head.weight"].shape[0] != settings["num_classes"]:
+        raise CheckpointError(f"{path}: head has {head['head.weight'].shape[0]} classes, cfg num_classes is {settings['num_classes']}")
+    parts = _fairseq_parts(path, state, prefix="model.")
+    if parts["teacher"] is not None or parts["decoder"] is not None:
+        raise CheckpointError(f"{path}: a fine-tuned checkpoint holds a teacher or decoder")
+    return ReleasedWeights(
+        config, parts["student"], "fairseq-finetuned", positions=parts["positions"],
+        head=HeadWeights(head["head.weight"], head["head.bias"], head.get("fc_norm.weight"), head.get("fc_norm.bias"),
+                         1e-6, settings["pooling"]))
+
+
+def _is_finetuned(ckpt: Dict[str, Any]) -> bool:
+    model = ckpt.get("model")
+    return isinstance(model, dict) and "head.weight" in model
+
+
+def _read_torch(path: str) -> ReleasedWeights:
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt and "student" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of SSLAM/EAT (no 'model' or 'student' entry)")
+    if ckpt.get("format") in (OWN_FORMAT, TRAIN_FORMAT):
+        model = load_pretrainer(path)
+        return ReleasedWeights(model.cfg, model.student.state_dict(), "sslam-fast", model.teacher.state_dict(),
+                               model.decoder.state_dict())
+    if _is_finetuned(ckpt):
+        return _read_finetuned(path, ckpt)
+    config = _fairseq_config(path, ckpt.get("cfg") or {}, {})
+    parts = _fairseq_parts(path, ckpt["model"])
+    return ReleasedWeights(config, parts["student"], "fairseq-pretraining", parts["teacher"], parts["decoder"],
+                           parts["positions"])
+
+
+# Our encoder names <-> the Hugging Face EAT names (under "model.").
+_HF_RENAMES = {
+    "patch_embed.weight": "local_encoder.proj.weight",
+    "patch_embed.bias": "local_encoder.proj.bias",
+    "cls_token": "extra_tokens",
+    "norm.weight": "pre_norm.weight",
+    "norm.bias": "pre_norm.bias",
+}
+_HF_POSITIONS = "model.fixed_positional_encoder.positions"
+
+
+def _hf_encoder_key(key: str) -> Optional[str]:
+    """Hugging Face EAT parameter name (without "model.") -> ours."""
+    if key.startswith("blocks."):
+        return key
+    return {v: k for k, v in _HF_RENAMES.items()}.get(key)
+
+
+def _hf_config(path: str, config: Dict[str, Any]) -> SSLAMConfig:
+    values = {"embed_dim": config.get("embed_dim"), "depth": config.get("depth"), "num_heads": config.get("num_heads"),
+              "mlp_ratio": config.get("mlp_ratio"), "norm_eps": config.get("norm_eps"),
+              "patch_size": config.get("patch_size"), "max_time_patches": config.get("max_length"),
+              "num_mel_bins": config.get("mel_bins")}
+    if config.get("stride", config.get("patch_size")) != config.get("patch_size") or config.get("layer_norm_first"):
+        raise CheckpointError(f"{path}: overlapping patches or pre-LN blocks are not the SSLAM/EAT encoder")
+    values = {k: v for k, v in values.items() if v is not None}
+    values["average_top_k_layers"] = values.get("depth", 12)
+    return from_dict(SSLAMConfig, values, where=f"{path}: config.json")
+
+
+def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read as a safetensors file ({exc})") from exc
+
+
+def _prefixed(tensors: Dict[str, torch.Tensor], prefix: str) -> Optional[Dict[str, torch.Tensor]]:
+    out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return out or None
+
+
+def _head_from(path: str, tensors: Dict[str, torch.Tensor], prefix: str, settings: Dict[str, Any]) -> Optional[HeadWeights]:
+    if prefix + "head.weight" not in tensors:
+        return None
+    return HeadWeights(tensors[prefix + "head.weight"], tensors[prefix + "head.bias"],
+                       tensors.get(prefix + "fc_norm.weight"), tensors.get(prefix + "fc_norm.bias"),
+                       float(settings.get("fc_norm_eps", 1e-6)), settings.get("pooling", "cls"))
+
+
+def _read_hf_folder(path: str) -> ReleasedWeights:
+    config_path, weights_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    for needed in (config_path, weights_path):
+        if not os.path.isfile(needed):
+            raise CheckpointError(f"{path}: a Hugging Face model folder needs {os.path.basename(needed)}")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+    tensors, _ = _read_safetensors(weights_path)
+    ours = config.get("sslam_fast") or {}
+    cfg = (from_dict(SSLAMConfig, ours["config"], where=f"{config_path}: sslam_fast.config") if "config" in ours
+           else _hf_config(config_path, config))
+    student, extra = {}, {}
+    for key, value in tensors.items():
+        inner = key[len("model."):] if key.startswith("model.") else None
+        if key == _HF_POSITIONS:
+            continue
+        if inner is not None and (name := _hf_encoder_key(inner)) is not None:
+            student[name] = value
+        elif inner in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"):
+            extra[inner] = value
+        elif not key.startswith(("teacher.", "decoder.")):
+            raise CheckpointError(f"{weights_path}: unexpected tensor {key!r} in a Hugging Face EAT folder")
+    # The hub's fine-tuned model applies nn.LayerNorm's default eps (1e-5) in fc_norm.
+    settings = {"fc_norm_eps": ours.get("fc_norm_eps", 1e-5), "pooling": ours.get("pooling", "cls")}
+    return ReleasedWeights(cfg, student, "hf", _prefixed(tensors, "teacher."), _prefixed(tensors, "decoder."),
+                           tensors.get(_HF_POSITIONS), _head_from(path, extra, "", settings))
+
+
+def _read_own_safetensors(path: str) -> ReleasedWeights:
+    tensors, meta = _read_safetensors(path)
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path}: not a safetensors file exported by sslam-fast (metadata format "
+                              f"{meta.get('format')!r}); a Hugging Face folder needs its config.json beside it")
+    cfg = from_dict(SSLAMConfig, json.loads(meta["config"]), where=f"{path}: config")
+    settings = json.loads(meta.get("head", "{}"))
+    student = _prefixed(tensors, "student.")
+    if not student:
+        raise CheckpointError(f"{path}: holds no student.* tensors")
+    return ReleasedWeights(cfg, student, "safetensors", _prefixed(tensors, "teacher."), _prefixed(tensors, "decoder."),
+                           tensors.get("positions"), _head_from(path, tensors, "", settings))
+
+
+def read_weights(path: str) -> ReleasedWeights:
+    """Read any supported checkpoint: original pretraining or fine-tuned (fairseq), this project's
+    files, an exported ``.safetensors`` or a Hugging Face style folder (config.json + model.safetensors).
+
+    Nothing from the file is executed; errors name the file.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_hf_folder(path)
+    if path.endswith(".safetensors"):
+        if os.path.basename(path) == "model.safetensors" and os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")):
+            return _read_hf_folder(os.path.dirname(path) or ".")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        return _read_own_safetensors(path)
+    return _read_torch(path)
+
+
+# --------------------------------------------------------------------------- writers
+# The original's order of a block's parameters (a safetensors file keeps no order; fairseq's has one).
+_BLOCK_ORDER = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")]
+
+
+def _block_order(key: str):
+    _, index, rest = key.split(".", 2)
+    return int(index), _BLOCK_ORDER.index(rest) if rest in _BLOCK_ORDER else len(_BLOCK_ORDER), rest
+
+
+def _decoder_order(key: str):
+    parts = key.split(".")
+    return (0, int(parts[1]), parts[2] != "weight") if parts[0] == "convs" else (1, 0, parts[-1] != "weight")
+
+
+def _fairseq_decoder(decoder: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sorted(decoder.items(), key=lambda item: _decoder_order(item[0])):
+        parts = key.split(".")
+        out[_ENC + "decoder." + (f"blocks.{parts[1]}.0.{parts[2]}" if parts[0] == "convs" else key)] = value
+    return out
+
+
+def _fairseq_encoder(student: Dict[str, torch.Tensor], positions: torch.Tensor, prefix: str = "",
+                     decoder: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Our encoder (and decoder) state -> original names, in the original's order: extra tokens,
+    local encoder, positions, context norm, decoder, blocks."""
+    stem = [("cls_token", _ENC + "extra_tokens"), ("patch_embed.weight", _ENC + "local_encoder.proj.weight"),
+            ("patch_embed.bias", _ENC + "local_encoder.proj.bias"), (None, _POSITIONS),
+            ("norm.weight", _ENC + "context_encoder.norm.weight"), ("norm.bias", _ENC + "context_encoder.norm.bias")]
+    state = {prefix + theirs: positions if ours is None else student[ours] for ours, theirs in stem}
+    for key, value in _fairseq_decoder(decoder or {}).items():
+        state[prefix + key] = value
+    for key in sorted((k for k in student if k.startswith("blocks.")), key=_block_order):
+        state[prefix + key] = student[key]
+    return state
+
+
+def _fairseq_model_cfg(c: SSLAMConfig) -> Dict[str, Any]:
+    return {
+        "_name": "data2vec_multi", "embed_dim": c.embed_dim, "depth": c.depth, "num_heads": c.num_heads,
+        "mlp_ratio": c.mlp_ratio, "norm_eps": c.norm_eps, "norm_affine": True, "layer_norm_first": False,
+        "average_top_k_layers": c.average_top_k_layers, "clone_batch": c.clone_batch, "loss_scale": c.loss_scale,
+        "cls_loss": c.cls_loss_weight, "ema_decay": c.ema_decay, "ema_end_decay": c.ema_end_decay,
+        "ema_anneal_end_step": c.ema_anneal_end_step, "instance_norm_target_layer": True, "layer_norm_targets": True,
+        "supported_modality": "IMAGE",
+        "modalities": {"_name": None, "image": {
+            "type": "IMAGE", "in_chans": 1, "embed_dim": c.embed_dim, "patch_size": c.patch_size,
+            "max_length": c.max_time_patches, "target_length": 1024, "num_extra_tokens": 1, "fixed_positions": True,
+            "inverse_mask": True, "mask_prob": c.mask_prob, "mask_length": c.mask_length,
+            "mask_prob_adjust": c.mask_prob_adjust, "mask_noise_std": c.mask_noise_std, "prenet_depth": 0,
+            "decoder": {"decoder_dim": c.embed_dim, "decoder_layers": c.decoder_layers,
+                        "decoder_kernel": c.decoder_kernel, "decoder_groups": c.decoder_groups,
+                        "decoder_residual": True, "projection_layers": 1},
+        }},
+    }
+
+
+def _fairseq_task_cfg(name: str) -> Dict[str, Any]:
+    return {"_name": name, "audio_mae": True, "downsr_16hz": True, "target_length": 1024, "h5_format": False}
+
+
+def _fairseq_envelope(cfg: Dict[str, Any], state: Dict[str, Any]) -> Dict[str, Any]:
+    return {"args": None, "cfg": cfg, "model": state, "criterion": None,
+            "optimizer_history": [], "task_state": {}, "extra_state": {}}
+
+
+def fairseq_checkpoint(weights: ReleasedWeights) -> Dict[str, Any]:
+    """The original fairseq layout: pretraining (student, decoder, ``_ema`` teacher in fp32) or, for
+    weights with a head, fine-tuned (``model.`` encoder, ``fc_norm``, ``head``); cfg nested as the
+    original writes it (``cfg["model"]["modalities"]["image"]["decoder"]``, ``pretrained_model_args``)."""
+    positions = weights.positions_table()
+    common = {"_name": None, "user_dir": "EAT"}
+    if weights.head is None:
+        state = _fairseq_encoder(weights.student, positions, decoder=weights.decoder)
+        if weights.teacher is not None:
+            state["_ema"] = _fairseq_encoder({k: v.float() for k, v in weights.teacher.items()}, positions.float())
+        cfg = {"_name": None, "common": common, "model": _fairseq_model_cfg(weights.config),
+               "task": _fairseq_task_cfg("mae_image_pretraining"), "criterion": {"_name": "model"}}
+        return _fairseq_envelope(cfg, state)
+    head = weights.head
+    state = _fairseq_encoder(weights.student, positions, prefix="model.")
+    if head.norm_weight is not None:
+        state["fc_norm.weight"], state["fc_norm.bias"] = head.norm_weight, head.norm_bias
+    state["head.weight"], state["head.bias"] = head.weight, head.bias
+    mode = {v: k for k, v in _POOLING_NAMES.items()}[head.pooling]
+    pretrained = {"_name": None, "common": common, "model": _fairseq_model_cfg(weights.config),
+                  "task": _fairseq_task_cfg("mae_image_pretraining")}
+    model_cfg = {"_name": "mae_image_classification", "model_path": "", "num_classes": head.num_classes,
+                 "use_fc_norm": head.norm_weight is not None, "prediction_mode": mode, "audio_mae": True,
+                 "target_length": 1024, "pretrained_model_args": pretrained}
+    cfg = {"_name": None, "common": common, "model": model_cfg, "task": _fairseq_task_cfg("mae_image_classification"),
+           "criterion": {"_name": "model"}}
+    return _fairseq_envelope(cfg, state)
+
+
+def _head_settings(weights: ReleasedWeights) -> Dict[str, Any]:
+    head = weights.head
+    return {} if head is None else {"pooling": head.pooling, "fc_norm_eps": head.norm_eps, "num_classes": head.num_classes}
+
+
+def _head_tensors(head: Optional[HeadWeights], prefix: str) -> Dict[str, torch.Tensor]:
+    if head is None:
+        return {}
+    out = {prefix + "head.weight": head.weight, prefix + "head.bias": head.bias}
+    if head.norm_weight is not None:
+        out[prefix + "fc_norm.weight"], out[prefix + "fc_norm.bias"] = head.norm_weight, head.norm_bias
+    return out
+
+
+def _extras(weights: ReleasedWeights) -> Dict[str, torch.Tensor]:
+    out = {}
+    for part in ("teacher", "decoder"):
+        for key, value in (getattr(weights, part) or {}).items():
+            out[f"{part}.{key}"] = value
+    return out
+
+
+def safetensors_tensors(weights: ReleasedWeights) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors, metadata) of this project's safetensors file: ``student.*``, ``teacher.*``,
+    ``decoder.*``, ``positions``, ``head.*``/``fc_norm.*``; config and head settings as JSON metadata."""
+    tensors = {f"student.{k}": v for k, v in weights.student.items()}
+    tensors.update(_extras(weights))
+    tensors["positions"] = weights.positions_table()
+    tensors.update(_head_tensors(weights.head, ""))
+    meta = {"format": SAFETENSORS_FORMAT, "config": json.dumps(to_dict(weights.config)),
+            "head": json.dumps(_head_settings(weights))}
+    return tensors, meta
+
+
+def hf_folder(weights: ReleasedWeights) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(config.json, model.safetensors tensors) in the Hugging Face EAT layout: the student under
+    ``model.*`` with the hub's names; teacher and decoder, when present, under ``teacher.*`` and
+    ``decoder.*`` in this project's names (the hub's code ignores them)."""
+    c = weights.config
+    tensors = {}
+    for key, value in weights.student.items():
+        tensors["model." + _HF_RENAMES.get(key, key)] = value
+    tensors[_HF_POSITIONS] = weights.positions_table()
+    tensors.update(_head_tensors(weights.head, "model."))
+    tensors.update(_extras(weights))
+    config = {
+        "architectures": ["EATModel"], "model_type": "eat", "embed_dim": c.embed_dim, "depth": c.depth,
+        "num_heads": c.num_heads, "patch_size": c.patch_size, "stride": c.patch_size, "in_chans": 1,
+        "mel_bins": c.num_mel_bins, "max_length": c.max_time_patches, "mlp_ratio": c.mlp_ratio, "qkv_bias": True,
+        "layer_norm_first": False, "norm_eps": c.norm_eps, "norm_affine": True, "fixed_positions": True,
+        "img_size": [1024, c.num_mel_bins],
+        "model_variant": "finetune" if weights.head is not None else "pretrain",
+        "num_classes": weights.head.num_classes if weights.head is not None else 527,
+        "sslam_fast": {"config": to_dict(c), **_head_settings(weights)},
+    }
+    return config, tensors
