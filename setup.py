@@ -28,6 +28,7 @@ setup(
             "tensorboard",
             "onnx",
             "onnxruntime",
+            "scikit-learn",
         ],
     },
     entry_points={"console_scripts": ["sslam-fast=sslam_fast.cli:main"]},
