@@ -7,11 +7,16 @@ A training checkpoint is a directory ``step_000001234/`` inside the run director
   fp32 master weights, teacher.*), ``step``, ``world_size`` and the run's counters.
 - ``rank_<r>.pt`` (every rank): RNG states, the step generator and the data position.
 - ``deepspeed/``: the engine's own checkpoint (module, optimizer shards, LR scheduler).
+- ``checksums.json``: the size and SHA-256 of every other file, written last (the publish step).
 
-All ranks write into ``.tmp-step_000001234/``; rank 0 renames it once everyone is done, so a
-``step_*`` directory is always complete and a crash mid-save leaves only a ``.tmp-*`` that is
-ignored and cleaned up by the next run.
+All ranks write into ``.tmp-step_000001234/``; once everyone is done rank 0 hashes every file,
+writes ``checksums.json`` and renames the directory, so a ``step_*`` directory is complete and a
+crash mid-save leaves only a ``.tmp-*`` that is ignored and cleaned up by the next run. On resume
+the newest checkpoint is verified against its checksums (and loaded); one that fails is reported,
+renamed to ``step_*.rejected`` (never deleted) and the previous one is tried.
 """
+import hashlib
+import json
 import os
 import random
 import re
@@ -24,6 +29,8 @@ import torch
 from ..serialization import fsync_dir, safe_load, vet_pickle_file
 
 TRAIN_FORMAT = "sslam-fast/train"
+CHECKSUMS = "checksums.json"
+REJECTED_SUFFIX = ".rejected"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -84,15 +91,81 @@ def step_dir_name(step: int) -> str:
 
 
 def list_checkpoints(run_dir: str) -> List[str]:
-    """Complete checkpoint directories of ``run_dir``, oldest first."""
+    """Published checkpoint directories of ``run_dir`` (``step_*``, verified or not), oldest first."""
     if not os.path.isdir(run_dir):
         return []
     found = []
     for name in os.listdir(run_dir):
         m = _STEP_DIR.match(name)
-        if m and os.path.isfile(os.path.join(run_dir, name, "train.pt")):
+        if m and os.path.isdir(os.path.join(run_dir, name)):
             found.append((int(m.group(1)), os.path.join(run_dir, name)))
     return [path for _, path in sorted(found)]
+
+
+# --------------------------------------------------------------------------- checksums
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_files(directory: str) -> List[str]:
+    """Every file under ``directory`` but the checksums, as sorted relative paths."""
+    found = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != CHECKSUMS:
+                found.append(rel)
+    return sorted(found)
+
+
+def write_checksums(directory: str) -> None:
+    """Hash every file of ``directory`` and write ``checksums.json`` (atomically, last)."""
+    files = {rel: {"size": os.path.getsize(os.path.join(directory, rel)),
+                   "sha256": sha256_file(os.path.join(directory, rel))} for rel in checkpoint_files(directory)}
+    path = os.path.join(directory, CHECKSUMS)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"hash": "sha256", "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fsync_dir(directory)
+
+
+def verify_checkpoint(directory: str, hashes: bool = True) -> Optional[str]:
+    """None when every file listed in ``checksums.json`` is there with its size (and, with
+    ``hashes``, its SHA-256); otherwise the first problem, naming the file."""
+    path = os.path.join(directory, CHECKSUMS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            listed = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"{path}: missing (the checkpoint was never published)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: unreadable ({e})"
+    for rel, want in sorted(listed.items()):
+        file = os.path.join(directory, rel)
+        if not os.path.isfile(file):
+            return f"{file}: missing"
+        size = os.path.getsize(file)
+        if size != want["size"]:
+            return f"{file}: {size} bytes, {want['size']} when it was saved"
+        if hashes and sha256_file(file) != want["sha256"]:
+            return f"{file}: SHA-256 differs from the one recorded when it was saved"
+    return None
+
+
+def reject(directory: str) -> str:
+    """Move a checkpoint that failed verification or loading out of the way; never deletes it."""
+    target, n = directory + REJECTED_SUFFIX, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{directory}{REJECTED_SUFFIX}.{n}"
+    os.replace(directory, target)
+    return target
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -116,15 +189,33 @@ def remove_stale_temps(run_dir: str) -> List[str]:
 
 
 def publish(tmp_dir: str, run_dir: str, step: int, keep_last: int) -> str:
-    """Rename a fully written ``tmp_dir`` to its ``step_*`` name, then prune to ``keep_last``."""
+    """Write the checksums of a fully written ``tmp_dir``, rename it to its ``step_*`` name, then
+    prune to ``keep_last`` good checkpoints."""
+    write_checksums(tmp_dir)
     final = os.path.join(run_dir, step_dir_name(step))
     if os.path.exists(final):
-        shutil.rmtree(final)
+        reject(final)
     os.replace(tmp_dir, final)
     fsync_dir(run_dir)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep_last)
     return final
+
+
+def prune(run_dir: str, keep_last: int) -> List[str]:
+    """Delete the good checkpoints older than the newest ``keep_last`` good ones; returns them.
+
+    "Good" here is the quick check (every listed file there with its size). A checkpoint that
+    fails it is neither counted nor deleted, so bad newer checkpoints never cost the good ones.
+    """
+    removed, good = [], 0
+    for path in reversed(list_checkpoints(run_dir)):
+        if verify_checkpoint(path, hashes=False) is not None:
+            continue
+        good += 1
+        if good > keep_last:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def train_checkpoint_file(path: str) -> str:

@@ -27,6 +27,9 @@ class DataConfig:
             raise ConfigError(f"{where}.prefetch: must be at least 1")
         if not self.manifest and self.demo_clips <= 0:
             raise ConfigError(f"{where}.manifest: set a manifest (or data.demo_clips for synthetic clips)")
+        if self.manifest and self.demo_clips > 0:
+            raise ConfigError(f"{where}.manifest={self.manifest} and {where}.demo_clips={self.demo_clips} are both set: "
+                              "add --set data.demo_clips=0 to train on the manifest, or drop the manifest")
 
 
 @dataclass

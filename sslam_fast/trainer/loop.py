@@ -21,9 +21,11 @@ import torch.distributed as dist
 
 from ..config import ConfigError, to_dict
 from ..pretrainer import SSLAMPretrainer
-from ..serialization import atomic_save
-from .checkpoints import (TRAIN_FORMAT, latest_checkpoint, publish, read_resume_state, remove_stale_temps,
-                          restore_rng_state, rng_state, temp_dir_for, train_checkpoint_file)
+from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
+from . import preflight
+from .checkpoints import (TRAIN_FORMAT, latest_checkpoint, list_checkpoints, publish, read_resume_state, reject,
+                          remove_stale_temps, restore_rng_state, rng_state, temp_dir_for, train_checkpoint_file,
+                          verify_checkpoint)
 from .config import TrainConfig
 from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
 from .optim import build_optimizer, build_scheduler, plan_batch
@@ -49,9 +51,13 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = cfg.checkpoint.dir
         self.plan = plan_batch(cfg.train.global_batch, self.world, cfg.train.max_micro_batch)
-        resume_from = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        problems = [None] * self.world
+        dist.all_gather_object(problems, preflight.problem(cfg))
+        if any(problems):
+            raise ConfigError(next(p for p in problems if p))
         if not cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
             raise ConfigError(f"checkpoint.dir={self.run_dir} holds checkpoints and checkpoint.resume is false")
+        resume_from, resume_files = self._choose_checkpoint() if cfg.checkpoint.resume else (None, None)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = SSLAMPretrainer(cfg.model)
@@ -79,7 +85,7 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.stop_signal: Optional[str] = None
         if resume_from is not None:
-            self._resume(resume_from)
+            self._resume(resume_from, resume_files)
         dist.barrier()
         if self.is_main:
             for name in remove_stale_temps(self.run_dir):
@@ -218,8 +224,47 @@ class Trainer:
         self.last_checkpoint = final or os.path.join(self.run_dir, os.path.basename(tmp)[len(".tmp-"):])
         return self.last_checkpoint
 
-    def _resume(self, path: str) -> None:
-        files = read_resume_state(path, self.rank)
+    def _choose_checkpoint(self):
+        """The newest checkpoint that verifies against its checksums and loads on every rank, with
+        its files; those that fail are reported and renamed aside. (None, None) when there is none.
+
+        A refused (unsafe) file stops the run rather than falling back: someone wrote it there.
+        """
+        rejected = []
+        for path in reversed(list_checkpoints(self.run_dir)):
+            reason = [verify_checkpoint(path) if self.is_main else None]
+            dist.broadcast_object_list(reason, src=0)
+            reason, files, outcome = reason[0], None, None
+            if reason is not None:
+                outcome = ("bad", reason)
+            else:
+                try:
+                    files = read_resume_state(path, self.rank)
+                except UnsafeCheckpointError as e:
+                    outcome = ("unsafe", str(e))
+                except CheckpointError as e:
+                    outcome = ("bad", str(e))
+            outcomes = [None] * self.world
+            dist.all_gather_object(outcomes, outcome)
+            unsafe = [text for kind, text in filter(None, outcomes) if kind == "unsafe"]
+            if unsafe:
+                raise UnsafeCheckpointError(unsafe[0])
+            failures = [text for _, text in filter(None, outcomes)]
+            if not failures:
+                if self.is_main:
+                    for bad, why in rejected:
+                        logger.warning("skipped checkpoint %s: %s; moved to %s, resuming from %s",
+                                       bad, why, reject(bad), path)
+                dist.barrier()
+                return path, files
+            reason = failures[0]
+            rejected.append((path, reason))
+        if rejected:
+            raise CheckpointError(f"checkpoint.dir={self.run_dir}: no checkpoint to resume from passes "
+                                  "verification: " + "; ".join(f"{p}: {r}" for p, r in rejected))
+        return None, None
+
+    def _resume(self, path: str, files) -> None:
         state, own = files["train"], files["rank"]
         if state.get("format") != TRAIN_FORMAT:
             raise ConfigError(f"{path}: not a training checkpoint of this project")
