@@ -151,13 +151,13 @@ def test_indivisible_global_batch_on_two_ranks_says_so_once(tmp_path):
     """Two processes under torchrun: the error is printed once (rank 0), the run writes nothing."""
     import subprocess
 
-    from test_train import REPO, sets
+    from test_train import REPO, python_path, sets
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO, "sslam_fast", "train.py"), *sets(run_dir, "train.global_batch=5")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=python_path(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr

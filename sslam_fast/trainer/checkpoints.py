@@ -6,7 +6,11 @@ A training checkpoint is a directory ``step_000001234/`` inside the run director
   ``model`` section), ``model`` (``SSLAMPretrainer.state_dict()``: student.*, decoder.* from the
   fp32 master weights, teacher.*), ``step``, ``world_size`` and the run's counters.
 - ``rank_<r>.pt`` (every rank): RNG states, the step generator and the data position.
-- ``deepspeed/``: the engine's own checkpoint (module, optimizer shards, LR scheduler).
+- ``deepspeed/``: the engine's own checkpoint (module, optimizer shards, LR scheduler); what a
+  resume with the same processes, ZeRO stage and precision loads (exact).
+- ``optimizer.pt`` (rank 0): the whole fp32 optimizer state per parameter (master weights,
+  exp_avg, exp_avg_sq, step) and the LR scheduler state, plain tensors: what an elastic resume
+  (another number of processes, ZeRO stage or precision) loads into its own partitioning.
 - ``checksums.json``: the size and SHA-256 of every other file, written last (the publish step).
 
 All ranks write into ``.tmp-step_000001234/``; once everyone is done rank 0 hashes every file,
@@ -26,9 +30,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..serialization import fsync_dir, safe_load, vet_pickle_file
+from ..serialization import CheckpointError, fsync_dir, safe_load, vet_pickle_file
 
 TRAIN_FORMAT = "sslam-fast/train"
+OPTIMIZER_FILE = "optimizer.pt"
 CHECKSUMS = "checksums.json"
 REJECTED_SUFFIX = ".rejected"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -72,17 +77,38 @@ DEEPSPEED_GLOBALS = (
 )
 
 
-def read_resume_state(path: str, rank: int) -> Dict[str, Any]:
-    """The safe reads of a resume: ``train.pt`` and ``rank_<rank>.pt`` through ``safe_load``
-    (weights only), and every file of ``deepspeed/`` vetted before DeepSpeed loads it."""
+def is_elastic(state: Dict[str, Any], world_size: Optional[int], zero_stage: Optional[int],
+               precision: Optional[str]) -> bool:
+    """Whether a resume from ``state`` (``train.pt``) changes the number of processes, the ZeRO
+    stage or the precision, so that DeepSpeed's per-rank partitioned files do not fit."""
+    saved = (state.get("world_size"), state.get("zero_stage", zero_stage), state["config"]["train"]["precision"])
+    return world_size is not None and saved != (world_size, zero_stage, precision or saved[2])
+
+
+def read_resume_state(path: str, rank: int, world_size: Optional[int] = None, zero_stage: Optional[int] = None,
+                      precision: Optional[str] = None) -> Dict[str, Any]:
+    """The safe reads of a resume, all through ``safe_load`` (weights only): ``train.pt``, then
+    either ``rank_<rank>.pt`` and every file of ``deepspeed/`` vetted before DeepSpeed loads them
+    (same layout), or ``optimizer.pt``, the consolidated optimizer state (elastic resume: another
+    world size, ZeRO stage or precision; ``rank_<rank>.pt`` too when it exists)."""
     state = safe_load(os.path.join(path, "train.pt"))
-    own = safe_load(os.path.join(path, f"rank_{rank}.pt"))
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        raise CheckpointError(f"{os.path.join(path, 'train.pt')}: not a training checkpoint of this project")
+    own_file = os.path.join(path, f"rank_{rank}.pt")
+    if is_elastic(state, world_size, zero_stage, precision):
+        optimizer = os.path.join(path, OPTIMIZER_FILE)
+        if not os.path.isfile(optimizer):
+            raise CheckpointError(f"{optimizer}: missing; checkpoints written before elastic resume existed resume "
+                                  f"only with the processes, ZeRO stage and precision they were written with")
+        own = safe_load(own_file) if state.get("world_size") == world_size else None
+        return {"train": state, "rank": own, "optimizer": safe_load(optimizer), "elastic": True}
+    own = safe_load(own_file)
     engine_dir = os.path.join(path, "deepspeed")
     for root, _, files in os.walk(engine_dir):
         for name in sorted(files):
             if name.endswith(".pt"):
                 vet_pickle_file(os.path.join(root, name), DEEPSPEED_GLOBALS)
-    return {"train": state, "rank": own}
+    return {"train": state, "rank": own, "optimizer": None, "elastic": False}
 
 
 # --------------------------------------------------------------------------- run directory
