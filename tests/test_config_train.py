@@ -49,6 +49,8 @@ def test_unknown_keys_are_errors_naming_them(tmp_path):
         load_config(None, ["train.precision=fp16", "data.demo_clips=4"])
     with pytest.raises(ConfigError, match="data.manifest"):
         load_config(None, [])
+    with pytest.raises(ConfigError, match="zero_stage: must be 0, 1 or 2"):
+        load_config(None, ["deepspeed.zero_stage=3", "data.demo_clips=4"])
 
 
 def test_overrides_parse_json_values_and_plain_strings():

@@ -101,8 +101,8 @@ class DeepSpeedSection:
 
     def validate(self, where: str = "deepspeed") -> None:
         if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2 (ZeRO-3 is not supported yet: the "
-                              "trainer's EMA and checkpoints read whole fp32 master weights)")
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2 (ZeRO-3 does not pay for a model of this "
+                              "size, and the EMA teacher needs the whole fp32 masters each step: README, ZeRO stage)")
 
 
 @dataclass
