@@ -113,3 +113,33 @@ def test_elastic_resume_keeps_batch_schedule_data_and_state(tmp_path, straight, 
     for step in (4, 5, 6):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=LOSS_RTOL), step
     assert [got[s]["loss"] for s in (4, 5, 6)] != [want[s]["loss"] for s in (4, 5, 6)]  # new random streams
+
+
+@pytest.mark.parametrize("stages", [(2, 0), (0, 1)], ids=["zero2to0", "zero0to1"])
+def test_bf16_stage_change_loads_the_consolidated_state_exactly(tmp_path, monkeypatch, stages):
+    """One process, bf16: the flat (ZeRO-1/2) and per-parameter (ZeRO-0) layouts of the fp32
+    masters and Adam moments, each loaded from the other's consolidated state; the engine's bf16
+    weights are the masters rounded."""
+    from sslam_fast import train
+    from sslam_fast.trainer.config import load_config
+    from test_train import free_port
+
+    def trainer(stage, steps):
+        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(free_port())).items():
+            monkeypatch.setenv(key, value)
+        args = [a for a in sets(tmp_path, f"train.max_steps={steps}", "train.precision=bf16",
+                                f"deepspeed.zero_stage={stage}") if a != "--set"]
+        return train.Trainer(load_config(None, args), train.init_distributed())
+
+    first = trainer(stages[0], 2)
+    assert first.run() == 0
+    resumed = trainer(stages[1], 3)
+    assert resumed.step == 2
+    state = resumed.masters.full_state()
+    saved = torch.load(tmp_path / "step_000000002" / "optimizer.pt", weights_only=True)
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(a, b) for a, b in zip(state[key], saved[key])), key
+    assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(resumed.trainable.parameters(), saved["master"]))
+    assert resumed.scheduler.get_last_lr() == first.scheduler.get_last_lr()
+    assert resumed.run() == 0 and resumed.step == 3
