@@ -132,4 +132,4 @@ def test_deepspeed_config_from_the_train_config():
     assert ds["train_batch_size"] == 48 and ds["train_micro_batch_size_per_gpu"] == 6
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 4.0
     assert ds["bf16"] == {"enabled": True}
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["wall_clock_breakdown"] is True
+    assert ds["zero_optimization"] == {"stage": 0, "overlap_comm": True} and ds["wall_clock_breakdown"] is True

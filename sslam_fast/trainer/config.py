@@ -96,7 +96,7 @@ class LoggingConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 2
+    zero_stage: int = 0  # the cheapest that fits ViT-B (benchmarks/RESULTS.md, ZeRO stages); 1-2 shard the optimizer
     extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def validate(self, where: str = "deepspeed") -> None:
