@@ -291,6 +291,58 @@ def test_reference_per_clip_gpu(benchmark):
               raw.shape[0], rounds=5, warmup_rounds=1)
 
 
+# The fast step (benchmarks/bench_model.py, ViT-B at 50% MFU) consumes this many clips per second
+# per GPU; the data path keeps up when the step seldom waits for it.
+STEP_CLIPS_PER_S = 450
+STEP_BATCH = 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.skipif((os.cpu_count() or 1) < 16, reason="needs a GPU host with 16 cores or more")
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_data_wait_at_step_rate_gpu(benchmark, clips, backend):
+    """The trainer's data path (loader + Prefetcher, features on the GPU) drained at the fast
+    step's rate: each batch of 12 is followed by a 12 / 450 s pause standing in for the step.
+    Reports data_wait_frac (waiting for data / (waiting + step)), clips/s and clips/s per loader
+    core. Needs a GPU host with 16 cores or more (one rank's share of an 8-GPU, 128-core node)."""
+    cores = os.cpu_count()
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    from sslam_fast.trainer.prefetch import Prefetcher
+
+    workers = cores - 2  # the training thread and the prefetch thread keep a core each
+    device = torch.device("cuda")
+    loader = build_loader(clips[0], batch_size=STEP_BATCH, backend=backend, num_workers=workers, device=device)
+    data = Prefetcher(loader, device, depth=2)
+    step_s = STEP_BATCH / STEP_CLIPS_PER_S
+    for _ in range(WARMUP_BATCHES):
+        data.next()
+    waits = []
+
+    def run():
+        wait = 0.0
+        for _ in range(STEADY_BATCHES):
+            t = time.perf_counter()
+            data.next()
+            torch.cuda.synchronize()
+            wait += time.perf_counter() - t
+            time.sleep(step_s)
+        waits.append(wait)
+
+    try:
+        benchmark.pedantic(run, rounds=5, iterations=1)
+    finally:
+        data.close()
+    wait = min(waits)
+    wall = wait + STEADY_BATCHES * step_s
+    name = f"data_wait_{backend}_gpu"
+    RESULTS[name] = STEADY_BATCHES * STEP_BATCH / wall
+    benchmark.extra_info.update(data_wait_frac=round(wait / wall, 4), clips_per_s=round(RESULTS[name], 1),
+                                clips_per_s_per_core=round(RESULTS[name] / workers, 1), workers=workers,
+                                device=torch.cuda.get_device_name())
+
+
 def test_targets():
     """The issue's goals: the batched CPU loader >= 3x the per-clip reference of the same run, checked
     on `build_loader(backend="torch", num_workers=TARGET_WORKERS)` in steady state, interleaved with

@@ -33,11 +33,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)
         trainer = Trainer(cfg, init_distributed(args.local_rank))
-    except ConfigError as e:
-        logger.error("config error: %s", e)
-        return 1
-    except CheckpointError as e:
-        logger.error("checkpoint error: %s", e)
+    except (ConfigError, CheckpointError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
+            logger.error("%s error: %s", "config" if isinstance(e, ConfigError) else "checkpoint", e)
         return 1
     return trainer.run()
 

@@ -49,6 +49,8 @@ def test_unknown_keys_are_errors_naming_them(tmp_path):
         load_config(None, ["train.precision=fp16", "data.demo_clips=4"])
     with pytest.raises(ConfigError, match="data.manifest"):
         load_config(None, [])
+    with pytest.raises(ConfigError, match="zero_stage: must be 0, 1 or 2"):
+        load_config(None, ["deepspeed.zero_stage=3", "data.demo_clips=4"])
 
 
 def test_overrides_parse_json_values_and_plain_strings():
@@ -130,4 +132,4 @@ def test_deepspeed_config_from_the_train_config():
     assert ds["train_batch_size"] == 48 and ds["train_micro_batch_size_per_gpu"] == 6
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 4.0
     assert ds["bf16"] == {"enabled": True}
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["wall_clock_breakdown"] is True
+    assert ds["zero_optimization"] == {"stage": 0, "overlap_comm": True} and ds["wall_clock_breakdown"] is True

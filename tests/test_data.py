@@ -104,6 +104,22 @@ def test_shards_are_disjoint_and_reshuffled_per_epoch():
     assert not np.array_equal(epoch_order(103, 1, 0), epoch_order(103, 2, 0))
 
 
+def test_resharding_mid_epoch_continues_the_same_permutation():
+    """3 ranks consume 4 entries each of a 103-entry epoch, then 2 ranks deal the rest."""
+    from sslam_fast.data.loader import consumed_entries, resharded_state
+
+    full = epoch_order(103, seed=1, epoch=2)
+    old = [{"epoch": 2, "position": 4, "seed": 1, "rank": r, "world_size": 3} for r in range(3)]
+    assert consumed_entries(old[0]) == 12
+    seen = [epoch_order(103, 1, 2, r, 3)[:4] for r in range(3)]
+    new = [resharded_state(old, r, 2) for r in range(2)]
+    assert all(s["start"] == 12 and s["position"] == 0 and s["world_size"] == 2 for s in new)
+    rest = [epoch_order(103, 1, 2, r, 2, start=new[r]["start"]) for r in range(2)]
+    assert sorted(np.concatenate(seen + rest).tolist()) == sorted(full[:102].tolist())  # one dropped: 91 % 2
+    assert consumed_entries(dict(new[0], position=len(rest[0]))) == 102
+    assert consumed_entries(dict(new[0], epoch=3)) == 0  # the start applies to its own epoch only
+
+
 def test_loader_batches_and_features(demo):
     loader = build_loader(demo, batch_size=4, backend="torch", num_workers=0, infinite=False)
     batches = list(loader)

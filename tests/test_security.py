@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sslam_fast import CheckpointError, load_classifier, load_encoder, load_pretrainer
-from sslam_fast.trainer.checkpoints import read_resume_state
+from sslam_fast.trainer.checkpoints import read_resume_state, verify_checkpoint, write_checksums
 from sslam_fast.serialization import safe_load, vet_pickle_file
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -198,6 +198,8 @@ def test_resume_runs_no_payload(saved_run, tmp_path, target, monkeypatch, caplog
     state = torch.load(path, weights_only=False)
     state["evil"] = Payload(os.system, f"touch {marker}")
     torch.save(state, path)
+    assert target in verify_checkpoint(str(run_dir / saved_run.name))  # the tampered file fails verification
+    write_checksums(str(run_dir / saved_run.name))  # an attacker who can write files can rewrite these too
     with pytest.raises(CheckpointError, match=target.split("/")[-1]):
         read_resume_state(str(run_dir / saved_run.name), 0)
     assert run_in_process(monkeypatch, str(run_dir), "train.max_steps=3") == 1

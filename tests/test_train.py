@@ -34,6 +34,11 @@ TINY = [
 ]
 
 
+def python_path() -> str:
+    """This checkout first, then whatever the caller had on PYTHONPATH."""
+    return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,7 +199,7 @@ KILL_WHILE_SAVING = textwrap.dedent("""
 def test_killed_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, stage1_straight):
     run_dir = str(tmp_path / "run")
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=REPO)
+               MASTER_PORT=str(free_port()), PYTHONPATH=python_path())
     proc = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, *sets(run_dir, "train.max_steps=6")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -280,7 +285,7 @@ def test_two_process_zero2_keeps_ranks_identical_and_shards_disjoint(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path), *sets(run_dir, "train.max_steps=3", "deepspeed.zero_stage=2")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=python_path(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

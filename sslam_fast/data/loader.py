@@ -12,6 +12,9 @@ Loader semantics (`build_loader`):
   is the next epoch.
 - `state_dict()` is the (epoch, position) just after the last batch handed out; a loader given
   it with `load_state_dict()` yields the very same following batches.
+- Changing the number of ranks mid-epoch (elastic resume): `resharded_state(states, rank, world)`
+  turns the states of the old ranks into a count of the epoch's entries consumed by all of them;
+  the new ranks deal the rest of the same (seed, epoch) permutation among themselves from there.
 """
 from __future__ import annotations
 
@@ -130,14 +133,35 @@ def _worker_start_method():
     return context
 
 
-def epoch_order(num_entries: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """Manifest indices rank `rank` visits in epoch `epoch`: a (seed, epoch) permutation, its
-    uneven tail dropped, every world_size-th entry from `rank`."""
+def epoch_order(num_entries: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, start: int = 0) -> np.ndarray:
+    """Manifest indices rank `rank` visits in epoch `epoch`: a (seed, epoch) permutation from its
+    entry `start` on (0 but after an elastic resume), its uneven tail dropped, every
+    world_size-th entry from `rank`."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     order = np.random.default_rng([seed, epoch]).permutation(num_entries)
-    usable = (num_entries // world_size) * world_size
-    return order[:usable][rank::world_size]
+    start = min(start, num_entries)
+    usable = start + ((num_entries - start) // world_size) * world_size
+    return order[start:usable][rank::world_size]
+
+
+def consumed_entries(state: dict) -> int:
+    """Entries of the epoch ``state["epoch"]`` that all ranks together have consumed, bad ones
+    included, when every rank is at ``state["position"]``."""
+    start = state.get("start", 0) if state.get("start_epoch", 0) == state["epoch"] else 0
+    return start + state["position"] * state["world_size"]
+
+
+def resharded_state(states: List[dict], rank: int, world_size: int) -> dict:
+    """The loader state of rank ``rank`` of ``world_size`` continuing where the ranks whose states
+    are ``states`` stopped: the same epoch, the count of entries they consumed as the new start.
+
+    Exact when the old ranks stand at the same position (the usual case: they consume the same
+    number of entries per batch); after bad files skipped unevenly, the furthest rank counts, so
+    the entries between it and the others are not visited this epoch."""
+    epoch, consumed = max((s["epoch"], consumed_entries(s)) for s in states)
+    return {"epoch": epoch, "position": 0, "start_epoch": epoch, "start": consumed, "seed": states[0]["seed"],
+            "rank": rank, "world_size": world_size}
 
 
 class _TaggedSampler(torch.utils.data.Sampler):
@@ -191,6 +215,8 @@ class AudioLoader:
     max_seconds: float = MAX_SECONDS
     epoch: int = 0
     position: int = 0
+    start_epoch: int = 0  # in epoch start_epoch the shards begin at entry `start` of the permutation
+    start: int = 0
     skipped: List[SkippedClip] = field(default_factory=list)
 
     def __post_init__(self):
@@ -201,7 +227,8 @@ class AudioLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.manifest), self.seed, epoch, self.rank, self.world_size)}
+            start = self.start if epoch == self.start_epoch else 0
+            self._orders = {epoch: epoch_order(len(self.manifest), self.seed, epoch, self.rank, self.world_size, start)}
         return self._orders[epoch]
 
     def batches_per_epoch(self) -> int:
@@ -209,13 +236,16 @@ class AudioLoader:
         return len(self.order(self.epoch)) // self.batch_size
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+        return {"epoch": self.epoch, "position": self.position, "start_epoch": self.start_epoch, "start": self.start,
+                "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "rank", "world_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state_dict {key}={state[key]} but this loader has {key}={getattr(self, key)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.start_epoch, self.start = int(state.get("start_epoch", 0)), int(state.get("start", 0))
+        self._orders = {}
 
     @property
     def num_skipped(self) -> int:

@@ -28,6 +28,9 @@ class DataConfig:
             raise ConfigError(f"{where}.prefetch: must be at least 1")
         if not self.manifest and self.demo_clips <= 0:
             raise ConfigError(f"{where}.manifest: set a manifest (or data.demo_clips for synthetic clips)")
+        if self.manifest and self.demo_clips > 0:
+            raise ConfigError(f"{where}.manifest={self.manifest} and {where}.demo_clips={self.demo_clips} are both set: "
+                              "add --set data.demo_clips=0 to train on the manifest, or drop the manifest")
 
 
 @dataclass
@@ -98,13 +101,13 @@ class LoggingConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 2
+    zero_stage: int = 0  # the cheapest that fits ViT-B (benchmarks/RESULTS.md, ZeRO stages); 1-2 shard the optimizer
     extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def validate(self, where: str = "deepspeed") -> None:
         if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2 (ZeRO-3 is not supported yet: the "
-                              "trainer's EMA and checkpoints read whole fp32 master weights)")
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2 (ZeRO-3 does not pay for a model of this "
+                              "size, and the EMA teacher needs the whole fp32 masters each step: README, ZeRO stage)")
 
 
 @dataclass

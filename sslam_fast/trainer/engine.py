@@ -99,10 +99,21 @@ def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class MasterWeights:
-    """fp32 master copies of ``params`` (engine-owned parameters), gathered on every rank."""
+    """fp32 master copies of ``params`` (engine-owned parameters), gathered on every rank, and the
+    optimizer state that goes with them, whole (``full_state``) or into this partitioning
+    (``load_full_state``): what an elastic resume moves between world sizes and ZeRO stages.
+
+    Two layouts: flat (ZeRO-1/2, DeepSpeed's BF16_Optimizer), where the base optimizer's group i
+    holds one flat fp32 partition per rank and its state (exp_avg, exp_avg_sq) is partitioned the
+    same way; per parameter (ZeRO-0), where the base optimizer holds one fp32 tensor per parameter.
+    """
+
+    STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, engine, params: Sequence[nn.Parameter]):
         opt = engine.optimizer
+        self.params = list(params)
+        self.base = getattr(opt, "optimizer", opt)  # the torch AdamW that holds the state
         flats, self.parts = [], []
         if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2: flat, sharded
             flats, self.parts = opt.bit16_groups_flat, opt.single_partition_of_fp32_groups
@@ -129,15 +140,83 @@ class MasterWeights:
                 return full[start:start + p.numel()].view(p.shape)
         raise RuntimeError(f"parameter of shape {list(p.shape)} is not in the optimizer's flat buffers")
 
+    @staticmethod
+    def _all_gather(full: torch.Tensor, part: torch.Tensor) -> None:
+        world = dist.get_world_size()
+        if world == 1:
+            full.copy_(part)
+        elif dist.get_backend() == "nccl":
+            dist.all_gather_into_tensor(full, part)
+        else:
+            dist.all_gather(list(full.chunk(world)), part)
+
     @torch.no_grad()
     def gather(self) -> List[torch.Tensor]:
         """Refresh the fp32 copies from every rank's partition and return them, in ``params`` order."""
-        world = dist.get_world_size()
         for part, full in zip(self.parts, self.full):
-            if world == 1:
-                full.copy_(part)
-            elif dist.get_backend() == "nccl":
-                dist.all_gather_into_tensor(full, part)
-            else:
-                dist.all_gather(list(full.chunk(world)), part)
+            self._all_gather(full, part)
         return [v.detach() for v in self.views]
+
+    def _views_of(self, fulls: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Per-parameter views of buffers laid out like ``self.full`` (the masters' layout)."""
+        out = []
+        for view in self.views:
+            for full, other in zip(self.full, fulls):
+                start = view.data_ptr() - full.data_ptr()
+                if 0 <= start < full.numel() * full.element_size():
+                    start //= full.element_size()
+                    out.append(other[start:start + view.numel()].view(view.shape))
+                    break
+        return out
+
+    @torch.no_grad()
+    def full_state(self) -> Dict[str, Any]:
+        """(Collective.) The whole fp32 optimizer state, per parameter in ``params`` order, on every
+        rank: ``master``, ``exp_avg``, ``exp_avg_sq`` (absent before the first step) and ``step``."""
+        masters = [m.clone() for m in self.gather()]
+        state: Dict[str, Any] = {"master": masters}
+        if self.parts:
+            per_group = [self.base.state.get(part, {}) for part in self.parts]
+            if all(per_group):
+                for key in self.STATE_KEYS:
+                    fulls = [torch.zeros_like(full) for full in self.full]
+                    for full, part_state in zip(fulls, per_group):
+                        self._all_gather(full, part_state[key])
+                    state[key] = [v.clone() for v in self._views_of(fulls)]
+                state["step"] = float(per_group[0]["step"])
+        else:
+            per_param = [self.base.state.get(view, {}) for view in self.views]
+            if all(per_param):
+                for key in self.STATE_KEYS:
+                    state[key] = [s[key].detach().clone() for s in per_param]
+                state["step"] = float(per_param[0]["step"])
+        return state
+
+    @torch.no_grad()
+    def load_full_state(self, state: Dict[str, Any]) -> None:
+        """Put a ``full_state`` (from any world size and ZeRO stage) into this rank's partitions:
+        masters, optimizer state and the engine's own (bf16 or fp32) weights. Exact copies."""
+        if len(state["master"]) != len(self.views):
+            raise ValueError(f"{len(state['master'])} parameters in the saved optimizer state, {len(self.views)} here")
+        for view, master, param in zip(self.views, state["master"], self.params):
+            if view.shape != master.shape:
+                raise ValueError(f"saved parameter of shape {list(master.shape)} where this model has {list(view.shape)}")
+            view.copy_(master)
+            param.data.copy_(master)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for part, full in zip(self.parts, self.full):
+            part.copy_(full.chunk(world)[rank])
+        if "step" not in state:
+            return
+        if self.parts:
+            fulls = {key: [torch.zeros_like(full) for full in self.full] for key in self.STATE_KEYS}
+            for key in self.STATE_KEYS:
+                for view, value in zip(self._views_of(fulls[key]), state[key]):
+                    view.copy_(value)
+            for i, part in enumerate(self.parts):
+                self.base.state[part] = {"step": torch.tensor(state["step"]), **{
+                    key: fulls[key][i].chunk(world)[rank].clone() for key in self.STATE_KEYS}}
+        else:
+            for i, view in enumerate(self.views):
+                self.base.state[view] = {"step": torch.tensor(state["step"]), **{
+                    key: state[key][i].to(view.device).clone() for key in self.STATE_KEYS}}

@@ -2,8 +2,10 @@
 updates, guards them and checkpoints (launched by ``sslam_fast/train.py``).
 
 One optimizer update ("step") sees ``train.global_batch`` clips, split over the processes and
-gradient-accumulation micro steps. Every random draw of a step comes from one per-rank generator seeded from (seed, rank) whose state is
-checkpointed with the data position, so a resumed run repeats the uninterrupted one exactly.
+gradient-accumulation micro steps. Every random draw of a step comes from one per-rank generator
+seeded from (seed, rank) whose state is checkpointed with the data position, so a resumed run
+repeats the uninterrupted one exactly. A resume on another number of processes, ZeRO stage or
+precision (elastic) loads the consolidated optimizer state instead (``Trainer._load_elastic``).
 
 Order of a step: micro batches (forward, backward) -> DeepSpeed step (clip 4.0, AdamW, LR schedule;
 skipped by DeepSpeed when a gradient is not finite) -> EMA teacher from the fp32 master weights ->
@@ -12,19 +14,24 @@ metrics, guards, checkpoint.
 import logging
 import math
 import os
+import random
 import signal
 import time
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, to_dict
 from ..implementation import set_implementation
 from ..pretrainer import SSLAMPretrainer
-from ..serialization import atomic_save
-from .checkpoints import (TRAIN_FORMAT, latest_checkpoint, publish, read_resume_state, remove_stale_temps,
-                          restore_rng_state, rng_state, temp_dir_for, train_checkpoint_file)
+from ..data.loader import resharded_state
+from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
+from . import preflight
+from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, latest_checkpoint, list_checkpoints, publish,
+                          read_resume_state, reject, remove_stale_temps, restore_rng_state, rng_state, temp_dir_for,
+                          train_checkpoint_file, verify_checkpoint)
 from .config import TrainConfig
 from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
 from .optim import build_optimizer, build_scheduler, plan_batch
@@ -50,9 +57,13 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = cfg.checkpoint.dir
         self.plan = plan_batch(cfg.train.global_batch, self.world, cfg.train.max_micro_batch)
-        resume_from = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        problems = [None] * self.world
+        dist.all_gather_object(problems, preflight.problem(cfg))
+        if any(problems):
+            raise ConfigError(next(p for p in problems if p))
         if not cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
             raise ConfigError(f"checkpoint.dir={self.run_dir} holds checkpoints and checkpoint.resume is false")
+        resume_from, resume_files = self._choose_checkpoint() if cfg.checkpoint.resume else (None, None)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = SSLAMPretrainer(cfg.model)
@@ -81,7 +92,7 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.stop_signal: Optional[str] = None
         if resume_from is not None:
-            self._resume(resume_from)
+            self._resume(resume_from, resume_files)
         dist.barrier()
         if self.is_main:
             for name in remove_stale_temps(self.run_dir):
@@ -196,22 +207,30 @@ class Trainer:
             os.makedirs(tmp)
         dist.barrier()
         self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="engine", save_latest=False)
-        masters = self.masters.gather()
+        optimizer = self.masters.full_state()
+        data = [None] * self.world
+        dist.all_gather_object(data, self.data.state_dict())
         atomic_save({"rng": rng_state(self.generator), "data": self.data.state_dict()},
                     os.path.join(tmp, f"rank_{self.rank}.pt"))
         if self.is_main:
+            names = [name for name, _ in self.trainable.named_parameters()]
             state = self.model.state_dict()
-            for (name, _), master in zip(self.trainable.named_parameters(), masters):
+            for name, master in zip(names, optimizer["master"]):
                 state[name] = master.float()
             atomic_save({
                 "format": TRAIN_FORMAT,
-                "version": 1,
+                "version": 2,
                 "config": to_dict(self.cfg),
                 "model": {k: v.detach().cpu() for k, v in state.items()},
                 "step": self.step,
                 "world_size": self.world,
+                "zero_stage": self.cfg.deepspeed.zero_stage,
+                "data": data,
                 "counters": {"bad_total": self.bad_total, "collapse_total": self.collapse_total},
             }, os.path.join(tmp, "train.pt"))
+            atomic_save({"names": names, "scheduler": self.scheduler.state_dict(),
+                         **{k: [t.cpu() for t in v] if isinstance(v, list) else v for k, v in optimizer.items()}},
+                        os.path.join(tmp, OPTIMIZER_FILE))
         os.sync()  # DeepSpeed's own files are on disk before the directory is published
         dist.barrier()
         final = publish(tmp, self.run_dir, self.step, self.cfg.checkpoint.keep_last) if self.is_main else None
@@ -220,30 +239,100 @@ class Trainer:
         self.last_checkpoint = final or os.path.join(self.run_dir, os.path.basename(tmp)[len(".tmp-"):])
         return self.last_checkpoint
 
-    def _resume(self, path: str) -> None:
-        files = read_resume_state(path, self.rank)
+    def _choose_checkpoint(self):
+        """The newest checkpoint that verifies against its checksums and loads on every rank, with
+        its files; those that fail are reported and renamed aside. (None, None) when there is none.
+
+        A refused (unsafe) file stops the run rather than falling back: someone wrote it there.
+        """
+        rejected = []
+        for path in reversed(list_checkpoints(self.run_dir)):
+            reason = [verify_checkpoint(path) if self.is_main else None]
+            dist.broadcast_object_list(reason, src=0)
+            reason, files, outcome = reason[0], None, None
+            if reason is not None:
+                outcome = ("bad", reason)
+            else:
+                try:
+                    files = read_resume_state(path, self.rank, self.world, self.cfg.deepspeed.zero_stage,
+                                              self.cfg.train.precision)
+                except UnsafeCheckpointError as e:
+                    outcome = ("unsafe", str(e))
+                except CheckpointError as e:
+                    outcome = ("bad", str(e))
+            outcomes = [None] * self.world
+            dist.all_gather_object(outcomes, outcome)
+            unsafe = [text for kind, text in filter(None, outcomes) if kind == "unsafe"]
+            if unsafe:
+                raise UnsafeCheckpointError(unsafe[0])
+            failures = [text for _, text in filter(None, outcomes)]
+            if not failures:
+                if self.is_main:
+                    for bad, why in rejected:
+                        logger.warning("skipped checkpoint %s: %s; moved to %s, resuming from %s",
+                                       bad, why, reject(bad), path)
+                dist.barrier()
+                return path, files
+            reason = failures[0]
+            rejected.append((path, reason))
+        if rejected:
+            raise CheckpointError(f"checkpoint.dir={self.run_dir}: no checkpoint to resume from passes "
+                                  "verification: " + "; ".join(f"{p}: {r}" for p, r in rejected))
+        return None, None
+
+    def _resume(self, path: str, files) -> None:
         state, own = files["train"], files["rank"]
-        if state.get("format") != TRAIN_FORMAT:
-            raise ConfigError(f"{path}: not a training checkpoint of this project")
-        if state["world_size"] != self.world:
-            raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has {self.world}: "
-                              "the optimizer shards and data positions need the same number (start a new "
-                              "checkpoint.dir with train.init_from to change it)")
         saved, mine = state["config"]["model"], to_dict(self.cfg.model)
         changed = sorted(k for k in mine if k in saved and saved[k] != mine[k] and k not in IMPLEMENTATION_KEYS)
         if changed:
             raise ConfigError(f"{path}: model.{changed[0]} is {saved[changed[0]]!r} in the checkpoint and "
                               f"{mine[changed[0]]!r} now; resume with the checkpoint's model section")
-        self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        batch = state["config"]["train"]["global_batch"]
+        if batch != self.cfg.train.global_batch:
+            raise ConfigError(f"{path}: train.global_batch is {batch} in the checkpoint and "
+                              f"{self.cfg.train.global_batch} now; the schedules and the data position count in it")
+        if files["elastic"]:
+            self._load_elastic(path, state, own, files["optimizer"])
+        else:
+            self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            restore_rng_state(own["rng"], self.generator)
+            self.data.load_state_dict(own["data"])
         teacher = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
         self.model.teacher.load_state_dict(teacher)
         self.step = self.saved_step = state["step"]
         self.bad_total = state["counters"]["bad_total"]
         self.collapse_total = state["counters"]["collapse_total"]
-        restore_rng_state(own["rng"], self.generator)
-        self.data.load_state_dict(own["data"])
         self.last_checkpoint = path
+
+    def _load_elastic(self, path: str, state, own, optimizer) -> None:
+        """Resume a checkpoint of another world size, ZeRO stage or precision from its consolidated
+        optimizer state: weights, Adam moments, step and LR schedule exact; the data position from
+        the entries all old ranks consumed; new per-rank random streams (unless the world size is
+        the same) seeded from (seed, rank, step)."""
+        names = [name for name, _ in self.trainable.named_parameters()]
+        if optimizer["names"] != names:
+            raise CheckpointError(f"{os.path.join(path, OPTIMIZER_FILE)}: its parameters are not this model's")
+        self.masters.load_full_state(optimizer)
+        self.scheduler.load_state_dict(optimizer["scheduler"])
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.engine.global_steps = state["step"]
+        self.engine.global_samples = state["step"] * self.plan.global_batch
+        if own is not None:
+            restore_rng_state(own["rng"], self.generator)
+            self.data.load_state_dict(own["data"])
+        else:
+            seed = int(np.random.SeedSequence([self.cfg.train.seed, self.rank, state["step"]]).generate_state(1)[0])
+            self.generator.manual_seed(seed)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            self.data.load_state_dict(resharded_state(state["data"], self.rank, self.world))
+        if self.is_main:
+            logger.info("elastic resume from %s: written by %d processes with ZeRO-%s, %s; now %d with ZeRO-%d, %s",
+                        path, state["world_size"], state.get("zero_stage", "?"), state["config"]["train"]["precision"],
+                        self.world, self.cfg.deepspeed.zero_stage, self.cfg.train.precision)
 
     # ------------------------------------------------------------------------------ the run
     def _on_signal(self, signum, frame) -> None:
