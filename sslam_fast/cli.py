@@ -1,4 +1,4 @@
-"""`sslam-fast` command line: a registry of subcommands (manifest, norm-stats, demo-data, ...).
+"""`sslam-fast` command line: a registry of subcommands (manifest, norm-stats, train, finetune, demo, ...).
 
 A subcommand is registered with `register(name, help, add_arguments, run)`; `run(args)` returns the
 exit status.
@@ -108,6 +108,38 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 register("train", "pretrain (stage 1 or 2) from a JSON config; multi-GPU: deepspeed sslam_fast/train.py", _train_args, _train_run)
+
+
+def _balanced_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("labels", help="<split>.lbl of the training set (one 'id<TAB>label,label' line per manifest entry)")
+    p.add_argument("-o", "--output", required=True, help="weights file to write (one weight per line, as the original reads it)")
+    p.add_argument("--descriptors", help="label_descriptors.csv (default: the one beside LABELS)")
+
+
+def _balanced_weights_run(args: argparse.Namespace) -> int:
+    from .evaluation.sampling import write_weights
+
+    weights = write_weights(args.labels, args.output, descriptors=args.descriptors)
+    print(f"wrote {args.output}: {len(weights)} clip weights, min {weights.min():.4g}, max {weights.max():.4g}")
+    return 0
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from .finetune import add_arguments
+
+    add_arguments(p)
+
+
+def _finetune_run(args: argparse.Namespace) -> int:
+    from .finetune import run_from_args
+
+    return run_from_args(args)
+
+
+register("balanced-weights", "per-clip balanced-sampling weights of a label file (AudioSet-2M fine-tuning)",
+         _balanced_weights_args, _balanced_weights_run)
+register("finetune", "fine-tune or linearly evaluate from a JSON config; multi-GPU: deepspeed sslam_fast/finetune.py",
+         _finetune_args, _finetune_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
