@@ -14,6 +14,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed sslam_fast/finetune.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from sslam_fast.config import ConfigError
+from sslam_fast.data import ManifestError
 from sslam_fast.evaluation.finetune import load_finetune_config, run_finetune
 from sslam_fast.serialization import CheckpointError
 from sslam_fast.trainer.engine import init_distributed
@@ -39,6 +40,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 1
     except CheckpointError as e:
         logger.error("checkpoint error: %s", e)
+        return 1
+    except (ManifestError, FileNotFoundError) as e:
+        logger.error("data error: %s", e)
         return 1
 
 

@@ -284,6 +284,8 @@ def test_config_errors(toy, tmp_path, monkeypatch, caplog):
     assert "unknown key 'bogus'" in caplog.text
     assert run_in_process(monkeypatch, str(tmp_path / "missing"), str(tmp_path), "data.task=other") == 1
     assert "data.task" in caplog.text
+    assert run_in_process(monkeypatch, str(tmp_path / "missing"), str(tmp_path)) == 1
+    assert "data error" in caplog.text and "missing" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------
