@@ -23,7 +23,9 @@ setup(
             "pytest-benchmark",
             "transformers",
             "tensorboard",
+            "matplotlib",
         ],
+        "demo": ["matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["sslam-fast=sslam_fast.cli:main"]},
 )

@@ -136,6 +136,25 @@ def _finetune_run(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a smaller run for CI (about a minute or two on 2 CPU cores)")
+    p.add_argument("--out", default="runs/demo", help="output folder (benchmark, pretraining runs, results.json, demo.png)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from .evaluation.demo import run_demo, summary
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = run_demo(args.out, quick=args.quick, seed=args.seed)
+    print("\n".join(summary(results)))
+    return 0
+
+
+register("demo", "build the polyphonic benchmark, pretrain stage 1 vs stage 1 + 2 at equal compute, linear-probe both",
+         _demo_args, _demo_run)
 register("balanced-weights", "per-clip balanced-sampling weights of a label file (AudioSet-2M fine-tuning)",
          _balanced_weights_args, _balanced_weights_run)
 register("finetune", "fine-tune or linearly evaluate from a JSON config; multi-GPU: deepspeed sslam_fast/finetune.py",
