@@ -19,7 +19,8 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
   ``label_descriptors.csv``). Per clip in training: roll augmentation (the waveform rolled by a
   random offset and scaled by Beta(10, 10) + 0.5), optionally the SPC-2 noise (uniform noise on the
   fbank, a time shift of up to 10 frames). ``data.weights_file`` switches to balanced sampling: each
-  epoch draws ``data.samples_per_epoch`` clips by those weights without replacement
+  epoch draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those
+  weights without replacement
   (``sslam_fast.evaluation.sampling``; ``sslam-fast balanced-weights`` writes the file).
 - Per micro batch in training: mixup (lambda ~ Beta(a, a) with a = ``augment.mixup``, applied with
   probability ``augment.mixup_prob``, each clip mixed with the batch reversed, targets likewise),
