@@ -308,6 +308,12 @@ def test_balanced_weights_command_on_a_hand_made_label_file(tmp_path, capsys):
     assert np.array_equal(read_weights(out), balanced_weights(str(tmp_path / "train.lbl")))
 
 
+def test_a_partial_section_keeps_the_fine_tuning_defaults():
+    cfg = ft.load_finetune_config(None, ["data.dir=x", "optim.lr=1e-3", "checkpoint.keep_last=1"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.optim.clip_grad) == (1e-3, 1e-6, 4000, 1e6)
+    assert (cfg.checkpoint.dir, cfg.checkpoint.every_steps) == ("runs/finetune", 5000)
+
+
 CONFIGS = {
     "finetune_as20k.json": ("mAP", {"mean": 40.9}),
     "finetune_as2m.json": ("mAP", {"mean": 50.2}),

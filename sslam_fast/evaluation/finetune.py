@@ -165,6 +165,22 @@ class FinetuneTrainSection:
 
 
 @dataclass
+class FinetuneOptimSection(OptimConfig):
+    """The pretraining optimizer section with the fine-tuning defaults (docs/method.md §9)."""
+
+    lr: float = 5e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 4000
+    clip_grad: float = 1e6  # the original does not clip; DeepSpeed's fp32 ZeRO checks gradients only when clipping
+
+
+@dataclass
+class FinetuneCheckpointSection(CheckpointConfig):
+    dir: str = "runs/finetune"
+    every_steps: int = 5000
+
+
+@dataclass
 class TargetSection:
     """The published score this recipe should reach (docs/method.md §9)."""
 
@@ -179,8 +195,8 @@ class FinetuneConfig:
     augment: AugmentSection = field(default_factory=AugmentSection)
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
     train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, min_lr=1e-6, warmup_steps=4000))
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(dir="runs/finetune", every_steps=5000))
+    optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
+    checkpoint: FinetuneCheckpointSection = field(default_factory=FinetuneCheckpointSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     runs: List[str] = field(default_factory=list)
