@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,6 +249,22 @@ def test_resume_is_bitwise_identical(task, toy, toy_multilabel, pretrained, tmp_
     a = json.load(open(os.path.join(straight, "final.json")))
     b = json.load(open(os.path.join(interrupted, "final.json")))
     assert a["value"] == b["value"] and a["metric"] == ("mAP" if task == "multilabel" else "accuracy")
+
+
+@pytest.mark.slow
+def test_two_process_bf16_zero2_run(toy_multilabel, tmp_path):
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "sslam_fast", "finetune.py"),
+           *tiny(toy_multilabel, run_dir, "data.task=multilabel", "train.precision=bf16", "train.max_micro_batch=2",
+                 "train.max_steps=2", "deepspeed.zero_stage=2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes x 2 accumulation x 2 clips" in done.stderr
+    assert sorted(os.listdir(os.path.join(run_dir, "step_000000002"))) == ["deepspeed", "rank_0.pt", "rank_1.pt", "train.pt"]
+    assert json.load(open(os.path.join(run_dir, "final.json")))["metric"] == "mAP"
 
 
 def test_linear_evaluation_trains_only_the_head(toy, pretrained, tmp_path, monkeypatch):
