@@ -34,7 +34,7 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
   (multi-label) or accuracy (multi-class), into metrics.jsonl, TensorBoard and ``final.json``.
 
 Every random draw is reproducible: the epoch order from (seed, epoch), per-clip augmentation from
-(seed, epoch, position), per-batch augmentation from (seed, rank, step, micro step), drop path from
+(seed, epoch, position, clip), per-batch augmentation from (seed, rank, step, micro step), drop path from
 torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
 exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
 ``{run}`` in ``data.dir`` and ``data.weights_file`` is replaced by each entry and each run
@@ -343,7 +343,7 @@ class LabelledClips(torch.utils.data.Dataset):
 
     def clip(self, epoch: int, position: int, index: int) -> torch.Tensor:
         wave = _data.read_clip(self.manifest.path(index))
-        rng = _step_rng(self.seed, 1, epoch, position)
+        rng = _step_rng(self.seed, 1, epoch, position, index)
         if self.augment is not None and self.augment.roll:
             wave = roll_waveform(wave, rng)
         fbank = _audio.normalise(_audio.pad_or_crop(_audio.kaldi_fbank(wave), self.d.target_length),
