@@ -29,7 +29,9 @@ setup(
             "onnx",
             "onnxruntime",
             "scikit-learn",
+            "matplotlib",
         ],
+        "demo": ["matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["sslam-fast=sslam_fast.cli:main"]},
 )

@@ -1,4 +1,5 @@
-"""`sslam-fast` command line: a registry of subcommands (manifest, norm-stats, train, extract, tag, export, ...).
+"""`sslam-fast` command line: a registry of subcommands (manifest, norm-stats, train, finetune, demo,
+extract, tag, export, ...).
 
 A subcommand is registered with `register(name, help, add_arguments, run)`; `run(args)` returns the
 exit status.
@@ -180,6 +181,57 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 register("train", "pretrain (stage 1 or 2) from a JSON config; multi-GPU: deepspeed sslam_fast/train.py", _train_args, _train_run)
+
+
+def _balanced_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("labels", help="<split>.lbl of the training set (one 'id<TAB>label,label' line per manifest entry)")
+    p.add_argument("-o", "--output", required=True, help="weights file to write (one weight per line, as the original reads it)")
+    p.add_argument("--descriptors", help="label_descriptors.csv (default: the one beside LABELS)")
+
+
+def _balanced_weights_run(args: argparse.Namespace) -> int:
+    from .evaluation.sampling import write_weights
+
+    weights = write_weights(args.labels, args.output, descriptors=args.descriptors)
+    print(f"wrote {args.output}: {len(weights)} clip weights, min {weights.min():.4g}, max {weights.max():.4g}")
+    return 0
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from .finetune import add_arguments
+
+    add_arguments(p)
+
+
+def _finetune_run(args: argparse.Namespace) -> int:
+    from .finetune import run_from_args
+
+    return run_from_args(args)
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a smaller run for CI (about a minute or two on 2 CPU cores)")
+    p.add_argument("--out", default="runs/demo", help="output folder (benchmark, pretraining runs, results.json, demo.png)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from .evaluation.demo import run_demo, summary
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = run_demo(args.out, quick=args.quick, seed=args.seed)
+    print("\n".join(summary(results)))
+    return 0
+
+
+register("demo", "build the polyphonic benchmark, pretrain stage 1 vs stage 1 + 2 at equal compute, linear-probe both",
+         _demo_args, _demo_run)
+register("balanced-weights", "per-clip balanced-sampling weights of a label file (AudioSet-2M fine-tuning)",
+         _balanced_weights_args, _balanced_weights_run)
+register("finetune", "fine-tune or linearly evaluate from a JSON config; multi-GPU: deepspeed sslam_fast/finetune.py",
+         _finetune_args, _finetune_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

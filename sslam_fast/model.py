@@ -55,20 +55,32 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Post-LN transformer block that also returns its MLP output r (the teachers' target source)."""
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch for a random ``rate`` of the samples, scale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - rate)
+    return x * keep.div_(1.0 - rate)
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, attn_mode: str):
+
+class Block(nn.Module):
+    """Post-LN transformer block that also returns its MLP output r (the teachers' target source).
+
+    ``drop_path``: the stochastic-depth rate of both residual branches in training (0 in
+    pretraining; fine-tuning sets it with ``Encoder.set_drop_path``)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, attn_mode: str, drop_path: float = 0.0):
         super().__init__()
         self.attn = Attention(dim, num_heads, attn_mode)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm1(x + self.attn(x))
+        x = self.norm1(x + drop_path(self.attn(x), self.drop_path, self.training))
         r = self.mlp(x)
-        return self.norm2(x + r), r
+        return self.norm2(x + drop_path(r, self.drop_path, self.training)), r
 
 
 def as_fbank_batch(fbank: torch.Tensor, num_mel_bins: int, patch_size: int, max_frames: int) -> torch.Tensor:
@@ -111,6 +123,11 @@ class Encoder(nn.Module):
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 in the first block to ``rate`` in the last."""
+        for i, block in enumerate(self.blocks):
+            block.drop_path = rate * i / max(1, len(self.blocks) - 1)
 
     @property
     def max_frames(self) -> int:

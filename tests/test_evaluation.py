@@ -162,10 +162,8 @@ def check_benchmark(bench):
             assert sorted(clip_labels) == sorted(descriptors[e["label"]] for e in clip["events"])
             assert len(set(clip_labels)) == len(clip_labels)
             assert (len(clip_labels) == 1) if split.startswith("mono") else (2 <= len(clip_labels) <= 4)
-            if split.startswith("poly"):
-                start = max(e["offset_s"] for e in clip["events"])
-                stop = min(e["offset_s"] + e["duration_s"] for e in clip["events"])
-                assert start < stop, "a scene's events all sound together somewhere"
+            for e in clip["events"]:
+                assert 0 <= e["offset_s"] and e["offset_s"] + e["duration_s"] <= bench.info["clip_seconds"] + 1e-9
         recordings[split] = {e["recording"] for c in events["clips"] for e in c["events"]}
     assert not recordings["mono_train"] & recordings["mono_test"]
     assert not (recordings["mono_train"] | recordings["poly_train"]) & (recordings["mono_test"] | recordings["poly_test"])
@@ -204,6 +202,24 @@ def test_benchmark_synthesised_fallback_is_labelled(tmp_path):
         build_benchmark(str(tmp_path), source="nope")
     with pytest.raises(ValueError, match="test_fraction"):
         build_benchmark(str(tmp_path), source="synthetic", test_fraction=1.0)
+
+
+def test_benchmark_scene_events_have_their_own_random_offsets_and_gains(tmp_path):
+    bench = build_benchmark(str(tmp_path), seed=1, source="synthetic", clip_seconds=4.0, train_clips_per_class=0,
+                            test_clips_per_class=0, train_scenes=60, test_scenes=0)
+    scenes = [c["events"] for c in json.load(open(bench.events["poly_train"]))["clips"]]
+    common_instant = 0
+    for events in scenes:
+        offsets = [e["offset_s"] for e in events]
+        assert len(set(offsets)) == len(offsets)
+        assert len({e["gain_db"] for e in events}) == len(events)
+        assert all(-10.0 <= e["gain_db"] <= 0.0 for e in events)
+        common_instant += max(offsets) < min(e["offset_s"] + e["duration_s"] for e in events)
+    # synthesised events last 0.5-2 s in a 4 s clip: independent offsets often leave no instant
+    # where all of a scene's events sound together
+    assert 0 < common_instant < 0.8 * len(scenes)
+    starts = np.array([e["offset_s"] for events in scenes for e in events])
+    assert starts.min() < 0.5 and starts.max() > 2.0 and len(np.unique(starts)) > 0.9 * len(starts)
 
 
 # ----------------------------------------------------------------------------------------------

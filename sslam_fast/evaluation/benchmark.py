@@ -27,7 +27,8 @@ clip uses. Clips are 16 kHz mono, `clip_seconds` long, 16-bit wav:
 
 - mono_train / mono_test: one event per clip (single-label);
 - poly_train / poly_test: scenes of `min_events`..`max_events` events of distinct classes (multi-label),
-  placed so that all of a scene's events sound together at one instant of the clip.
+  each event at its own random offset in the clip and its own random gain, so events overlap
+  partly, wholly or not at all.
 
 An event is a recording with its leading/trailing silence trimmed, cropped at random to the clip
 length when longer, scaled to a common RMS and then by a random gain (`gain_db` range); a clip that
@@ -219,12 +220,9 @@ def _event(wave: np.ndarray, n: int, rng: np.random.Generator, gain_db: Tuple[fl
     return piece * (0.1 * 10 ** (gain / 20) / rms), start, gain
 
 
-def _place(length: int, n: int, anchor: Optional[int], rng: np.random.Generator) -> int:
-    """An offset for an event of `length` samples in a clip of n; covering sample `anchor` when given."""
-    if anchor is None:
-        return int(rng.integers(0, n - length + 1))
-    low, high = max(0, anchor - length + 1), min(anchor, n - length)
-    return int(rng.integers(low, high + 1))
+def _place(length: int, n: int, rng: np.random.Generator) -> int:
+    """A uniformly random offset for an event of `length` samples in a clip of n."""
+    return int(rng.integers(0, n - length + 1))
 
 
 def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, train_clips_per_class: int = 12,
@@ -308,13 +306,12 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
         rel_paths, lbl_lines, clip_events = [], [], []
         for i, clip_labels in enumerate(plans[split]):
             clip = np.zeros(n)
-            anchor = int(rng.integers(n // 4, 3 * n // 4)) if len(clip_labels) > 1 else None
             events = []
             for label in clip_labels:
                 pool = split_of[label][part]
                 rec = pool[int(rng.integers(len(pool)))]
                 piece, crop, gain = _event(wave_of(rec), n, rng, gain_db)
-                offset = _place(len(piece), n, anchor, rng)
+                offset = _place(len(piece), n, rng)
                 clip[offset: offset + len(piece)] += piece
                 events.append({"label": label, "recording": rec, "crop_start_s": crop / SAMPLE_RATE,
                                "offset_s": offset / SAMPLE_RATE, "duration_s": len(piece) / SAMPLE_RATE, "gain_db": gain})

@@ -1,0 +1,754 @@
+"""Fine-tuning and linear evaluation of a pretrained encoder: the recipes of docs/method.md §9.
+
+Launched like pretraining: ``deepspeed sslam_fast/finetune.py --config configs/finetune_as20k.json``
+(or torchrun, or one ``python`` process, or ``sslam-fast finetune``), with a JSON config validated
+into the dataclasses below and ``--set section.key=value`` overrides.
+
+What one run does, as the original EAT / SSLAM fine-tuning code does it:
+
+- Model: the student encoder of a pretraining checkpoint (``load_pretrainer(path).student``, ours
+  or the original fairseq layout), CLS token -> LayerNorm (eps 1e-6) -> Linear (truncated-normal
+  std 0.02, zero bias). Drop path rises linearly from 0 in the first block to ``model.drop_path``
+  in the last. ``model.freeze_encoder`` is linear evaluation: the encoder gets no gradient (it
+  still runs in training mode, drop path included, as the original's linear evaluation does).
+- Optimizer: AdamW (betas 0.9/0.95, wd 0.05 on weights, none on biases and 1-D parameters), linear
+  warmup then cosine to ``optim.min_lr``. Layer decay as in the original for this model family:
+  block i of L gets the LR times ``layer_decay ** (L - i)`` (the last block 0.65, the first
+  0.65^12 for ViT-B); the patch embedding, CLS token, input LayerNorm and the head keep the full LR.
+- Data: a fairseq task directory (``data.dir``: ``<split>.tsv``, ``<split>.lbl``,
+  ``label_descriptors.csv``). Per clip in training: roll augmentation (the waveform rolled by a
+  random offset and scaled by Beta(10, 10) + 0.5), optionally the SPC-2 noise (uniform noise on the
+  fbank, a time shift of up to 10 frames). ``data.weights_file`` switches to balanced sampling: each
+  epoch draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those
+  weights without replacement
+  (``sslam_fast.evaluation.sampling``; ``sslam-fast balanced-weights`` writes the file).
+- Per micro batch in training: mixup (lambda ~ Beta(a, a) with a = ``augment.mixup``, applied with
+  probability ``augment.mixup_prob``, each clip mixed with the batch reversed, targets likewise),
+  then SpecAugment-style masking: one frequency band of up to ``mask_ratio * 128`` bins and one
+  time span of up to ``mask_ratio * target_length`` frames per clip, set to 0.
+- Loss: multi-label (``data.task = "multilabel"``): BCE with logits summed over classes and clips,
+  divided by the sum of the targets (the original's sample size). Multi-class: cross entropy (soft
+  targets when mixup is on; ``augment.label_smoothing`` otherwise), or with ``train.loss = "bce"``
+  BCE summed over classes, divided by the clips (the original's Speech Commands recipe).
+- Evaluation on ``data.eval_split`` every ``train.eval_every_steps`` and at the end: mAP
+  (multi-label) or accuracy (multi-class), into metrics.jsonl, TensorBoard and ``final.json``.
+
+Every random draw is reproducible: the epoch order from (seed, epoch), per-clip augmentation from
+(seed, epoch, position, clip), per-batch augmentation from (seed, rank, step, micro step), drop path from
+torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
+exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
+``{run}`` in ``data.dir`` and ``data.weights_file`` is replaced by each entry and each run
+writes under ``<checkpoint.dir>/<run>``; ``summary.json`` in ``checkpoint.dir`` has them all.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import data as _data
+from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
+from ..data import audio as _audio
+from ..model import Encoder
+from ..serialization import atomic_save
+from ..trainer.checkpoints import (latest_checkpoint, publish, read_resume_state, remove_stale_temps,
+                                   restore_rng_state, rng_state, temp_dir_for)
+from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, apply_override
+from ..trainer.engine import MasterWeights, deepspeed_config
+from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
+from ..trainer.prefetch import Prefetcher
+from ..trainer.runlog import RunLog
+from .metrics import accuracy, mean_average_precision
+from .sampling import AS2M_SAMPLES_PER_EPOCH, BalancedSampler, read_weights
+
+logger = logging.getLogger("sslam_fast.finetune")
+FINETUNE_FORMAT = "sslam-fast/finetune"
+TASKS = ("multilabel", "multiclass")
+
+
+# ============================================================================== config
+@dataclass
+class FinetuneModelSection:
+    init_from: str = ""  # pretraining checkpoint (ours or fairseq); empty: random weights (tests, baselines)
+    encoder: Dict[str, Any] = field(default_factory=dict)  # SSLAMConfig values: overrides, or the architecture without init_from
+    num_classes: int = 0  # 0: the number of rows of label_descriptors.csv
+    drop_path: float = 0.1
+    layer_decay: float = 0.65
+    head_norm_eps: float = 1e-6
+    freeze_encoder: bool = False  # linear evaluation
+
+    def validate(self, where: str = "model") -> None:
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"{where}.drop_path: must be in [0, 1)")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"{where}.layer_decay: must be in (0, 1]")
+        if self.num_classes < 0:
+            raise ConfigError(f"{where}.num_classes: must be >= 0")
+
+
+@dataclass
+class AugmentSection:
+    mixup: float = 0.8  # Beta(a, a) parameter; 0 switches mixup off
+    mixup_prob: float = 0.9
+    mask_ratio: float = 0.2  # SpecAugment-style masks: up to this share of the bins and of the frames
+    roll: bool = True
+    noise: bool = False  # the original's Speech Commands v2 fbank noise and time shift
+    label_smoothing: float = 0.0  # multi-class cross entropy without mixup
+
+    def validate(self, where: str = "augment") -> None:
+        if self.mixup < 0 or not 0.0 <= self.mixup_prob <= 1.0:
+            raise ConfigError(f"{where}.mixup: mixup must be >= 0 and mixup_prob in [0, 1]")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"{where}.mask_ratio: must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing: must be in [0, 1)")
+
+
+@dataclass
+class FinetuneDataSection:
+    dir: str = ""  # fairseq task directory: <split>.tsv, <split>.lbl, label_descriptors.csv
+    train_split: str = "train"
+    eval_split: str = "eval"
+    task: str = "multilabel"  # "multilabel" (BCE, mAP) or "multiclass" (CE, accuracy)
+    weights_file: str = ""  # balanced sampling weights (one per train clip); empty: plain shuffled epochs
+    samples_per_epoch: int = AS2M_SAMPLES_PER_EPOCH  # clips drawn per epoch with weights_file
+    target_length: int = 1024
+    norm_mean: float = -4.268
+    norm_std: float = 4.569
+    num_workers: int = 8
+    prefetch: int = 2
+
+    def validate(self, where: str = "data") -> None:
+        if not self.dir:
+            raise ConfigError(f"{where}.dir: set the task directory (train.tsv, train.lbl, eval.tsv, ...)")
+        if self.task not in TASKS:
+            raise ConfigError(f"{where}.task: must be one of {TASKS}, got {self.task!r}")
+        if self.target_length % 16 or self.target_length <= 0:
+            raise ConfigError(f"{where}.target_length: must be a positive multiple of 16")
+        if self.prefetch < 1 or self.samples_per_epoch < 1:
+            raise ConfigError(f"{where}.prefetch: prefetch and samples_per_epoch must be at least 1")
+
+
+@dataclass
+class FinetuneTrainSection:
+    global_batch: int = 48
+    max_micro_batch: int = 12
+    max_steps: int = 40_000  # optimizer updates (ignored when epochs > 0)
+    epochs: int = 0  # > 0: max_steps = train clips * epochs // global_batch (the SPASS recipe)
+    precision: str = "bf16"
+    seed: int = 1
+    loss: str = "auto"  # "auto" (BCE for multilabel, CE for multiclass), "bce" or "ce"
+    eval_every_steps: int = 0  # 0: only at the end
+    eval_batch: int = 32
+    max_bad_steps: int = 20
+
+    def validate(self, where: str = "train") -> None:
+        if self.global_batch < 1 or self.max_micro_batch < 1 or self.eval_batch < 1:
+            raise ConfigError(f"{where}.global_batch: batch sizes must be positive")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"{where}.precision: must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.loss not in ("auto", "bce", "ce"):
+            raise ConfigError(f"{where}.loss: must be 'auto', 'bce' or 'ce', got {self.loss!r}")
+        if self.max_steps < 1 and self.epochs < 1:
+            raise ConfigError(f"{where}.max_steps: set max_steps or epochs")
+
+
+@dataclass
+class FinetuneOptimSection(OptimConfig):
+    """The pretraining optimizer section with the fine-tuning defaults (docs/method.md §9)."""
+
+    lr: float = 5e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 4000
+    clip_grad: float = 1e6  # the original does not clip; DeepSpeed's fp32 ZeRO checks gradients only when clipping
+
+
+@dataclass
+class FinetuneCheckpointSection(CheckpointConfig):
+    dir: str = "runs/finetune"
+    every_steps: int = 5000
+
+
+@dataclass
+class TargetSection:
+    """The published score this recipe should reach (docs/method.md §9)."""
+
+    metric: str = ""  # "mAP" or "accuracy", in percent
+    published: Dict[str, float] = field(default_factory=dict)  # "mean" or run name -> score
+    source: str = ""
+
+
+@dataclass
+class FinetuneConfig:
+    model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
+    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
+    optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
+    checkpoint: FinetuneCheckpointSection = field(default_factory=FinetuneCheckpointSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    runs: List[str] = field(default_factory=list)
+    target: TargetSection = field(default_factory=TargetSection)
+
+    def validate(self, where: str = "config") -> None:
+        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed"):
+            getattr(self, name).validate(f"{where}.{name}")
+        if len(set(self.runs)) != len(self.runs):
+            raise ConfigError(f"{where}.runs: listed twice")
+
+    def for_run(self, run: str) -> "FinetuneConfig":
+        """The config of one entry of ``runs``: ``{run}`` substituted, its own checkpoint directory."""
+        d = self.data
+        return replace(self, runs=[], data=replace(d, dir=d.dir.replace("{run}", run),
+                                                   weights_file=d.weights_file.replace("{run}", run)),
+                       checkpoint=replace(self.checkpoint, dir=os.path.join(self.checkpoint.dir, run)))
+
+
+def load_finetune_config(path: Optional[str] = None, overrides: List[str] = ()) -> FinetuneConfig:
+    """Read ``path`` (JSON), apply ``overrides``, validate; unknown keys raise ConfigError naming them."""
+    values: Dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    values.pop("_comment", None)
+    for assignment in overrides:
+        apply_override(values, assignment)
+    return from_dict(FinetuneConfig, values, where=path or "config")
+
+
+# ============================================================================== model
+class Classifier(nn.Module):
+    """Encoder -> CLS -> LayerNorm -> Linear: logits [B, num_classes]."""
+
+    def __init__(self, encoder: Encoder, num_classes: int, drop_path: float = 0.0, head_norm_eps: float = 1e-6,
+                 freeze_encoder: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder.set_drop_path(drop_path)
+        dim = encoder.cfg.embed_dim
+        self.head_norm = nn.LayerNorm(dim, eps=head_norm_eps)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            cls = self.encoder(fbank)[:, 0]
+        return self.head(self.head_norm(cls))
+
+
+def build_classifier(cfg: FinetuneModelSection, num_classes: int) -> Classifier:
+    if cfg.init_from:
+        from ..released.formats import load_pretrainer
+
+        encoder = load_pretrainer(cfg.init_from, **cfg.encoder).student
+    else:
+        encoder = Encoder(from_dict(SSLAMConfig, dict(cfg.encoder), where="model.encoder"))
+    return Classifier(encoder, num_classes, cfg.drop_path, cfg.head_norm_eps, cfg.freeze_encoder)
+
+
+def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
+    """AdamW parameter groups: block i of L at ``lr * layer_decay ** (L - i)``, the rest at ``lr``;
+    no weight decay on biases and 1-D parameters. Frozen parameters are left out."""
+    depth = len(model.encoder.blocks)
+    groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if name.startswith("encoder.blocks."):
+            scale = layer_decay ** (depth - int(name.split(".")[2]))
+        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else weight_decay
+        group = groups.setdefault((scale, wd), {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+# ============================================================================== augmentation
+def _step_rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+def roll_waveform(wave: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The original's roll augmentation: a circular shift by a random offset, scaled by Beta(10, 10) + 0.5."""
+    shift = int(rng.integers(len(wave)))
+    return torch.roll(wave, shift) * float(rng.beta(10, 10) + 0.5)
+
+
+def fbank_noise(fbank: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The original's Speech Commands v2 noise: uniform noise times U(0, 0.1), a time shift in [-10, 10)."""
+    noise = torch.from_numpy(rng.random(fbank.shape, dtype=np.float32)) * float(rng.random() / 10)
+    return torch.roll(fbank + noise, int(rng.integers(-10, 10)), 0)
+
+
+def mixup(fbank: torch.Tensor, target: torch.Tensor, alpha: float, prob: float,
+          rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Batch mixup: with probability ``prob`` draw lambda ~ Beta(alpha, alpha) and mix each clip
+    and target with those of the batch reversed. Returns (fbank, target, lambda)."""
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 and rng.random() < prob else 1.0
+    if lam == 1.0:
+        return fbank, target, lam
+    return lam * fbank + (1 - lam) * fbank.flip(0), lam * target + (1 - lam) * target.flip(0), lam
+
+
+def spec_mask(fbank: torch.Tensor, ratio: float, rng: np.random.Generator) -> torch.Tensor:
+    """One frequency band and one time span per clip set to 0, each of a width drawn uniformly below
+    ``ratio`` times the axis length at a uniform start (torchaudio's Frequency/TimeMasking with
+    iid_masks). fbank: [B, 1, T, F]."""
+    if ratio <= 0:
+        return fbank
+    B, _, T, Fq = fbank.shape
+    keep = torch.ones(B, 1, T, Fq, dtype=torch.bool)
+    for axis, size in ((3, Fq), (2, T)):
+        width = rng.random(B) * ratio * size
+        low = rng.random(B) * (size - width)
+        start, stop = low.astype(np.int64), (low + width).astype(np.int64)
+        pos = torch.arange(size)
+        inside = (pos[None] >= torch.from_numpy(start)[:, None]) & (pos[None] < torch.from_numpy(stop)[:, None])
+        keep &= ~(inside[:, None, None, :] if axis == 3 else inside[:, None, :, None])
+    return fbank * keep.to(fbank.device, fbank.dtype)
+
+
+# ============================================================================== data
+class LabelledClips(torch.utils.data.Dataset):
+    """A list of (epoch, position, index) tags -> one batch: {"fbank": [b, 1, T, 128], "target":
+    [b, C] (0/1), "index": [b], "skipped": [(index, path, reason), ...], "next": (epoch, position
+    after the last tag)}. Unreadable clips are left out of the batch and reported, never raised."""
+
+    def __init__(self, manifest: _data.Manifest, labels: List[List[int]], num_classes: int, d: FinetuneDataSection,
+                 augment: Optional[AugmentSection], seed: int):
+        self.manifest, self.labels, self.num_classes = manifest, labels, num_classes
+        self.d, self.augment, self.seed = d, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def clip(self, epoch: int, position: int, index: int) -> torch.Tensor:
+        wave = _data.read_clip(self.manifest.path(index))
+        rng = _step_rng(self.seed, 1, epoch, position, index)
+        if self.augment is not None and self.augment.roll:
+            wave = roll_waveform(wave, rng)
+        fbank = _audio.normalise(_audio.pad_or_crop(_audio.kaldi_fbank(wave), self.d.target_length),
+                                 self.d.norm_mean, self.d.norm_std)
+        if self.augment is not None and self.augment.noise:
+            fbank = fbank_noise(fbank, rng)
+        return fbank
+
+    def __getitem__(self, tags: List[Tuple[int, int, int]]) -> Dict[str, Any]:
+        fbanks, targets, indices, skipped = [], [], [], []
+        for epoch, position, index in tags:
+            try:
+                fbanks.append(self.clip(epoch, position, index))
+            except _audio.AudioError as err:
+                skipped.append((index, self.manifest.path(index), err.reason))
+                continue
+            target = torch.zeros(self.num_classes)
+            target[self.labels[index]] = 1.0
+            targets.append(target)
+            indices.append(index)
+        empty = torch.zeros(0, self.d.target_length, _audio.NUM_MEL_BINS)
+        return {"fbank": (torch.stack(fbanks) if fbanks else empty)[:, None],
+                "target": torch.stack(targets) if targets else torch.zeros(0, self.num_classes),
+                "index": torch.tensor(indices, dtype=torch.long), "skipped": skipped,
+                "next": (tags[-1][0], tags[-1][1] + 1)}
+
+
+class _Tags(torch.utils.data.Sampler):
+    def __init__(self, loader: "FinetuneLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        epoch, position = self.loader.epoch, self.loader.position
+        while True:
+            order = self.loader.order(epoch)
+            stop = len(order) if not self.loader.infinite else len(order) - len(order) % self.loader.batch_size
+            for start in range(position, stop, self.loader.batch_size):
+                yield [(epoch, p, int(order[p])) for p in range(start, min(start + self.loader.batch_size, stop))]
+            if not self.loader.infinite:
+                return
+            epoch, position = epoch + 1, 0
+
+
+class FinetuneLoader:
+    """Batches of ``LabelledClips`` in the epoch order of rank ``rank``: a (seed, epoch) permutation,
+    or with ``weights`` the balanced draw of epoch e (``BalancedSampler``), sharded over ranks.
+    ``infinite``: runs on across epochs (training; a partial batch at an epoch end is dropped);
+    otherwise one pass in manifest order (evaluation). ``state_dict()`` is the position just after
+    the last batch handed out."""
+
+    def __init__(self, dataset: LabelledClips, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, infinite: bool = True, weights: Optional[np.ndarray] = None,
+                 samples_per_epoch: int = AS2M_SAMPLES_PER_EPOCH):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.num_workers, self.infinite = rank, world_size, num_workers, infinite
+        self.weights, self.samples_per_epoch = weights, samples_per_epoch
+        self.epoch = self.position = 0
+        self._orders: Dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            n = len(self.dataset)
+            if not self.infinite:
+                order = np.arange(n)[self.rank::self.world_size]
+            elif self.weights is not None:
+                drawn = np.array(list(BalancedSampler(self.weights, min(self.samples_per_epoch, int((self.weights > 0).sum())),
+                                                      seed=self.seed, epoch=epoch)))
+                order = drawn[:len(drawn) // self.world_size * self.world_size][self.rank::self.world_size]
+            else:
+                order = _data.epoch_order(n, self.seed, epoch, self.rank, self.world_size)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def batches_per_epoch(self) -> int:
+        return len(self.order(self.epoch)) // self.batch_size
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state["seed"] != self.seed or state["rank"] != self.rank:
+            raise ValueError(f"data position of seed {state['seed']} rank {state['rank']}, this loader has "
+                             f"seed {self.seed} rank {self.rank}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self):
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=_Tags(self), num_workers=self.num_workers,
+            generator=torch.Generator(),  # the worker seeds do not draw from torch's global generator
+            prefetch_factor=2 if self.num_workers else None)
+        for batch in loader:
+            for index, path, reason in batch.pop("skipped"):
+                logger.warning("skipping %s (manifest %s entry %d): %s", path, self.dataset.manifest.source, index, reason)
+            self.epoch, self.position = batch.pop("next")
+            if len(batch["index"]):
+                yield batch
+        if not self.infinite:
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+def read_split(d: FinetuneDataSection, split: str, num_classes: int = 0) -> Tuple[_data.Manifest, List[List[int]], int]:
+    """(manifest, class indices per clip, number of classes) of ``<dir>/<split>.tsv`` and ``.lbl``."""
+    manifest = _data.read_manifest(os.path.join(d.dir, f"{split}.tsv"))
+    table = _data.read_label_descriptors(os.path.join(d.dir, "label_descriptors.csv"))
+    labels = _data.read_labels(os.path.join(d.dir, f"{split}.lbl"), table, manifest)
+    classes = num_classes or max(table.values()) + 1
+    if d.task == "multiclass":
+        for line, clip in enumerate(labels, start=1):
+            if len(clip) != 1:
+                raise ConfigError(f"{d.dir}/{split}.lbl:{line}: data.task is multiclass but the clip has {len(clip)} labels")
+    return manifest, labels, classes
+
+
+# ============================================================================== the run
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class _Engine(nn.Module):
+    """The module DeepSpeed wraps: the classifier and its loss; autocast set inside (see trainer.engine)."""
+
+    def __init__(self, classifier: Classifier, loss: str, task: str, label_smoothing: float,
+                 autocast: Optional[torch.dtype]):
+        super().__init__()
+        self.classifier = classifier
+        self.loss, self.task, self.label_smoothing, self.autocast = loss, task, label_smoothing, autocast
+
+    def forward(self, fbank: torch.Tensor, target: torch.Tensor, soft: bool) -> Dict[str, torch.Tensor]:
+        with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = self.classifier(fbank)
+        logits = torch.nan_to_num(logits.float())
+        if self.loss == "bce":
+            total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+            size = target.sum() if self.task == "multilabel" else torch.tensor(float(len(target)), device=target.device)
+            loss = total / size.clamp_min(1e-8)
+        elif soft:
+            loss = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits, target.argmax(dim=-1), label_smoothing=self.label_smoothing)
+        return {"loss": loss, "logits": logits.detach()}
+
+
+class FinetuneTrainer:
+    def __init__(self, cfg: FinetuneConfig, device: torch.device):
+        import deepspeed
+
+        self.cfg, self.device = cfg, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.checkpoint.dir
+        d, t = cfg.data, cfg.train
+        self.plan = plan_batch(t.global_batch, self.world, t.max_micro_batch)
+        train_manifest, train_labels, self.num_classes = read_split(d, d.train_split, cfg.model.num_classes)
+        self.eval_split = read_split(d, d.eval_split, self.num_classes)
+        self.max_steps = len(train_manifest) * t.epochs // t.global_batch if t.epochs > 0 else t.max_steps
+        if self.max_steps < 1:
+            raise ConfigError(f"train.epochs={t.epochs} of {len(train_manifest)} clips is less than one update")
+        self.loss = t.loss if t.loss != "auto" else ("bce" if d.task == "multilabel" else "ce")
+        resume_from = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        if not cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
+            raise ConfigError(f"checkpoint.dir={self.run_dir} holds checkpoints and checkpoint.resume is false")
+
+        torch.manual_seed(t.seed)  # the same head on every rank
+        self.classifier = build_classifier(cfg.model, self.num_classes).to(device)
+        self.module = _Engine(self.classifier, self.loss, d.task, cfg.augment.label_smoothing,
+                              torch.bfloat16 if t.precision == "bf16" else None)
+        o = cfg.optim
+        groups = layer_decay_groups(self.classifier, o.lr, o.weight_decay, cfg.model.layer_decay)
+        optimizer = SkipNonFiniteAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        schedule = CosineWithWarmup(o.lr, o.min_lr, o.warmup_steps, o.cosine_steps or self.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.plan))
+        self.trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.masters = MasterWeights(self.engine, [p for _, p in self.trainable])
+
+        weights = None
+        if d.weights_file:
+            weights = read_weights(d.weights_file)
+            if len(weights) != len(train_manifest):
+                raise ConfigError(f"{d.weights_file}: {len(weights)} weights for {len(train_manifest)} train clips")
+        dataset = LabelledClips(train_manifest, train_labels, self.num_classes, d, cfg.augment, t.seed)
+        self.loader = FinetuneLoader(dataset, self.plan.micro_batch, t.seed, self.rank, self.world, d.num_workers,
+                                     weights=weights, samples_per_epoch=d.samples_per_epoch)
+        self.data = Prefetcher(self.loader, device, depth=d.prefetch)
+        torch.manual_seed(t.seed * 1_000_003 + self.rank)  # drop path draws, per rank
+        self.step = 0
+        self.saved_step = -1
+        self.bad_total = self.bad_in_row = 0
+        self.evals: List[Dict[str, float]] = []
+        self.last_checkpoint: Optional[str] = None
+        self.stop_signal: Optional[str] = None
+        if resume_from is not None:
+            self._resume(resume_from)
+        dist.barrier()
+        if self.is_main:
+            remove_stale_temps(self.run_dir)
+        self.log = RunLog(self.run_dir, self.step, self.max_steps, self.plan.global_batch, cfg.logging.every_steps,
+                          cfg.logging.tensorboard, cfg.logging.progress_bar, self.is_main)
+        self.log.message(
+            f"{'resumed from ' + resume_from if resume_from else 'starting'} at step {self.step} of {self.max_steps}: "
+            f"{d.task}, {self.num_classes} classes, {len(train_manifest)} train clips"
+            f"{' (balanced sampling)' if weights is not None else ''}, {self.world} processes x "
+            f"{self.plan.accumulation} accumulation x {self.plan.micro_batch} clips, {t.precision}, "
+            f"{'linear evaluation' if cfg.model.freeze_encoder else 'fine-tuning'}")
+
+    @property
+    def metric(self) -> str:
+        return "mAP" if self.cfg.data.task == "multilabel" else "accuracy"
+
+    # ------------------------------------------------------------------------------ one update
+    def train_step(self) -> Dict[str, float]:
+        a, t = self.cfg.augment, self.cfg.train
+        sums = torch.zeros(4, dtype=torch.float64)
+        lr = max(self.scheduler.get_last_lr())
+        data_s = 0.0
+        for micro in range(self.plan.accumulation):
+            start = time.perf_counter()
+            batch = self.data.next()
+            data_s += time.perf_counter() - start
+            rng = _step_rng(t.seed, 2, self.rank, self.step, micro)
+            fbank, target, lam = mixup(batch["fbank"], batch["target"], a.mixup, a.mixup_prob, rng)
+            fbank = spec_mask(fbank, a.mask_ratio, rng)
+            out = self.engine(fbank, target, soft=a.mixup > 0)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            sums[0] += float(out["loss"].detach())
+            sums[1] += lam
+        sums[2] = float(not self.engine.was_step_applied())
+        sums[3] = float(self.stop_signal is not None)
+        dist.all_reduce(sums)
+        n = self.world * self.plan.accumulation
+        m = {"loss": float(sums[0]) / n, "mixup_lambda": float(sums[1]) / n, "skipped": float(sums[2] > 0),
+             "stop": float(sums[3] > 0), "data_s": data_s, "lr": lr}
+        if not m["skipped"]:
+            self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        m["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return m
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """The metric on the eval split (rank 0 computes it; the others wait)."""
+        result: Dict[str, float] = {}
+        if self.is_main:
+            manifest, labels, _ = self.eval_split
+            dataset = LabelledClips(manifest, labels, self.num_classes, self.cfg.data, None, self.cfg.train.seed)
+            loader = FinetuneLoader(dataset, self.cfg.train.eval_batch, self.cfg.train.seed,
+                                    num_workers=self.cfg.data.num_workers, infinite=False)
+            was_training = self.classifier.training
+            self.classifier.eval()
+            scores, targets = [], []
+            dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else None
+            for batch in loader:
+                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = self.classifier(batch["fbank"].to(self.device)).float()
+                scores.append(torch.sigmoid(logits) if self.cfg.data.task == "multilabel" else torch.softmax(logits, -1))
+                targets.append(batch["target"])
+            self.classifier.train(was_training)
+            s, y = torch.cat(scores).cpu(), torch.cat(targets)
+            value = mean_average_precision(s, y) if self.cfg.data.task == "multilabel" else accuracy(s, y.argmax(-1))
+            result = {"step": self.step, f"eval_{self.metric}": 100.0 * value, "eval_clips": len(y)}
+            self.evals.append(result)
+            if self.log.jsonl is not None:
+                self.log.jsonl.write(json.dumps(result) + "\n")
+                self.log.jsonl.flush()
+            if self.log.tb is not None:
+                self.log.tb.add_scalar(f"eval/{self.metric}", result[f"eval_{self.metric}"], self.step)
+            self.log.message(f"step {self.step}: eval {self.metric} {result[f'eval_{self.metric}']:.2f} on {len(y)} clips")
+        dist.barrier()
+        return result
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        tmp = temp_dir_for(self.run_dir, self.step)
+        if self.is_main:
+            remove_stale_temps(self.run_dir)
+            os.makedirs(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="engine", save_latest=False)
+        masters = self.masters.gather()
+        atomic_save({"rng": rng_state(torch.Generator()), "data": self.data.state_dict()},
+                    os.path.join(tmp, f"rank_{self.rank}.pt"))
+        if self.is_main:
+            state = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
+            for (name, _), master in zip(self.trainable, masters):
+                state[name] = master.float()
+            atomic_save({"format": FINETUNE_FORMAT, "version": 1, "config": to_dict(self.cfg),
+                         "model": {k[len("classifier."):]: v.detach().cpu() for k, v in state.items()},
+                         "num_classes": self.num_classes, "step": self.step, "world_size": self.world,
+                         "bad_total": self.bad_total, "evals": json.dumps(self.evals)}, os.path.join(tmp, "train.pt"))
+        os.sync()
+        dist.barrier()
+        final = publish(tmp, self.run_dir, self.step, self.cfg.checkpoint.keep_last) if self.is_main else None
+        dist.barrier()
+        self.saved_step = self.step
+        self.last_checkpoint = final or os.path.join(self.run_dir, os.path.basename(tmp)[len(".tmp-"):])
+        return self.last_checkpoint
+
+    def _resume(self, path: str) -> None:
+        files = read_resume_state(path, self.rank)
+        state, own = files["train"], files["rank"]
+        if state.get("format") != FINETUNE_FORMAT:
+            raise ConfigError(f"{path}: not a fine-tuning checkpoint of this project")
+        if state["world_size"] != self.world:
+            raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has {self.world}")
+        self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.step = self.saved_step = state["step"]
+        self.bad_total = state["bad_total"]
+        self.evals = json.loads(state["evals"])
+        restore_rng_state(own["rng"], torch.Generator())
+        self.data.load_state_dict(own["data"])
+        self.last_checkpoint = path
+
+    # ------------------------------------------------------------------------------ the run
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+        self.log.message(f"{self.stop_signal} received: saving a checkpoint after this step, then exiting")
+
+    def _guard(self, m: Dict[str, float]) -> None:
+        if m["skipped"] or not math.isfinite(m["loss"]):
+            self.bad_total += 1
+            self.bad_in_row += 1
+            self.log.message(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
+                             f"({self.bad_in_row} in a row)", warning=True)
+            if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_in_row} non-finite steps in a row at step {self.step}; lower optim.lr")
+        else:
+            self.bad_in_row = 0
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        cfg, every = self.cfg, self.cfg.train.eval_every_steps
+        reason, status, finished = f"reached {self.max_steps} updates", 0, False
+        try:
+            while self.step < self.max_steps:
+                start = time.perf_counter()
+                m = self.train_step()
+                data_s = m.pop("data_s")
+                stop = m.pop("stop")
+                self._guard(m)
+                m["bad_steps"] = self.bad_total
+                self.log.step(self.step, m, data_s, time.perf_counter() - start - data_s)
+                if every and self.step % every == 0 and self.step < self.max_steps and not m["skipped"]:
+                    self.evaluate()
+                if stop:
+                    reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
+                    break
+                if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
+                    self.save()
+            finished = self.step >= self.max_steps
+        except TrainingStopped as e:
+            reason, status = str(e), 2
+            logger.error(reason)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.data.close()
+        if finished and (not self.evals or self.evals[-1]["step"] != self.step):
+            self.evaluate()
+        if status == 0 and self.step != self.saved_step:
+            self.save()
+        if finished and self.is_main:
+            self._write_final()
+        self.log.message(self.log.summary(self.step, self.bad_total, 0, self.last_checkpoint, reason))
+        self.log.close()
+        return status
+
+    def _write_final(self) -> None:
+        key = f"eval_{self.metric}"
+        final = {"metric": self.metric, "value": self.evals[-1][key], "best": max(e[key] for e in self.evals),
+                 "step": self.step, "evals": self.evals, "checkpoint": self.last_checkpoint}
+        with open(os.path.join(self.run_dir, "final.json"), "w", encoding="utf-8") as f:
+            json.dump(final, f, indent=1)
+
+
+def read_final(run_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(run_dir, "final.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_finetune(cfg: FinetuneConfig, device: torch.device) -> int:
+    """One run, or each entry of ``cfg.runs`` in turn; then the summary against the published scores."""
+    if not cfg.runs:
+        return FinetuneTrainer(cfg, device).run()
+    results: Dict[str, Any] = {}
+    for run in cfg.runs:
+        one = cfg.for_run(run)
+        status = FinetuneTrainer(one, device).run()
+        if status != 0:
+            return status
+        results[run] = read_final(one.checkpoint.dir)
+    if dist.get_rank() == 0 and all(results.values()):
+        values = [r["value"] for r in results.values()]
+        summary = {"metric": results[cfg.runs[0]]["metric"], "runs": {k: v["value"] for k, v in results.items()},
+                   "mean": float(np.mean(values)), "published": cfg.target.published, "source": cfg.target.source}
+        with open(os.path.join(cfg.checkpoint.dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        logger.info("summary: %s", json.dumps(summary))
+    return 0

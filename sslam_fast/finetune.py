@@ -1,0 +1,56 @@
+"""Fine-tune (or linearly evaluate) a pretrained encoder:
+``deepspeed sslam_fast/finetune.py --config configs/finetune_as20k.json``.
+
+Also runs under ``torchrun``, as a single ``python`` process and as ``sslam-fast finetune``. This
+file is the launch path; the recipe and its loop are ``sslam_fast.evaluation.finetune``.
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a file (deepspeed sslam_fast/finetune.py): import the package, not its files
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from sslam_fast.config import ConfigError
+from sslam_fast.data import ManifestError
+from sslam_fast.evaluation.finetune import load_finetune_config, run_finetune
+from sslam_fast.serialization import CheckpointError
+from sslam_fast.trainer.engine import init_distributed
+
+logger = logging.getLogger("sslam_fast.finetune")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON fine-tuning config (configs/finetune_as20k.json, finetune_as2m.json, "
+                                    "finetune_esc50.json, finetune_spc2.json, linear_spass.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.init_from=SSLAM.pt --set data.dir=manifests/as20k")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_finetune_config(args.config, args.set)
+        return run_finetune(cfg, init_distributed(args.local_rank))
+    except ConfigError as e:
+        logger.error("config error: %s", e)
+        return 1
+    except CheckpointError as e:
+        logger.error("checkpoint error: %s", e)
+        return 1
+    except (ManifestError, FileNotFoundError) as e:
+        logger.error("data error: %s", e)
+        return 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="sslam_fast/finetune.py", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
