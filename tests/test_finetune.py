@@ -23,7 +23,7 @@ from sslam_fast.pretrainer import SSLAMPretrainer
 from sslam_fast.released.formats import save_pretrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENCODER = dict(embed_dim=32, depth=2, num_heads=2, attention="sdpa", use_kernels=False, average_top_k_layers=2,
+ENCODER = dict(embed_dim=32, depth=2, num_heads=2, attention="sdpa", average_top_k_layers=2,
                decoder_layers=1, decoder_groups=8)
 FREQS = (250, 1000, 3000, 6000)
 
@@ -263,7 +263,8 @@ def test_two_process_bf16_zero2_run(toy_multilabel, tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes x 2 accumulation x 2 clips" in done.stderr
-    assert sorted(os.listdir(os.path.join(run_dir, "step_000000002"))) == ["deepspeed", "rank_0.pt", "rank_1.pt", "train.pt"]
+    assert sorted(os.listdir(os.path.join(run_dir, "step_000000002"))) == ["checksums.json", "deepspeed", "rank_0.pt",
+                                                                          "rank_1.pt", "train.pt"]
     assert json.load(open(os.path.join(run_dir, "final.json")))["metric"] == "mAP"
 
 

@@ -646,10 +646,8 @@ class FinetuneTrainer:
         return self.last_checkpoint
 
     def _resume(self, path: str) -> None:
-        files = read_resume_state(path, self.rank)
+        files = read_resume_state(path, self.rank, fmt=FINETUNE_FORMAT)
         state, own = files["train"], files["rank"]
-        if state.get("format") != FINETUNE_FORMAT:
-            raise ConfigError(f"{path}: not a fine-tuning checkpoint of this project")
         if state["world_size"] != self.world:
             raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has {self.world}")
         self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",

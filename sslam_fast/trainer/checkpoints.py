@@ -86,13 +86,14 @@ def is_elastic(state: Dict[str, Any], world_size: Optional[int], zero_stage: Opt
 
 
 def read_resume_state(path: str, rank: int, world_size: Optional[int] = None, zero_stage: Optional[int] = None,
-                      precision: Optional[str] = None) -> Dict[str, Any]:
+                      precision: Optional[str] = None, fmt: str = TRAIN_FORMAT) -> Dict[str, Any]:
     """The safe reads of a resume, all through ``safe_load`` (weights only): ``train.pt``, then
     either ``rank_<rank>.pt`` and every file of ``deepspeed/`` vetted before DeepSpeed loads them
     (same layout), or ``optimizer.pt``, the consolidated optimizer state (elastic resume: another
-    world size, ZeRO stage or precision; ``rank_<rank>.pt`` too when it exists)."""
+    world size, ZeRO stage or precision; ``rank_<rank>.pt`` too when it exists). ``fmt`` is the
+    ``format`` that ``train.pt`` must name (the fine-tuning trainer passes its own)."""
     state = safe_load(os.path.join(path, "train.pt"))
-    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != fmt:
         raise CheckpointError(f"{os.path.join(path, 'train.pt')}: not a training checkpoint of this project")
     own_file = os.path.join(path, f"rank_{rank}.pt")
     if is_elastic(state, world_size, zero_stage, precision):
