@@ -5,6 +5,7 @@ from sslam_fast import Draws, SSLAMConfig, SSLAMPretrainer
 from sslam_fast.config import ConfigError, from_dict
 from sslam_fast.mixing import mixed_rows
 from sslam_fast.model import Encoder, count_parameters, sincos_table
+from sslam_fast.teacher import ema_decay_at
 from sslam_kernels import layer_averaged_target
 
 from helpers import fbank_batch, tiny_config, tiny_model
@@ -92,6 +93,20 @@ def test_same_draws_same_step_and_draws_are_used():
         model(x, draws=Draws(mix_windows=(8, 500)))
 
 
+@pytest.mark.parametrize("std", [None, 0.05])
+def test_decoder_noise_is_drawn_with_mask_noise_std(std):
+    """docs/method.md §6: masked decoder inputs are N(0, 0.01) (SSLAMConfig.mask_noise_std)."""
+    model = tiny_model(stage=1) if std is None else tiny_model(stage=1, mask_noise_std=std)
+    if std is None:
+        std = 0.01
+        assert model.cfg.mask_noise_std == 0.01
+    noise = model.draw(2, 1024, "cpu", torch.Generator().manual_seed(3)).decoder_noise.double()
+    assert noise.shape == (2 * 2, 512, 32)
+    n = noise.numel()  # 65536 draws: the sample std is within 0.3% of std at one sigma
+    assert abs(float(noise.std()) / std - 1) < 0.02
+    assert abs(float(noise.mean())) < 5 * std / n ** 0.5
+
+
 def test_noise_matters_only_at_masked_positions():
     model = tiny_model(stage=1)
     x = fbank_batch(2, 256)
@@ -117,7 +132,9 @@ def test_ema_schedule_and_update():
     assert model.ema_decay(0) == pytest.approx(0.9)
     assert model.ema_decay(50) == pytest.approx(0.945)
     assert model.ema_decay(100) == model.ema_decay(10_000) == pytest.approx(0.99)
-    assert SSLAMPretrainer.__init__ and SSLAMConfig().ema_decay == 0.9998
+    defaults = SSLAMConfig()
+    assert (defaults.ema_decay, defaults.ema_end_decay, defaults.ema_anneal_end_step) == (0.9998, 0.99999, 100_000)
+    assert ema_decay_at(50_000, defaults.ema_decay, defaults.ema_end_decay, 100_000) == pytest.approx(0.999895, abs=1e-12)
     before = [p.clone() for p in model.teacher.parameters()]
     student = [p.detach().clone() for p in model.student.parameters()]
     decay = model.update_teacher(50)
