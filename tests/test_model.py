@@ -18,6 +18,20 @@ def test_vit_base_parameter_count():
     assert all(not p.requires_grad for p in model.teacher.parameters())
 
 
+def test_default_config_is_the_documented_vit_b_recipe():
+    """SSLAMConfig() against the numbers of docs/method.md §3-7 (ViT-B; stage 2 sets clone_batch 8)."""
+    c = SSLAMConfig()
+    assert (c.stage, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.patch_size, c.num_mel_bins) == (1, 768, 12, 12, 4.0, 16, 128)
+    assert (c.max_time_patches, c.norm_eps) == (768, 1e-6)
+    assert (c.mask_prob, c.mask_length, c.mask_prob_adjust, c.clone_batch) == (0.8, 5, 0.07, 16)
+    assert (c.decoder_layers, c.decoder_kernel, c.decoder_groups, c.decoder_norm_eps) == (6, 3, 16, 1e-5)
+    assert c.mask_noise_std == 0.01
+    assert (c.average_top_k_layers, c.instance_norm_eps, c.target_norm_eps) == (12, 1e-5, 1e-5)
+    assert (c.loss_scale, c.cls_loss_weight, c.patch_loss_weight, c.srl_loss_weight) == (None, 1.0, 1.0, 2.0)
+    assert (c.mix_window, c.mix_w1_max, c.mix_w2_max, c.mix_step) == (240, 496, 782, 16)
+    assert (c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step) == (0.9998, 0.99999, 100_000)
+
+
 @pytest.mark.parametrize("size", ["base", "large"])
 def test_feature_shapes_for_base_and_large(size):
     cfg = SSLAMConfig.base() if size == "base" else SSLAMConfig.large()
