@@ -18,7 +18,7 @@ META = json.load(open(os.path.join(GOLDEN, "kaldi_fbank_golden.json")))
 ARRAYS = np.load(os.path.join(GOLDEN, "kaldi_fbank_golden.npz"))
 CASES = sorted(META["cases"])
 LOUD = -10.0
-# Kaldi's floor: log(float32 eps); the golden cells at it are compared with FLOOR_TOL (log-mel).
+# Kaldi's floor: log(float32 eps); the golden cells at it are compared within Tolerances.floor.
 FLOOR = float(np.log(np.finfo(np.float32).eps))
 
 
