@@ -43,3 +43,16 @@ def write_float_wav(path, samples, sample_rate: int) -> None:
     chunks += b"data" + struct.pack("<I", len(payload)) + payload
     with open(path, "wb") as f:
         f.write(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)
+
+
+def child_pythonpath(tmp_path) -> str:
+    """PYTHONPATH for a child process that imports this tree's sslam_fast and sslam_kernels (its
+    kernels/, linked under the package name), not those of an editable install of another checkout."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    link = tmp_path / "pythonpath" / "sslam_kernels"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.join(repo, "kernels"), target_is_directory=True)
+    return os.pathsep.join([str(link.parent), repo])

@@ -20,6 +20,8 @@ from sslam_fast import train
 from sslam_fast.trainer.checkpoints import latest_checkpoint, list_checkpoints
 from sslam_fast.pretrainer import SSLAMPretrainer
 
+from helpers import child_pythonpath
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.clone_batch=2",
@@ -194,7 +196,7 @@ KILL_WHILE_SAVING = textwrap.dedent("""
 def test_killed_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, stage1_straight):
     run_dir = str(tmp_path / "run")
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=REPO)
+               MASTER_PORT=str(free_port()), PYTHONPATH=child_pythonpath(tmp_path))
     proc = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, *sets(run_dir, "train.max_steps=6")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -281,7 +283,7 @@ def test_two_process_zero2_keeps_ranks_identical_and_shards_disjoint(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path), *sets(run_dir, "train.max_steps=3", "deepspeed.zero_stage=2")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=child_pythonpath(tmp_path), OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
