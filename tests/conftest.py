@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 
 # Triton kernels run on the CPU only through its interpreter, which must be chosen before any
 # kernel is defined; on a CUDA machine the real compiler is used.
@@ -10,3 +12,12 @@ except ImportError:
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# sslam_kernels is this tree's kernels/, also where an editable install of another checkout (a
+# second worktree, say) would provide its own.
+_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+if "sslam_kernels" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("sslam_kernels", os.path.join(_KERNELS, "__init__.py"),
+                                                   submodule_search_locations=[_KERNELS])
+    sys.modules["sslam_kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["sslam_kernels"])

@@ -24,3 +24,22 @@ def tiny_model(seed: int = 0, **overrides) -> SSLAMPretrainer:
 def fbank_batch(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 1, frames, 128, generator=g) * 0.5
+
+
+def write_float_wav(path, samples, sample_rate: int) -> None:
+    """A 32-bit float WAV (IEEE float, fmt + fact + data chunks) of samples [N] or [N, channels],
+    written with the standard library alone, so tests that need a file do not need soundfile."""
+    import struct
+
+    import numpy as np
+
+    data = np.asarray(samples, dtype="<f4")
+    frames = data.reshape(data.shape[0], -1)
+    channels = frames.shape[1]
+    payload = frames.tobytes()
+    fmt = struct.pack("<HHIIHHH", 3, channels, sample_rate, sample_rate * 4 * channels, 4 * channels, 32, 0)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    chunks += b"fact" + struct.pack("<II", 4, frames.shape[0])
+    chunks += b"data" + struct.pack("<I", len(payload)) + payload
+    with open(path, "wb") as f:
+        f.write(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)

@@ -38,6 +38,25 @@ def test_as2m_configs_state_the_paper_recipe():
     assert s2.train.init_from
 
 
+def test_normalisation_defaults_are_the_audioset_statistics():
+    """docs/method.md §2.6: mean -4.268, std 4.569, the same in the front end, the loader, the data
+    config and every config that states them."""
+    import inspect
+
+    from sslam_fast.data import audio, build_loader
+    from sslam_fast.data.loader import AudioLoader
+    from sslam_fast.trainer.config import DataConfig
+
+    assert (audio.NORM_MEAN, audio.NORM_STD) == (-4.268, 4.569)
+    assert (DataConfig.norm_mean, DataConfig.norm_std) == (-4.268, 4.569)
+    params = inspect.signature(build_loader).parameters
+    assert (params["norm_mean"].default, params["norm_std"].default) == (-4.268, 4.569)
+    assert (AudioLoader.norm_mean, AudioLoader.norm_std) == (-4.268, 4.569)
+    for path in CONFIGS:
+        data = json.load(open(path)).get("data", {})
+        assert (data.get("norm_mean", -4.268), data.get("norm_std", 4.569)) == (-4.268, 4.569), path
+
+
 def test_unknown_keys_are_errors_naming_them(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"train": {"max_step": 3}, "data": {"demo_clips": 4}}))

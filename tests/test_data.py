@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-sf = pytest.importorskip("soundfile", reason="the GPU image has no soundfile")
-
 from sslam_fast import cli
-from sslam_fast.data import audio  # noqa: E402
+from sslam_fast.data import audio
 from sslam_fast.data import (
     ManifestError,
     build_loader,
@@ -23,8 +21,15 @@ from sslam_fast.data import (
 )
 
 
+@pytest.fixture(scope="session")
+def sf():
+    """soundfile, for the tests that write audio files or decode them (the loader reads files with
+    it); only those skip where it is not installed (the GPU image has none)."""
+    return pytest.importorskip("soundfile", reason="soundfile is not installed")
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, sf):
     """12 one-second clips at 22.05 kHz (so the loader resamples)."""
     return make_demo_dataset(str(tmp_path_factory.mktemp("demo")), num_clips=12, seconds=1.0, sample_rate=22050, seed=3)
 
@@ -79,7 +84,7 @@ def test_labels_and_descriptors(tmp_path):
         read_labels(str(tmp_path / "short.lbl"), descriptors, manifest)
 
 
-def test_manifest_command_writes_readable_manifest(tmp_path, capsys):
+def test_manifest_command_writes_readable_manifest(tmp_path, capsys, sf):
     (tmp_path / "sub").mkdir()
     sf.write(tmp_path / "sub" / "x.flac", np.zeros(1234, np.float32), 8000)
     sf.write(tmp_path / "y.wav", np.zeros(4321, np.float32), 16000)
@@ -207,7 +212,7 @@ def test_dali_loader_shards_resumes_and_hands_out_batches_that_stay_valid(demo):
 
 
 @pytest.fixture(scope="module")
-def broken_folder(tmp_path_factory):
+def broken_folder(tmp_path_factory, sf):
     """Good clips mixed with every kind of broken file; returns (manifest, good paths, bad paths)."""
     root = tmp_path_factory.mktemp("broken")
     rng = np.random.default_rng(0)
@@ -219,7 +224,7 @@ def broken_folder(tmp_path_factory):
         good.append(path)
     bad = {
         "empty.wav": lambda p: sf.write(p, np.zeros(0, np.float32), 16000),
-        "truncated.flac": lambda p: p.write_bytes(_flac_bytes(root)[:300]),
+        "truncated.flac": lambda p: p.write_bytes(_flac_bytes(sf, root)[:300]),
         "not_audio.wav": lambda p: p.write_text("hello\n" * 100),
         "nan.wav": lambda p: sf.write(p, np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT"),
         "inf.wav": lambda p: sf.write(p, np.array([0.0, np.inf] * 4000, np.float32), 16000, subtype="FLOAT"),
@@ -236,7 +241,7 @@ def broken_folder(tmp_path_factory):
     return str(manifest), sorted(str(p) for p in good), sorted(str(root / n) for n in list(bad) + ["missing.wav"])
 
 
-def _flac_bytes(root):
+def _flac_bytes(sf, root):
     path = root / "_source.flac"
     sf.write(path, np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.1, 16000)
     data = path.read_bytes()
@@ -285,7 +290,7 @@ def test_dali_and_torch_backends_agree_on_mixed_rates_and_bad_files(broken_folde
 
 
 @pytest.mark.parametrize("route", ["by_container", "after_dali_fails"])
-def test_every_container_reaches_the_batch_with_both_backends(tmp_path, monkeypatch, route):
+def test_every_container_reaches_the_batch_with_both_backends(tmp_path, monkeypatch, route, sf):
     """wav, flac, ogg and mp3 give the same features with either backend. DALI's libsndfile cannot
     open MP3: it is decoded by soundfile and fed to the graph as float WAV, known by its container
     or (route "after_dali_fails") once DALI has stopped on it."""
@@ -431,7 +436,7 @@ def test_gpu_device_loader_equals_cpu(demo):
 # ---------------------------------------------------------------------------------------------- demo data, stats, CLI
 
 
-def test_demo_dataset_is_deterministic_and_varied(tmp_path):
+def test_demo_dataset_is_deterministic_and_varied(tmp_path, sf):
     a = make_demo_dataset(str(tmp_path / "a"), num_clips=5, seconds=2.0, seed=1)
     b = make_demo_dataset(str(tmp_path / "b"), num_clips=5, seconds=2.0, seed=1)
     c = make_demo_dataset(str(tmp_path / "c"), num_clips=5, seconds=2.0, seed=2)
@@ -457,7 +462,7 @@ def test_norm_stats_of_padded_fbanks(demo, capsys):
     assert f"norm_mean {mean:.4f}" in out and f"norm_std {std:.4f}" in out
 
 
-def test_demo_data_command(tmp_path, capsys):
+def test_demo_data_command(tmp_path, capsys, sf):
     assert cli.main(["demo-data", str(tmp_path / "d"), "--num-clips", "3", "--seconds", "0.5"]) == 0
     m = read_manifest(str(tmp_path / "d" / "train.tsv"))
     assert len(m) == 3 and all(os.path.exists(m.path(i)) for i in range(3))

@@ -1,5 +1,7 @@
 """EMA update: ``FusedEMA``'s Triton kernel (interpreter on CPU, compiled on CUDA) and its torch
 path against the per-tensor reference, on odd shapes, fp32 and bf16 students."""
+import zlib
+
 import pytest
 import torch
 from torch import nn
@@ -26,7 +28,7 @@ def _expected(teacher, student, decay):
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decay", [0.9998, 0.99999, 0.5])
 def test_tensor_lists_match_reference(student_dtype, decay, backend):
-    gen = torch.Generator().manual_seed(hash((str(student_dtype), decay)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{student_dtype}-{decay}".encode()))
     teacher, student = _pairs(student_dtype, gen)
     expected = _expected(teacher, student, decay)
     ref = [t.clone() for t in teacher]

@@ -1,5 +1,7 @@
 """embed_mask_gather / decoder_input_scatter: Triton (interpreter on CPU) against plain indexing,
 forward and backward, with poisoned outputs, on odd shapes."""
+import zlib
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def _grads(out, inputs, grad):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("prefix_kind", PREFIXES)
 def test_embed_mask_gather_matches_reference(shape, prefix_kind):
-    gen = torch.Generator().manual_seed(hash((shape, prefix_kind)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{prefix_kind}".encode()))
     patches, pos, cls, keep, clone = _inputs(shape, prefix_kind, gen, pos_grad=prefix_kind == "multi")
     out = embed_mask_gather(patches, pos, cls, keep, clone, use_triton=True)
     ref = embed_mask_gather_reference(patches, pos, cls, keep, clone)

@@ -5,6 +5,7 @@ from sslam_fast import Draws, SSLAMConfig, SSLAMPretrainer
 from sslam_fast.config import ConfigError, from_dict
 from sslam_fast.mixing import mixed_rows
 from sslam_fast.model import Encoder, count_parameters, sincos_table
+from sslam_fast.teacher import ema_decay_at
 from sslam_kernels import layer_averaged_target
 
 from helpers import fbank_batch, tiny_config, tiny_model
@@ -15,6 +16,20 @@ def test_vit_base_parameter_count():
     n = count_parameters(model.student) + count_parameters(model.decoder)
     assert 85e6 < n < 90e6  # "88M parameters with decoder"
     assert all(not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_default_config_is_the_documented_vit_b_recipe():
+    """SSLAMConfig() against the numbers of docs/method.md §3-7 (ViT-B; stage 2 sets clone_batch 8)."""
+    c = SSLAMConfig()
+    assert (c.stage, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.patch_size, c.num_mel_bins) == (1, 768, 12, 12, 4.0, 16, 128)
+    assert (c.max_time_patches, c.norm_eps) == (768, 1e-6)
+    assert (c.mask_prob, c.mask_length, c.mask_prob_adjust, c.clone_batch) == (0.8, 5, 0.07, 16)
+    assert (c.decoder_layers, c.decoder_kernel, c.decoder_groups, c.decoder_norm_eps) == (6, 3, 16, 1e-5)
+    assert c.mask_noise_std == 0.01
+    assert (c.average_top_k_layers, c.instance_norm_eps, c.target_norm_eps) == (12, 1e-5, 1e-5)
+    assert (c.loss_scale, c.cls_loss_weight, c.patch_loss_weight, c.srl_loss_weight) == (None, 1.0, 1.0, 2.0)
+    assert (c.mix_window, c.mix_w1_max, c.mix_w2_max, c.mix_step) == (240, 496, 782, 16)
+    assert (c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step) == (0.9998, 0.99999, 100_000)
 
 
 @pytest.mark.parametrize("size", ["base", "large"])
@@ -92,6 +107,20 @@ def test_same_draws_same_step_and_draws_are_used():
         model(x, draws=Draws(mix_windows=(8, 500)))
 
 
+@pytest.mark.parametrize("std", [None, 0.05])
+def test_decoder_noise_is_drawn_with_mask_noise_std(std):
+    """docs/method.md §6: masked decoder inputs are N(0, 0.01) (SSLAMConfig.mask_noise_std)."""
+    model = tiny_model(stage=1) if std is None else tiny_model(stage=1, mask_noise_std=std)
+    if std is None:
+        std = 0.01
+        assert model.cfg.mask_noise_std == 0.01
+    noise = model.draw(2, 1024, "cpu", torch.Generator().manual_seed(3)).decoder_noise.double()
+    assert noise.shape == (2 * 2, 512, 32)
+    n = noise.numel()  # 65536 draws: the sample std is within 0.3% of std at one sigma
+    assert abs(float(noise.std()) / std - 1) < 0.02
+    assert abs(float(noise.mean())) < 5 * std / n ** 0.5
+
+
 def test_noise_matters_only_at_masked_positions():
     model = tiny_model(stage=1)
     x = fbank_batch(2, 256)
@@ -117,7 +146,9 @@ def test_ema_schedule_and_update():
     assert model.ema_decay(0) == pytest.approx(0.9)
     assert model.ema_decay(50) == pytest.approx(0.945)
     assert model.ema_decay(100) == model.ema_decay(10_000) == pytest.approx(0.99)
-    assert SSLAMPretrainer.__init__ and SSLAMConfig().ema_decay == 0.9998
+    defaults = SSLAMConfig()
+    assert (defaults.ema_decay, defaults.ema_end_decay, defaults.ema_anneal_end_step) == (0.9998, 0.99999, 100_000)
+    assert ema_decay_at(50_000, defaults.ema_decay, defaults.ema_end_decay, 100_000) == pytest.approx(0.999895, abs=1e-12)
     before = [p.clone() for p in model.teacher.parameters()]
     student = [p.detach().clone() for p in model.student.parameters()]
     decay = model.update_teacher(50)

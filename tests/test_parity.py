@@ -14,7 +14,10 @@ CASES = {
     2: (FIXTURES / "parity_stage2" / "parity_stage2.npz", FIXTURES / "parity_stage2" / "sslam_original_tiny.pt"),
     1: (FIXTURES / "parity_stage1" / "parity_stage1.npz", FIXTURES / "parity_stage1" / "eat_original_tiny.pt"),
 }
-RTOL = 1e-4
+# Relative errors measured 2026-12-01 (CPU, torch 2.13): loss terms at most 2.5e-7 (stage 1
+# loss), tensors (targets, decoder output, features) at most 1.9e-6 (stage 2 utterance target).
+LOSS_RTOL = 1e-6
+RTOL = 5e-6
 
 
 def rel_err(ours, theirs):
@@ -55,7 +58,7 @@ def test_loss_terms(case, key):
     if key == "srl_loss" and stage == 1:
         assert float(out[key]) == 0.0
         return
-    assert rel_err(out[key], ref[key]) < RTOL, (key, float(out[key]), float(ref[key]))
+    assert rel_err(out[key], ref[key]) < LOSS_RTOL, (key, float(out[key]), float(ref[key]))
     assert int(out["sample_size"]) == int(ref["sample_size"])
 
 
@@ -103,4 +106,4 @@ def test_fast_attention_agrees_with_the_reference(case):
     finally:
         for block in model.student.blocks:
             block.attn.mode = "eager"
-    assert rel_err(fast["loss"], ref["loss"]) < RTOL
+    assert rel_err(fast["loss"], ref["loss"]) < LOSS_RTOL

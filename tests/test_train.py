@@ -20,6 +20,7 @@ from sslam_fast import train
 from sslam_fast.trainer.checkpoints import latest_checkpoint, list_checkpoints
 from sslam_fast.pretrainer import SSLAMPretrainer
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.clone_batch=2",
@@ -270,10 +271,11 @@ TWO_RANKS = textwrap.dedent("""
         seen.extend(batch["index"].tolist())
         return batch
     trainer.data.next = recording
+    named = lambda m: {n: p.detach().float().clone() for n, p in m.named_parameters()}
+    init = {"trainable": named(trainer.trainable), "teacher": named(trainer.model.teacher)}
     status = trainer.run()
-    flat = lambda ps: torch.cat([p.detach().float().reshape(-1) for p in ps])
-    torch.save({"status": status, "seen": seen, "plan": trainer.plan,
-                "trainable": flat(trainer.trainable.parameters()), "teacher": flat(trainer.model.teacher.parameters())},
+    torch.save({"status": status, "seen": seen, "plan": trainer.plan, "init": init,
+                "trainable": named(trainer.trainable), "teacher": named(trainer.model.teacher)},
                os.path.join(out, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()
 """)
@@ -291,14 +293,26 @@ def test_two_process_zero2_keeps_ranks_identical_and_shards_disjoint(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["status"] == r1["status"] == 0
     assert r0["plan"].micro_batch == 2 and r0["plan"].accumulation == 1
-    assert torch.equal(r0["trainable"], r1["trainable"]) and torch.equal(r0["teacher"], r1["teacher"])
+    for part in ("trainable", "teacher"):
+        assert r0[part].keys() == r1[part].keys() == r0["init"][part].keys() and r0[part]
+        for name, value in r0[part].items():
+            assert torch.equal(value, r1[part][name]), (part, name)
+            assert torch.equal(r0["init"][part][name], r1["init"][part][name]), (part, name)
+    # three steps moved every trainable tensor, and the EMA moved the teacher
+    assert all(not torch.equal(v, r0["init"]["trainable"][n]) for n, v in r0["trainable"].items())
+    assert all(not torch.equal(v, r0["init"]["teacher"][n]) for n, v in r0["teacher"].items())
     assert len(r0["seen"]) == len(r1["seen"]) == 6
     assert not set(r0["seen"]) & set(r1["seen"])
     ckpt = torch.load(run_dir / "step_000000003" / "train.pt", weights_only=False)
     assert ckpt["world_size"] == 2
-    # the checkpoint's fp32 student is the one both ranks hold (fp32 masters == weights in fp32)
-    student = torch.cat([v.reshape(-1) for k, v in ckpt["model"].items() if not k.startswith("teacher.")])
-    assert student.numel() == r0["trainable"].numel()
+    # the checkpoint's fp32 student, decoder and teacher are the ones both ranks hold (fp32 masters
+    # == weights in fp32)
+    saved = {k: v for k, v in ckpt["model"].items() if not k.startswith("teacher.")}
+    assert saved.keys() == r0["trainable"].keys()
+    for name, value in r0["trainable"].items():
+        assert torch.equal(saved[name], value), name
+    for name, value in r0["teacher"].items():
+        assert torch.equal(ckpt["model"]["teacher." + name], value), name
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
