@@ -7,14 +7,16 @@ checkpointed with the data position, so a resumed run repeats the uninterrupted 
 
 Order of a step: micro batches (forward, backward) -> DeepSpeed step (clip 4.0, AdamW, LR schedule;
 skipped by DeepSpeed when a gradient is not finite) -> EMA teacher from the fp32 master weights ->
-metrics, guards, checkpoint.
+metrics, guards, checkpoint. The metrics stay on the device and are read one step late (while the
+next step runs), so nothing waits for the device between the optimizer and the EMA; a skipped step,
+a checkpoint and the end of the run read them at once.
 """
 import logging
 import math
 import os
 import signal
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -59,9 +61,19 @@ class Trainer:
         if cfg.train.init_from and resume_from is None:
             self._init_weights(cfg.train.init_from)
         self.model.to(device)
-        set_implementation(self.model, cfg.train.implementation)
-        self.trainable = StudentAndDecoder(self.model, torch.bfloat16 if cfg.train.precision == "bf16" else None)
-        optimizer = build_optimizer(self.trainable, cfg.optim)
+        if cfg.train.cuda_graph and device.type != "cuda":
+            raise ConfigError("train.cuda_graph: CUDA graphs need a CUDA device; this run is on the CPU")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: the decoder's convolutions pick their fastest kernels
+        if cfg.train.cuda_graph:
+            from torch._inductor import config as inductor_config
+
+            inductor_config.triton.cudagraphs = True  # what mode="reduce-overhead" sets
+        set_implementation(self.model, cfg.train.model_implementation)
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
+        self.trainable = StudentAndDecoder(self.model, autocast)
+        optimizer = build_optimizer(self.trainable, cfg.optim, skip_non_finite=cfg.train.dtype == "fp32",
+                                    fused=device.type == "cuda")
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.cosine_steps)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -91,7 +103,7 @@ class Trainer:
         self.log.message(
             f"{'resumed from ' + resume_from if resume_from else 'starting'} at step {self.step}: "
             f"{self.world} processes x {self.plan.accumulation} accumulation x {self.plan.micro_batch} clips = "
-            f"{self.plan.global_batch} clips per update, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
+            f"{self.plan.global_batch} clips per update, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.execution} execution, {cfg.train.dtype}, "
             f"stage {cfg.model.stage}, device {device.type}")
 
     # ------------------------------------------------------------------------------ building
@@ -121,13 +133,17 @@ class Trainer:
                             device=self.device if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------------------ one update
-    def train_step(self) -> Dict[str, float]:
+    def train_step(self) -> Dict[str, Any]:
         """Forward/backward over the micro batches, the optimizer step and the teacher's EMA.
 
-        Returns the step's metrics averaged over ranks; ``skipped`` is 1 when DeepSpeed skipped the
-        update for a non-finite gradient (the weights, the schedule and the teacher stay unchanged).
+        Returns the step's record for ``read_metrics``: the metric sums over ranks still on the device,
+        the grad norm as DeepSpeed keeps it, and the host values (``skipped`` is 1 when DeepSpeed
+        skipped the update for a non-finite gradient: the weights, the schedule and the teacher stay
+        unchanged).
         """
-        sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64, device=self.device)
+        if self.cfg.train.cuda_graph:
+            torch.compiler.cudagraph_mark_step_begin()
+        sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
         data_s = 0.0
         for _ in range(self.plan.accumulation):
@@ -141,50 +157,54 @@ class Trainer:
             sums[:len(METRIC_KEYS)] += torch.stack([
                 out["loss"].detach().double(), out["patch_loss"].double() / ss, out["cls_loss"].double() / ss,
                 out["srl_loss"].double() / ss, out["target_var"].detach().double(), out["pred_var"].detach().double()])
-        sums[-2] = float(not self.engine.was_step_applied())
         sums[-1] = float(self.stop_signal is not None)
         dist.all_reduce(sums)
-        totals = sums.tolist()  # one device-to-host copy for every metric
-        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(METRIC_KEYS, totals)}
-        metrics["skipped"] = float(totals[-2] > 0)
-        metrics["stop"] = float(totals[-1] > 0)
-        metrics["data_s"] = data_s
-        if not metrics["skipped"]:
+        record = {"sums": sums, "skipped": float(not self.engine.was_step_applied()), "lr": lr, "data_s": data_s}
+        if not record["skipped"]:
             self.step += 1
             source = self.masters.gather() if self.cfg.train.ema_from == "master" else self.model.student.parameters()
-            metrics["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
-        metrics["lr"] = lr
-        grad_norm = self.engine.get_global_grad_norm()
+            record["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
+        record["grad_norm"] = self.engine.get_global_grad_norm()
+        record["step"] = self.step
+        return record
+
+    def read_metrics(self, record: Dict[str, Any]) -> Dict[str, float]:
+        """A step's metrics on the host, averaged over ranks (one device-to-host copy)."""
+        totals = record["sums"].tolist()
+        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(METRIC_KEYS, totals)}
+        metrics["stop"] = float(totals[-1] > 0)
+        metrics.update({k: record[k] for k in ("skipped", "lr", "ema_decay") if k in record})
+        grad_norm = record["grad_norm"]
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return metrics
 
     # ------------------------------------------------------------------------------ guards
-    def check_guards(self, m: Dict[str, float]) -> None:
+    def check_guards(self, m: Dict[str, float], step: int) -> None:
         t = self.cfg.train
         if m["skipped"] or not math.isfinite(m["loss"]):
             self.bad_total += 1
             self.bad_in_row += 1
-            self.log.message(f"step {self.step + 1}: non-finite loss or gradient (loss {m['loss']}), update skipped "
+            self.log.message(f"step {step + 1}: non-finite loss or gradient (loss {m['loss']}), update skipped "
                              f"({self.bad_in_row} in a row, {self.bad_total} in total)", warning=True)
             if self.bad_in_row >= t.max_bad_steps:
                 raise TrainingStopped(
                     f"{self.bad_in_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}) at step "
-                    f"{self.step}: the run is diverging. Last checkpoint: {self.last_checkpoint or 'none'}. Lower "
+                    f"{step}: the run is diverging. Last checkpoint: {self.last_checkpoint or 'none'}. Lower "
                     f"optim.lr, check the data (norm_mean/norm_std), or resume from an earlier checkpoint.")
             return
         self.bad_in_row = 0
-        collapsed = self.step > t.collapse_after and (m["target_var"] < t.min_target_var or m["pred_var"] < t.min_pred_var)
+        collapsed = step > t.collapse_after and (m["target_var"] < t.min_target_var or m["pred_var"] < t.min_pred_var)
         if collapsed:
             self.collapse_total += 1
             if not self.collapsed:
                 self.log.message(
-                    f"step {self.step}: representation collapse? target_var {m['target_var']:.4g} "
+                    f"step {step}: representation collapse? target_var {m['target_var']:.4g} "
                     f"(min {t.min_target_var}), pred_var {m['pred_var']:.4g} (min {t.min_pred_var})", warning=True)
             if t.stop_on_collapse:
-                raise TrainingStopped(f"collapse at step {self.step}: target_var {m['target_var']:.4g}, "
+                raise TrainingStopped(f"collapse at step {step}: target_var {m['target_var']:.4g}, "
                                       f"pred_var {m['pred_var']:.4g} (train.stop_on_collapse)")
         elif self.collapsed:
-            self.log.message(f"step {self.step}: variances back above the collapse thresholds")
+            self.log.message(f"step {step}: variances back above the collapse thresholds")
         self.collapsed = collapsed
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -252,25 +272,45 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
         self.log.message(f"{self.stop_signal} received: saving a checkpoint after this step, then exiting")
 
+    def report(self, records: List[Dict[str, Any]]) -> bool:
+        """Read, guard and log ``records`` in order; True when a rank asked to stop."""
+        stop = False
+        for record in records:
+            m = self.read_metrics(record)
+            stop = bool(m.pop("stop")) or stop
+            self.check_guards(m, record["step"])
+            m.update(bad_steps=self.bad_total, collapse_steps=self.collapse_total)
+            self.log.step(record["step"], m, record["data_s"], record["compute_s"])
+        return stop
+
     def run(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         cfg = self.cfg
         reason, status = f"reached train.max_steps={cfg.train.max_steps}", 0
         try:
+            pending: List[Dict[str, Any]] = []
             while self.step < cfg.train.max_steps:
                 t = time.perf_counter()
-                m = self.train_step()
-                data_s = m.pop("data_s")
-                compute_s = time.perf_counter() - t - data_s
-                stop = m.pop("stop")
-                self.check_guards(m)
-                m.update(bad_steps=self.bad_total, collapse_steps=self.collapse_total)
-                self.log.step(self.step, m, data_s, compute_s)
+                record = self.train_step()
+                record["compute_s"] = time.perf_counter() - t - record["data_s"]
+                pending.append(record)
+                # the previous step is read while this one runs; a skipped one (DeepSpeed has read the
+                # gradients' norm already) at once. One process stops on its own flag at once; ranks
+                # agree on the flag of the step read.
+                ready = len(pending) if record["skipped"] else len(pending) - 1
+                stop = self.report(pending[:ready])
+                del pending[:ready]
+                stop = stop or (self.world == 1 and self.stop_signal is not None)
+                save = self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step
+                if stop or save:
+                    stop = self.report(pending) or stop
+                    pending.clear()
                 if stop:
                     reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
                     break
-                if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
+                if save:
                     self.save()
+            self.report(pending)
         except TrainingStopped as e:
             reason, status = str(e), 2
             logger.error(reason)
