@@ -9,17 +9,26 @@ module of a model (and compiles the networks for "compiled"):
 - ``"reference"``: the plain PyTorch reference of every op (the parity oracle, and what a reader
   holds next to docs/method.md);
 - ``"compiled"``: the fused ops, with every transformer block and the decoder compiled by
-  ``torch.compile`` (parameter names and checkpoints are unchanged).
+  ``torch.compile`` (parameter names and checkpoints are unchanged);
+- ``"original"``: the same maths executed the way the original EAT / SSLAM code executes it (the
+  baseline of step-time and traffic comparisons): the reference ops, eager attention with an fp32
+  softmax in every Attention module whatever ``SSLAMConfig.attention`` says, the per-tensor EMA
+  loop, and the gather-based losses (``objectives.gathered_losses``, a host sync). Its
+  fp16-weights / fp32-masters / loss-scaling side belongs to the trainer.
+
+The implementation is not part of the config or of checkpoints: a model loads the same way whichever
+implementation then runs it.
 """
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.nn as nn
 
 import sslam_kernels
 
-IMPLEMENTATIONS = ("fused", "reference", "compiled")
+IMPLEMENTATIONS = ("fused", "reference", "compiled", "original")
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class Ops:
     decoder_input_scatter: Callable
     layer_averaged_target: Callable
     ema_backend: str  # FusedEMA's backend: "auto" (Triton for CUDA tensors) or "torch"
+    attention: Optional[str] = None  # every Attention module's mode; None: the configured one
+    losses: str = "gathered"  # "gathered": objectives.gathered_losses (nonzero, the original's)
 
 
 FUSED = Ops(
@@ -50,13 +61,14 @@ REFERENCE = Ops(
     layer_averaged_target=functools.partial(sslam_kernels.layer_averaged_target, use_triton=False),
     ema_backend="torch",
 )
+ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager")
 
 
 def set_implementation(model: nn.Module, name: str) -> nn.Module:
     """Run ``model`` (an ``SSLAMPretrainer`` or an ``Encoder``) with implementation ``name``; in place."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
-    ops = REFERENCE if name == "reference" else FUSED
+    ops = {"reference": REFERENCE, "original": ORIGINAL}.get(name, FUSED)
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops

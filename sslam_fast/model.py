@@ -34,14 +34,15 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, mode: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
-        self.mode = mode
+        self.mode = mode  # the configured mode (SSLAMConfig.attention); ops.attention overrides it
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, self.mode)
+        out = attention(q, k, v, self.ops.attention or self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 

@@ -1,5 +1,5 @@
 """Teacher targets and the losses of EAT (stage 1) and SSLAM (stage 2), docs/method.md §5-7."""
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,3 +45,38 @@ def feature_std(y: torch.Tensor) -> torch.Tensor:
     if y.shape[0] < 2:
         return torch.zeros((), device=y.device)
     return torch.sqrt(y.var(dim=0) + 1e-6).mean()
+
+
+def loss_scale(cfg: SSLAMConfig) -> float:
+    return cfg.loss_scale if cfg.loss_scale is not None else cfg.embed_dim ** -0.5
+
+
+def gathered_losses(pred: torch.Tensor, student_cls: torch.Tensor, targets: Dict[str, torch.Tensor],
+                    masks: torch.Tensor, cfg: SSLAMConfig) -> Dict[str, torch.Tensor]:
+    """The losses as the original code computes them: the masked rows gathered through
+    ``masks.nonzero()`` (a host sync and a data-dependent shape), then summed. Arguments and result
+    as ``SSLAMPretrainer.losses``."""
+    clone = cfg.clone_batch
+    scale = loss_scale(cfg)
+    vi, pi = masks.nonzero(as_tuple=True)
+    sample_size = vi.numel()
+    pred_masked = pred[vi, pi]
+    target_masked = targets["patch"][vi // clone, pi]
+    patch_loss = regression_loss(pred_masked, target_masked, scale) * cfg.patch_loss_weight
+    cls_target = targets["cls"].repeat_interleave(clone, 0)
+    cls_loss = regression_loss(student_cls, cls_target, scale) * (cfg.cls_loss_weight * sample_size)
+    if cfg.stage == 2:
+        half = masks.shape[0] // 2
+        mvi, mpi = masks[half:].nonzero(as_tuple=True)
+        srl_loss = regression_loss(pred[half + mvi, mpi], targets["srl"][mvi // clone, mpi], scale) * cfg.srl_loss_weight
+    else:
+        srl_loss = torch.zeros((), device=pred.device)
+    return {
+        "loss": (patch_loss + cls_loss + srl_loss) / sample_size,
+        "patch_loss": patch_loss.detach(),
+        "cls_loss": cls_loss.detach(),
+        "srl_loss": srl_loss.detach(),
+        "sample_size": torch.tensor(sample_size, device=pred.device),
+        "target_var": feature_std(target_masked),
+        "pred_var": feature_std(pred_masked),
+    }

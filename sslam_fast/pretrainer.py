@@ -13,7 +13,7 @@ from .implementation import FUSED
 from .masking import visible_index
 from .mixing import check_windows, draw_mix_windows, partial_mixture
 from .model import CNNDecoder, Encoder, as_fbank_batch
-from .objectives import feature_std, regression_loss, source_retention_target
+from .objectives import gathered_losses, source_retention_target
 from .teacher import ema_decay_at, make_teacher
 
 
@@ -163,32 +163,7 @@ class SSLAMPretrainer(nn.Module):
                masks: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Patch, CLS and (stage 2) Source Retention losses at the masked positions, each summed;
         view v's targets are those of its input, v // clone_batch (docs/method.md §6-7)."""
-        c = self.cfg
-        clone = c.clone_batch
-        scale = c.loss_scale if c.loss_scale is not None else c.embed_dim ** -0.5
-        vi, pi = masks.nonzero(as_tuple=True)
-        sample_size = vi.numel()
-        pred_masked = pred[vi, pi]
-        target_masked = targets["patch"][vi // clone, pi]
-        patch_loss = regression_loss(pred_masked, target_masked, scale) * c.patch_loss_weight
-        cls_target = targets["cls"].repeat_interleave(clone, 0)
-        cls_loss = regression_loss(student_cls, cls_target, scale) * (c.cls_loss_weight * sample_size)
-        if c.stage == 2:
-            half = masks.shape[0] // 2
-            mvi, mpi = masks[half:].nonzero(as_tuple=True)
-            srl_loss = regression_loss(pred[half + mvi, mpi], targets["srl"][mvi // clone, mpi], scale) * c.srl_loss_weight
-        else:
-            srl_loss = torch.zeros((), device=pred.device)
-        return {
-            "loss": (patch_loss + cls_loss + srl_loss) / sample_size,
-            "patch_loss": patch_loss.detach(),
-            "cls_loss": cls_loss.detach(),
-            "srl_loss": srl_loss.detach(),
-            "sample_size": torch.tensor(sample_size, device=pred.device),
-            "target_var": feature_std(target_masked),
-            "pred_var": feature_std(pred_masked),
-        }
-
+        return gathered_losses(pred, student_cls, targets, masks, self.cfg)
 
 def step_flops_per_clip(cfg: SSLAMConfig, num_frames: int = 1024) -> float:
     """Training FLOPs per clip of one step (docs/method.md §10): teacher forward(s), plus student and decoder

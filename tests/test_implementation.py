@@ -7,7 +7,7 @@ import torch
 from helpers import fbank_batch, tiny_model
 from sslam_fast import Draws, load_pretrainer, save_pretrainer
 from sslam_fast.config import ConfigError
-from sslam_fast.implementation import FUSED, REFERENCE, set_implementation
+from sslam_fast.implementation import FUSED, IMPLEMENTATIONS, ORIGINAL, REFERENCE, set_implementation
 from sslam_fast.trainer.config import load_config
 
 
@@ -30,7 +30,7 @@ def test_every_op_is_read_from_the_ops_attribute():
         return lambda *a, **k: (calls.append(name), fn(*a, **k))[1]
 
     model = set_implementation(tiny_model(stage=2), "reference")
-    names = [f.name for f in dataclasses.fields(REFERENCE) if f.name not in ("name", "ema_backend")]
+    names = [f.name for f in dataclasses.fields(REFERENCE) if callable(getattr(REFERENCE, f.name))]
     ops = dataclasses.replace(REFERENCE, **{n: counting(n, getattr(REFERENCE, n)) for n in names})
     for module in (model, model.student, model.teacher):
         module.ops = ops
@@ -70,6 +70,34 @@ def test_compiled_matches_reference():
         torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
     assert any(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.student.blocks)
+
+
+def test_original_runs_eager_attention_the_torch_ema_and_the_gathered_losses(monkeypatch):
+    import sslam_fast.model
+
+    assert IMPLEMENTATIONS == ("fused", "reference", "compiled", "original")
+    model = tiny_model(stage=2)
+    reference = tiny_model(stage=2)
+    set_implementation(model, "original")
+    attentions = [m for m in model.modules() if isinstance(m, sslam_fast.model.Attention)]
+    assert attentions and all(m.ops is ORIGINAL and m.mode == "auto" for m in attentions)
+    assert ORIGINAL.ema_backend == "torch" and ORIGINAL.losses == "gathered"
+    modes = []
+    real = sslam_fast.model.attention
+    monkeypatch.setattr(sslam_fast.model, "attention", lambda q, k, v, mode: (modes.append(mode), real(q, k, v, mode))[1])
+    out, grads = step(model)
+    assert set(modes) == {"eager"}
+    model.update_teacher(1)
+    assert model._ema[1].backend == "torch"
+    set_implementation(model, "fused")  # the switch goes back: the configured mode again
+    modes.clear()
+    step(model)
+    assert set(modes) == {"auto"}
+    ref, ref_grads = step(set_implementation(reference, "reference"))
+    for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    assert "ops" not in model.state_dict() and model.cfg.attention == "auto"
 
 
 def test_trainer_config_names_a_bad_implementation():
