@@ -84,6 +84,19 @@ def test_metrics_are_read_one_step_late_and_every_step_is_logged(tmp_path, monke
     assert [line["lr"] for line in lines.values()][:3] == pytest.approx([0, 2.5e-4, 5e-4])
 
 
+def test_original_execution_gives_the_fast_losses_in_fp32(tmp_path, monkeypatch):
+    """The model side of the two executions on a CPU (DeepSpeed runs no fp16 there; the fp16 part is
+    the GPU-marked test below): the original implementation against the fused one, fp32, 4 updates."""
+    fast, original = str(tmp_path / "fast"), str(tmp_path / "original")
+    assert run_in_process(monkeypatch, fast, "train.max_steps=4") == 0
+    assert run_in_process(monkeypatch, original, "train.max_steps=4", "train.execution=original") == 0
+    a, b = logged(fast), logged(original)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in ("loss", "patch_loss", "cls_loss", "target_var", "grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_one_process_reads_the_fp32_masters_in_place(tmp_path, monkeypatch, zero_stage):
     from sslam_fast import train
