@@ -66,6 +66,29 @@ def test_cuda_graph_on_a_cpu_is_a_config_error(tmp_path, monkeypatch, caplog):
     assert "train.cuda_graph: CUDA graphs need a CUDA device" in caplog.text
 
 
+def test_fp16_on_a_cpu_is_a_config_error(tmp_path, monkeypatch, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    caplog.set_level(logging.ERROR, logger="sslam_fast.train")
+    assert run_in_process(monkeypatch, str(tmp_path), "train.execution=original", "train.precision=auto") == 1
+    assert "fp16 needs a CUDA device" in caplog.text
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_bf16_non_finite_steps_are_skipped_by_deepspeed(tmp_path, monkeypatch, zero_stage):
+    """bf16 builds a plain AdamW (no finite check of its own): DeepSpeed's optimizer skips the step."""
+    def poison(n, out):
+        if n == 2:
+            out["loss"] = out["loss"] * float("nan")
+
+    patch_forward(monkeypatch, poison)
+    assert run_in_process(monkeypatch, str(tmp_path), "train.max_steps=3", "train.precision=bf16",
+                          f"deepspeed.zero_stage={zero_stage}") == 0
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(line["step"], line["skipped"]) for line in lines] == [(1, 0), (1, 1), (2, 0), (3, 0)]
+    assert all(isinstance(line["loss"], float) for line in lines[2:])
+
+
 def test_metrics_are_read_one_step_late_and_every_step_is_logged(tmp_path, monkeypatch):
     run_dir = str(tmp_path)
     seen = []

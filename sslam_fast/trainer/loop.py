@@ -63,6 +63,9 @@ class Trainer:
         self.model.to(device)
         if cfg.train.cuda_graph and device.type != "cuda":
             raise ConfigError("train.cuda_graph: CUDA graphs need a CUDA device; this run is on the CPU")
+        if cfg.train.dtype == "fp16" and device.type != "cuda":
+            raise ConfigError("train.precision: the original execution's fp16 needs a CUDA device (DeepSpeed runs no "
+                              "fp16 on a CPU); set train.precision=fp32 to run its model side here")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: the decoder's convolutions pick their fastest kernels
         if cfg.train.cuda_graph:
@@ -141,8 +144,6 @@ class Trainer:
         skipped the update for a non-finite gradient: the weights, the schedule and the teacher stay
         unchanged).
         """
-        if self.cfg.train.cuda_graph:
-            torch.compiler.cudagraph_mark_step_begin()
         sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
         data_s = 0.0
@@ -150,6 +151,8 @@ class Trainer:
             t = time.perf_counter()
             fbank = self.data.next()["fbank"]
             data_s += time.perf_counter() - t
+            if self.cfg.train.cuda_graph:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
             out = self.engine(fbank, generator=self.generator)
             self.engine.backward(out["loss"])
             self.engine.step()
