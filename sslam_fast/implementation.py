@@ -12,8 +12,9 @@ module of a model (and compiles the networks for "compiled"):
   ``torch.compile`` (parameter names and checkpoints are unchanged);
 - ``"original"``: the same maths executed the way the original EAT / SSLAM code executes it (the
   baseline of step-time and traffic comparisons): the reference ops, eager attention with an fp32
-  softmax in every Attention module whatever ``SSLAMConfig.attention`` says, the per-tensor EMA
-  loop, and the gather-based losses (``objectives.gathered_losses``, a host sync). Its
+  softmax in every Attention module whatever ``SSLAMConfig.attention`` says, ``nn.LayerNorm``'s
+  autocast behaviour (fp32 out on CUDA), the NCHW decoder with its transposes (contiguous conv
+  weights), the per-tensor EMA loop, and the gather-based losses (``objectives.gathered_losses``, a host sync). Its
   fp16-weights / fp32-masters / loss-scaling side belongs to the trainer.
 
 The implementation is not part of the config or of checkpoints: a model loads the same way whichever
@@ -24,6 +25,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 import sslam_kernels
@@ -43,6 +45,8 @@ class Ops:
     ema_backend: str  # FusedEMA's backend: "auto" (Triton for CUDA tensors) or "torch"
     attention: Optional[str] = None  # every Attention module's mode; None: the configured one
     losses: str = "gathered"  # "gathered": objectives.gathered_losses (nonzero, the original's)
+    layer_norm: str = "keep_dtype"  # model.LayerNorm: "keep_dtype" (bf16 stream) or "autocast" (nn.LayerNorm's)
+    decoder_layout: str = "channels_last"  # CNNDecoder: "channels_last" or "transposed" (NCHW, the original's)
 
 
 FUSED = Ops(
@@ -61,20 +65,23 @@ REFERENCE = Ops(
     layer_averaged_target=functools.partial(sslam_kernels.layer_averaged_target, use_triton=False),
     ema_backend="torch",
 )
-ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager")
+ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
+                               decoder_layout="transposed")
 
 
 def set_implementation(model: nn.Module, name: str) -> nn.Module:
     """Run ``model`` (an ``SSLAMPretrainer`` or an ``Encoder``) with implementation ``name``; in place."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
+    from .model import Block, CNNDecoder
+
     ops = {"reference": REFERENCE, "original": ORIGINAL}.get(name, FUSED)
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
+        if isinstance(module, CNNDecoder):
+            module.set_weight_layout(torch.contiguous_format if ops.decoder_layout == "transposed" else torch.channels_last)
     if name == "compiled":
-        from .model import Block, CNNDecoder
-
         for module in model.modules():
             if isinstance(module, (Block, CNNDecoder)):
                 module.compile()

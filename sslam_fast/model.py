@@ -30,6 +30,36 @@ def sincos_table(embed_dim: int, time_patches: int, freq_patches: int) -> torch.
     return torch.cat([encode(f), encode(t)], dim=1).float()
 
 
+def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm that returns x's dtype, statistics in fp32, also under autocast.
+
+    CUDA autocast runs ``layer_norm`` in fp32 and returns fp32, which turns a bf16 residual stream
+    into an fp32 one; here autocast is off around the op, which reads and writes x's dtype and
+    accumulates in fp32 (torch's kernels do for bf16 / fp16); the affine parameters are cast to
+    x's dtype. Without autocast and for fp32 x it is ``F.layer_norm``, bit for bit.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and checkpoints) whose output keeps the input dtype under
+    autocast (``layer_norm``); with ``ops.layer_norm == "autocast"`` it is nn.LayerNorm's forward
+    (fp32 out under CUDA autocast), as the original code runs."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps=eps)
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.layer_norm == "autocast":
+            return super().forward(x)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, mode: str = "auto"):
         super().__init__()
@@ -62,9 +92,9 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, attn_mode: str):
         super().__init__()
         self.attn = Attention(dim, num_heads, attn_mode)
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.norm1(x + self.attn(x))
@@ -96,7 +126,7 @@ class Encoder(nn.Module):
         self.patch_embed = nn.Conv2d(1, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer("pos_table", sincos_table(D, cfg.max_time_patches, cfg.freq_patches), persistent=False)
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm = LayerNorm(D, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attention) for _ in range(cfg.depth)
         )
@@ -165,7 +195,14 @@ class Encoder(nn.Module):
 
 
 class CNNDecoder(nn.Module):
-    """Residual [grouped conv 3x3 -> LayerNorm over channels (no affine) -> GELU] x L, then Linear."""
+    """Residual [grouped conv 3x3 -> LayerNorm over channels (no affine) -> GELU] x L, then Linear.
+
+    The fast layout is channels-last throughout: [V, P, D] tokens are already NHWC, so the convs
+    read and write NHWC (their weights are kept channels-last, and converted if something, e.g.
+    DeepSpeed's flat buffers, made them contiguous again), the LayerNorm runs over the contiguous
+    last dim and no transpose copies are made. ``ops.decoder_layout == "transposed"`` runs the
+    original's NCHW layout with its transposes.
+    """
 
     def __init__(self, cfg: SSLAMConfig):
         super().__init__()
@@ -178,9 +215,27 @@ class CNNDecoder(nn.Module):
         self.proj = nn.Linear(D, D)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
+        self.set_weight_layout(torch.channels_last)
+
+    def set_weight_layout(self, memory_format: torch.memory_format) -> None:
+        """Store the conv weights in ``memory_format`` (values, names and checkpoints unchanged)."""
+        for conv in self.convs:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """x: [V, P, D] tokens on a (time, freq) patch grid -> predictions [V, P, D]."""
+        if self.ops.decoder_layout == "transposed":
+            return self._forward_transposed(x, grid)
+        V, P, D = x.shape
+        h = x.reshape(V, *grid, D)  # NHWC
+        for conv in self.convs:
+            weight = conv.weight.contiguous(memory_format=torch.channels_last)
+            y = conv._conv_forward(h.permute(0, 3, 1, 2), weight, conv.bias).permute(0, 2, 3, 1)
+            h = h + F.gelu(layer_norm(y, (D,), eps=self.eps))
+        return self.proj(h.reshape(V, P, D))
+
+    def _forward_transposed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         V, P, D = x.shape
         h = x.transpose(1, 2).reshape(V, D, *grid)
         for conv in self.convs:
