@@ -72,6 +72,12 @@ class StudentAndDecoder(nn.Module):
         self.decoder = model.decoder
         self.autocast = autocast
         object.__setattr__(self, "pretrainer", model)
+        # DeepSpeed handles every parameter as one dense block (the start-up broadcast views it as
+        # bytes; ZeRO-1/2 moves it into a flat buffer): store them contiguous. A layout a module wants
+        # (the decoder's channels-last conv weights) it makes per call from the contiguous weight.
+        for p in self.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
 
     def forward(self, fbank: torch.Tensor, generator: torch.Generator) -> Dict[str, Any]:
         with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
