@@ -156,7 +156,7 @@ def fits(stage: int, execution: str, batch: int) -> bool:
         step()
         sync()
         return True
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         return False
     finally:
         step = None
