@@ -185,3 +185,16 @@ def test_original_fp16_execution_gives_the_fast_losses_on_a_gpu(tmp_path, monkey
     assert sorted(a) == sorted(b) == [1, 2, 3, 4] and not any(line["skipped"] for line in b.values())
     for step in a:  # bf16 against fp16 autocast: the dtype tolerance of a 2-layer model
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=3e-2), step
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_graph_step_gives_the_eager_losses_on_a_gpu(tmp_path, monkeypatch):
+    pytest.importorskip("deepspeed")
+    eager, graphed = str(tmp_path / "eager"), str(tmp_path / "graphed")
+    assert run_in_process(monkeypatch, eager, "train.max_steps=4", "train.precision=auto") == 0
+    assert run_in_process(monkeypatch, graphed, "train.max_steps=4", "train.precision=auto", "train.compile=true",
+                          "train.cuda_graph=true") == 0
+    a, b = logged(eager), logged(graphed)
+    assert sorted(b) == [1, 2, 3, 4]
+    assert all(b[s]["loss"] == pytest.approx(a[s]["loss"], rel=2e-2) for s in a)  # bf16, compiled vs eager
