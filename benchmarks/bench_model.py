@@ -195,7 +195,8 @@ def test_fast_vs_original(stage):
     if not CUDA:
         pytest.skip(f"CPU smoke run (fast/original = {ratio:.2f}); the goals apply on a GPU")
     if stage == 2:
-        assert fast["mfu"] >= 0.5 and ratio >= 2, f"stage 2: MFU {fast['mfu']:.3f} (goal 0.5), fast/original {ratio:.2f} (goal 2)"
+        assert fast["mfu"] >= 0.5 and ratio >= 2, \
+            f"stage 2: MFU {fast['mfu']:.3f} (goal 0.5), fast/original {ratio:.2f} (goal 2)"
     else:
         assert ratio > 1, f"stage 1: fast/original = {ratio:.2f}"
 

@@ -106,8 +106,8 @@ class Trainer:
         self.log.message(
             f"{'resumed from ' + resume_from if resume_from else 'starting'} at step {self.step}: "
             f"{self.world} processes x {self.plan.accumulation} accumulation x {self.plan.micro_batch} clips = "
-            f"{self.plan.global_batch} clips per update, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.execution} execution, {cfg.train.dtype}, "
-            f"stage {cfg.model.stage}, device {device.type}")
+            f"{self.plan.global_batch} clips per update, ZeRO-{cfg.deepspeed.zero_stage}, "
+            f"{cfg.train.execution} execution, {cfg.train.dtype}, stage {cfg.model.stage}, device {device.type}")
 
     # ------------------------------------------------------------------------------ building
     def _init_weights(self, path: str) -> None:
