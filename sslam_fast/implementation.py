@@ -14,7 +14,8 @@ module of a model (and compiles the networks for "compiled"):
   baseline of step-time and traffic comparisons): the reference ops, eager attention with an fp32
   softmax in every Attention module whatever ``SSLAMConfig.attention`` says, ``nn.LayerNorm``'s
   autocast behaviour (fp32 out on CUDA), the NCHW decoder with its transposes (contiguous conv
-  weights), the per-tensor EMA loop, and the gather-based losses (``objectives.gathered_losses``, a host sync). Its
+  weights), the per-tensor EMA loop, the gather-based losses (``objectives.gathered_losses``, a
+  host sync) and bool-mask indexing of the mixed rows. Its
   fp16-weights / fp32-masters / loss-scaling side belongs to the trainer.
 
 The implementation is not part of the config or of checkpoints: a model loads the same way whichever
@@ -44,7 +45,10 @@ class Ops:
     layer_averaged_target: Callable
     ema_backend: str  # FusedEMA's backend: "auto" (Triton for CUDA tensors) or "torch"
     attention: Optional[str] = None  # every Attention module's mode; None: the configured one
-    losses: str = "gathered"  # "gathered": objectives.gathered_losses (nonzero, the original's)
+    masked_regression: Callable = sslam_kernels.masked_regression  # the dense losses' one op
+    # static shapes (the fast paths): dense losses, fixed-index mixed rows, no host sync in the step;
+    # False: objectives.gathered_losses (nonzero) and bool-mask indexing, as the original code runs
+    static_shapes: bool = True
     layer_norm: str = "keep_dtype"  # model.LayerNorm: "keep_dtype" (bf16 stream) or "autocast" (nn.LayerNorm's)
     decoder_layout: str = "channels_last"  # CNNDecoder: "channels_last" or "transposed" (NCHW, the original's)
 
@@ -64,9 +68,10 @@ REFERENCE = Ops(
     decoder_input_scatter=functools.partial(sslam_kernels.decoder_input_scatter, use_triton=False),
     layer_averaged_target=functools.partial(sslam_kernels.layer_averaged_target, use_triton=False),
     ema_backend="torch",
+    masked_regression=functools.partial(sslam_kernels.masked_regression, use_triton=False),
 )
 ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
-                               decoder_layout="transposed")
+                               decoder_layout="transposed", static_shapes=False)
 
 
 def set_implementation(model: nn.Module, name: str) -> nn.Module:

@@ -71,7 +71,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # q, k, v as [B, H, N, Dh] views of the packed qkv: their gradients stack straight back into
+        # its layout (no extra copy in the backward)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         out = attention(q, k, v, self.ops.attention or self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -222,6 +225,8 @@ class CNNDecoder(nn.Module):
         """Store the conv weights in ``memory_format`` (values, names and checkpoints unchanged)."""
         for conv in self.convs:
             conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
+            if conv.weight.grad is not None:
+                conv.weight.grad = conv.weight.grad.contiguous(memory_format=memory_format)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """x: [V, P, D] tokens on a (time, freq) patch grid -> predictions [V, P, D]."""
