@@ -62,6 +62,7 @@ def make_step(stage: int, execution: str, batch: int = BATCH):
     set_implementation(model, fast_implementation() if execution == "fast" else "original")
     model.to(device).train()
     gen = torch.Generator(device=device).manual_seed(0)
+    host = torch.Generator().manual_seed(1)  # the mix windows, drawn on the host (no sync), as the trainer does
     fbank = torch.randn(batch, 1, 1024, 128, device=device, generator=gen) * 0.5
     params = [p for p in model.parameters() if p.requires_grad]
     updates = [0]
@@ -70,7 +71,7 @@ def make_step(stage: int, execution: str, batch: int = BATCH):
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=CUDA):
-                out = model(fbank, generator=gen)
+                out = model(fbank, generator=gen, host_generator=host)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 4.0)
             opt.step()
@@ -90,7 +91,7 @@ def make_step(stage: int, execution: str, batch: int = BATCH):
 
     def step():
         with torch.autocast(device.type, dtype=torch.float16, enabled=CUDA):
-            out = model(fbank, generator=gen)
+            out = model(fbank, generator=gen, host_generator=host)
         (out["loss"] * scale[0]).backward()
         for p, m in zip(params, masters):
             m.grad = p.grad.float().div_(scale[0])

@@ -79,9 +79,10 @@ class StudentAndDecoder(nn.Module):
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
 
-    def forward(self, fbank: torch.Tensor, generator: torch.Generator) -> Dict[str, Any]:
+    def forward(self, fbank: torch.Tensor, generator: torch.Generator,
+                host_generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
         with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.pretrainer(fbank, generator=generator)
+            return self.pretrainer(fbank, generator=generator, host_generator=host_generator)
 
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> Dict[str, Any]:

@@ -85,6 +85,8 @@ class Trainer:
         self.num_student_params = len(list(self.model.student.parameters()))
 
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
+        # the stage-2 mix windows are python ints: drawn on the host, they need no device sync
+        self.host_generator = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + self.rank) * 2 + 1)
         self.loader = self._build_loader()
         self.data = Prefetcher(self.loader, device, depth=cfg.data.prefetch)
         self.step = 0
@@ -153,7 +155,7 @@ class Trainer:
             data_s += time.perf_counter() - t
             if self.cfg.train.cuda_graph:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-            out = self.engine(fbank, generator=self.generator)
+            out = self.engine(fbank, generator=self.generator, host_generator=self.host_generator)
             self.engine.backward(out["loss"])
             self.engine.step()
             ss = out["sample_size"].double()
@@ -220,7 +222,8 @@ class Trainer:
         dist.barrier()
         self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="engine", save_latest=False)
         masters = self.masters.gather()
-        atomic_save({"rng": rng_state(self.generator), "data": self.data.state_dict()},
+        atomic_save({"rng": rng_state(self.generator), "host_rng": self.host_generator.get_state(),
+                     "data": self.data.state_dict()},
                     os.path.join(tmp, f"rank_{self.rank}.pt"))
         if self.is_main:
             state = self.model.state_dict()
@@ -265,6 +268,8 @@ class Trainer:
         self.bad_total = state["counters"]["bad_total"]
         self.collapse_total = state["counters"]["collapse_total"]
         restore_rng_state(own["rng"], self.generator)
+        if "host_rng" in own:  # written since the windows come from the host generator
+            self.host_generator.set_state(own["host_rng"])
         self.data.load_state_dict(own["data"])
         self.last_checkpoint = path
 
