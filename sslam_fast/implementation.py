@@ -46,6 +46,7 @@ class Ops:
     ema_backend: str  # FusedEMA's backend: "auto" (Triton for CUDA tensors) or "torch"
     attention: Optional[str] = None  # every Attention module's mode; None: the configured one
     masked_regression: Callable = sslam_kernels.masked_regression  # the dense losses' one op
+    norm_gelu_residual: Callable = sslam_kernels.norm_gelu_residual  # the channels-last decoder's epilogue
     # static shapes (the fast paths): dense losses, fixed-index mixed rows, no host sync in the step;
     # False: objectives.gathered_losses (nonzero) and bool-mask indexing, as the original code runs
     static_shapes: bool = True
@@ -69,6 +70,7 @@ REFERENCE = Ops(
     layer_averaged_target=functools.partial(sslam_kernels.layer_averaged_target, use_triton=False),
     ema_backend="torch",
     masked_regression=functools.partial(sslam_kernels.masked_regression, use_triton=False),
+    norm_gelu_residual=functools.partial(sslam_kernels.norm_gelu_residual, use_triton=False),
 )
 ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
                                decoder_layout="transposed", static_shapes=False)

@@ -202,8 +202,9 @@ class CNNDecoder(nn.Module):
 
     The fast layout is channels-last throughout: [V, P, D] tokens are already NHWC, so the convs
     read and write NHWC (their weights are kept channels-last, and converted if something, e.g.
-    DeepSpeed's flat buffers, made them contiguous again), the LayerNorm runs over the contiguous
-    last dim and no transpose copies are made. ``ops.decoder_layout == "transposed"`` runs the
+    DeepSpeed's flat buffers, made them contiguous again), LayerNorm + GELU + residual run as one
+    op over the contiguous last dim (``sslam_kernels.norm_gelu_residual``) and no transpose
+    copies are made. ``ops.decoder_layout == "transposed"`` runs the
     original's NCHW layout with its transposes.
     """
 
@@ -237,7 +238,7 @@ class CNNDecoder(nn.Module):
         for conv in self.convs:
             weight = conv.weight.contiguous(memory_format=torch.channels_last)
             y = conv._conv_forward(h.permute(0, 3, 1, 2), weight, conv.bias).permute(0, 2, 3, 1)
-            h = h + F.gelu(layer_norm(y, (D,), eps=self.eps))
+            h = self.ops.norm_gelu_residual(y, h, self.eps)  # h + GELU(LayerNorm(y)), one pass
         return self.proj(h.reshape(V, P, D))
 
     def _forward_transposed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
