@@ -50,6 +50,9 @@ class Ops:
     # static shapes (the fast paths): dense losses, fixed-index mixed rows, no host sync in the step;
     # False: objectives.gathered_losses (nonzero) and bool-mask indexing, as the original code runs
     static_shapes: bool = True
+    # under a bf16 / fp16 autocast the teacher passes run a low-precision shadow of the fp32 teacher
+    # that the EMA update rewrites (SSLAMPretrainer.forward_teacher), instead of casting every pass
+    teacher_shadow: bool = True
     layer_norm: str = "keep_dtype"  # model.LayerNorm: "keep_dtype" (bf16 stream) or "autocast" (nn.LayerNorm's)
     decoder_layout: str = "channels_last"  # CNNDecoder: "channels_last" or "transposed" (NCHW, the original's)
 
@@ -73,7 +76,7 @@ REFERENCE = Ops(
     norm_gelu_residual=functools.partial(sslam_kernels.norm_gelu_residual, use_triton=False),
 )
 ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
-                               decoder_layout="transposed", static_shapes=False)
+                               decoder_layout="transposed", static_shapes=False, teacher_shadow=False)
 
 
 def set_implementation(model: nn.Module, name: str) -> nn.Module:

@@ -1,4 +1,5 @@
 """One SSLAM / EAT pretraining step as a pure function of (weights, batch, draws): docs/method.md §4-7."""
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -48,6 +49,7 @@ class SSLAMPretrainer(nn.Module):
         self.teacher = make_teacher(self.student)
         self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
         self._ema = None  # (key, FusedEMA) of the last update_teacher source
+        self._shadow = None  # (key, low-precision copy of the teacher): not a submodule, not in checkpoints
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -66,11 +68,48 @@ class SSLAMPretrainer(nn.Module):
         if decay < 1:
             source = [p.detach() for p in (self.student.parameters() if student_params is None else student_params)]
             teacher = list(self.teacher.parameters())
-            key = (self.ops.ema_backend, tuple(p.data_ptr() for p in source + teacher))
+            shadow = self._live_shadow()
+            shadow_params = None if shadow is None else list(shadow.parameters())
+            key = (self.ops.ema_backend, tuple(p.data_ptr() for p in source + teacher + (shadow_params or [])))
             if self._ema is None or self._ema[0] != key:  # built once while the tensors stay where they are
-                self._ema = (key, sslam_kernels.FusedEMA(source, teacher, backend=self.ops.ema_backend))
+                self._ema = (key, sslam_kernels.FusedEMA(source, teacher, backend=self.ops.ema_backend,
+                                                         shadow=shadow_params))
             self._ema[1].update(decay)
+            if shadow is not None:  # rewritten by the same update: still current
+                self._shadow = ((shadow_params[0].dtype, self._teacher_version()), shadow)
         return decay
+
+    def _teacher_version(self):
+        return tuple((p.data_ptr(), p._version) for p in self.teacher.parameters())
+
+    def _live_shadow(self) -> Optional[nn.Module]:
+        """The shadow if it is current (the teacher unchanged since it was written), else None."""
+        if self._shadow is None or self._shadow[0][1] != self._teacher_version():
+            return None
+        return self._shadow[1]
+
+    def forward_teacher(self) -> nn.Module:
+        """The module the teacher passes run. Under a bf16 / fp16 autocast (with
+        ``ops.teacher_shadow``): a copy of the teacher with its parameters in that dtype (the fp32
+        positions kept), which the EMA update rewrites in the same pass, so no pass casts the fp32
+        teacher; rebuilt from the teacher whenever the teacher changed otherwise (loading, a
+        manual edit). The values are those autocast's casts give. Else the fp32 teacher itself."""
+        device_type = self.teacher.cls_token.device.type
+        if not (self.ops.teacher_shadow and torch.is_autocast_enabled(device_type)):
+            return self.teacher
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype not in (torch.bfloat16, torch.float16):
+            return self.teacher
+        shadow = self._live_shadow()
+        if shadow is None or shadow.cls_token.dtype != dtype:
+            shadow = copy.deepcopy(self.teacher)
+            for p in shadow.parameters():
+                p.data = p.data.to(dtype)
+            self._shadow = ((dtype, self._teacher_version()), shadow)
+        for mine, theirs in zip(shadow.modules(), self.teacher.modules()):  # follow the implementation
+            if hasattr(theirs, "ops"):
+                mine.ops = theirs.ops
+        return shadow
 
     # ----------------------------------------------------------------------- draws
     def draw(self, batch_size: int, num_frames: int, device, generator: Optional[torch.Generator] = None,
@@ -134,13 +173,14 @@ class SSLAMPretrainer(nn.Module):
         else:
             num_keep = sslam_kernels.mask_counts(draws.masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
             keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
-        return {**self.step(fbank, draws, keep, mixture), "draws": draws}
+        return {**self.step(fbank, draws, keep, mixture, self.forward_teacher()), "draws": draws}
 
     def step(self, fbank: torch.Tensor, draws: Draws, keep: torch.Tensor,
-             mixture: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+             mixture: Optional[torch.Tensor] = None, teacher: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
         """The step on drawn ``draws`` whose views keep the patches ``keep`` [V, K] (ascending):
-        predict, teacher targets, losses. With the static-shape implementations it has no host
-        sync and no data-dependent shape (it compiles with ``torch.compile(fullgraph=True)``)."""
+        predict, teacher targets (run by ``teacher``, default ``self.teacher``; ``forward``
+        passes ``forward_teacher()``), losses. With the static-shape implementations it has no
+        host sync and no data-dependent shape (it compiles with ``torch.compile(fullgraph=True)``)."""
         c = self.cfg
         B, _, T, _ = fbank.shape
         grid = (T // c.patch_size, c.freq_patches)
@@ -151,7 +191,7 @@ class SSLAMPretrainer(nn.Module):
         else:
             inputs = fbank
         pred, student_cls = self.predict(inputs, draws, keep, grid)
-        targets = self.teacher_targets(inputs, B, draws.mix_windows, grid)
+        targets = self.teacher_targets(inputs, B, draws.mix_windows, grid, teacher)
         return self.losses(pred, student_cls, targets, draws.masks, grid[0] * grid[1] - keep.shape[1])
 
     def predict(self, inputs: torch.Tensor, draws: Draws, keep: torch.Tensor,
@@ -163,19 +203,22 @@ class SSLAMPretrainer(nn.Module):
         return self.decoder(dec_in, grid), x[:, 0]
 
     @torch.no_grad()
-    def teacher_targets(self, inputs: torch.Tensor, batch_size: int, windows, grid) -> Dict[str, torch.Tensor]:
+    def teacher_targets(self, inputs: torch.Tensor, batch_size: int, windows, grid,
+                        teacher: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
         """Teacher on the full inputs: patch targets [N, P, D] (top-K layer average) and utterance
         targets [N, D] (stage 1: the same average; stage 2: the last layer). Stage 2 adds the Source
-        Retention target [B, P, D] of the B mixtures (``source_retention_target``)."""
+        Retention target [B, P, D] of the B mixtures (``source_retention_target``). ``teacher``:
+        the module that runs the passes (default: the teacher; see ``forward_teacher``)."""
         c = self.cfg
+        teacher = self.teacher if teacher is None else teacher
         target = functools.partial(self.ops.layer_averaged_target, eps_instance=c.instance_norm_eps,
                                    eps_layer=c.target_norm_eps)
-        tokens = self.teacher.tokens(inputs)
-        _, layers = self.teacher.run_blocks(tokens, collect=True)
+        tokens = teacher.tokens(inputs)
+        _, layers = teacher.run_blocks(tokens, collect=True)
         patch = target(layers[-c.average_top_k_layers:])
         if c.stage == 1:
             return {"patch": patch, "cls": patch.mean(dim=1)}
-        srl = source_retention_target(self.teacher, tokens[:batch_size], patch[:batch_size], windows, grid, c, target,
+        srl = source_retention_target(teacher, tokens[:batch_size], patch[:batch_size], windows, grid, c, target,
                                       self.ops.static_shapes)
         return {"patch": patch, "cls": target(layers[-1:]).mean(dim=1), "srl": srl}
 

@@ -131,3 +131,33 @@ def test_checkpoints_with_the_former_use_kernels_key_still_load(tmp_path):
     torch.save(raw, path)
     loaded = load_pretrainer(str(path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_teacher_shadow_under_autocast_gives_the_cast_teacher_values(stage):
+    """Under bf16 autocast the teacher passes run a bf16 shadow that the EMA update rewrites; the
+    results are those of casting the fp32 teacher on every pass, and the shadow follows changes."""
+    with_shadow = tiny_model(stage=stage)
+    without = tiny_model(stage=stage)
+    without.ops = dataclasses.replace(FUSED, teacher_shadow=False)
+    x = fbank_batch(2, 1024)
+    draws = with_shadow.draw(2, 1024, "cpu", torch.Generator().manual_seed(stage))
+    assert with_shadow.forward_teacher() is with_shadow.teacher  # no autocast: the fp32 teacher
+    for step_ in range(2):
+        outs = []
+        for model in (with_shadow, without):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(model(x, draws=draws))
+            model.update_teacher(step_)
+        for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var"):
+            torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-6, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shadow = with_shadow.forward_teacher()
+        assert shadow is not with_shadow.teacher and shadow.cls_token.dtype == torch.bfloat16
+        assert shadow.pos_table.dtype == torch.float32
+        for s, t in zip(shadow.parameters(), with_shadow.teacher.parameters()):
+            assert torch.equal(s, t.bfloat16())
+        with torch.no_grad():
+            with_shadow.teacher.cls_token.add_(1.0)  # a change outside update_teacher
+        assert torch.equal(with_shadow.forward_teacher().cls_token, with_shadow.teacher.cls_token.bfloat16())
+    assert not any("shadow" in k for k in with_shadow.state_dict())
