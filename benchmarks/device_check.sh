@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # One-call GPU check for sslam_kernels (run from the repository root on the lent GPU):
 #   bash benchmarks/device_check.sh
-# Stages (each reported, none aborts the others; at most ~6 minutes, stage timeouts 120 + 90 + 130 s):
+# Stages (each reported, none aborts the others; under 8 minutes: stage timeouts
+# 85 + 45 + 90 + 180 + 45 = 445 s, plus the versions and the install):
 #   0. nvidia-smi -L, torch / triton versions; install the repo (no deps, no network)
 #   1. pytest tests -m gpu -x -q            (every GPU-marked test of the project)
 #   2. the kernel and swap-in tests on CUDA (compiled Triton, not the interpreter; timm here)
 #   3. kernel benchmarks at real sizes, fast path and reference in the same run
-#   4. end-to-end pretraining step (ViT-B, 12 clips, bf16): fast path vs reference path
+#   4. end-to-end pretraining step (ViT-B, 12 clips), stage 1 and 2, fast vs original execution in
+#      the same run: clips/s, MFU, peak memory, the largest batch that fits, the trainer's step
+#   5. torch.profiler table of the top 25 kernels of the fast stage-2 step
 # Writes to $OUT (default ./device_check_out; at most 8 files come back from the device tool):
 # logs.txt (every stage's log), bench_kernels.json (pytest-benchmark), bench_model.json,
-# kernels_summary.json (every kernel figure), and prints a short table last.
+# kernels_summary.json (every kernel figure), step_profile.txt (stage 5),
+# step_<date>_<gpu>.json (one record per stage and execution: device, date, commit, stage,
+# execution, clips_per_s, mfu, step_ms, peak_mem_gb, batch, max_batch; copy it to
+# benchmarks/results/), and prints a short table last.
 set -u
 OUT="${OUT:-$PWD/device_check_out}"
 LOGS=/tmp/device_check_logs
@@ -44,13 +50,14 @@ if ! python -c "import sslam_kernels, sslam_fast" >> "$LOGS/install.log" 2>&1; t
 fi
 python -c "import sslam_kernels; print('sslam_kernels from', sslam_kernels.__file__)"
 
-stage gpu_tests 100 python -m pytest tests -m gpu -x -q -p no:cacheprovider
-stage kernel_tests 60 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
+stage gpu_tests 85 python -m pytest tests -m gpu -x -q -p no:cacheprovider
+stage kernel_tests 45 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
     tests/test_kernels_gather.py tests/test_kernels_targets.py tests/test_monkey_patch.py -q -p no:cacheprovider
-stage kernel_bench 120 python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
+stage kernel_bench 90 python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=median,iqr,rounds
-stage model_bench 100 env SSLAM_BENCH_JSON="$OUT/bench_model.json" python -m pytest benchmarks/bench_model.py \
-    -q -p no:cacheprovider --benchmark-columns=median,rounds
+stage model_bench 180 env SSLAM_BENCH_JSON="$OUT/bench_model.json" python -m pytest benchmarks/bench_model.py \
+    -q -rs -p no:cacheprovider --benchmark-columns=median,rounds
+stage step_profile 45 python benchmarks/bench_model.py --profile "$OUT/step_profile.txt"
 
 printf '%s\n' "${STATUS[@]}" > "$LOGS/stages.log"
 for f in "$LOGS"/*.log; do echo "=== $f"; cat "$f"; done > "$OUT/logs.txt"
@@ -102,16 +109,31 @@ for e in summary["entries"]:
 for k, v in summary["ratios"].items():
     print(f"{k:<52}{v:8.2f}")
 EOF
-OUT="$OUT" python - <<'EOF'
-import json, os
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" OUT="$OUT" python - <<'EOF'
+import datetime, json, os, re
+out = os.environ["OUT"]
 try:
-    model = json.load(open(os.path.join(os.environ["OUT"], "bench_model.json")))
+    model = json.load(open(os.path.join(out, "bench_model.json")))
 except (OSError, ValueError) as e:
     model = {}
     print(f"no end-to-end figures: {e}")
+records = []
 for key, v in model.items():
-    if isinstance(v, dict):
-        print(f"{key:<22}{v['clips_per_s']:10.1f} clips/s  MFU {v.get('mfu', 0):.3f}  step {v['step_s_median'] * 1e3:.1f} ms")
-    else:
-        print(f"{key:<22}{v:10.2f}")
+    if isinstance(v, dict) and "clips_per_s" in v:
+        print(f"{key:<32}{v['clips_per_s']:10.1f} clips/s  MFU {v.get('mfu', 0):.3f}  step {v['step_s_median'] * 1e3:.1f} ms"
+              f"  peak {v.get('peak_mem_gb', 0):.1f} GB  max batch {v.get('max_batch', '-')}")
+        m = re.fullmatch(r"stage(\d)_(fast|original)", key)
+        if m:
+            records.append({"device": v["device"], "date": datetime.date.today().isoformat(),
+                            "commit": os.environ["COMMIT"], "stage": int(m.group(1)), "execution": m.group(2),
+                            "clips_per_s": v["clips_per_s"], "mfu": v.get("mfu"), "step_ms": v["step_s_median"] * 1e3,
+                            "peak_mem_gb": v.get("peak_mem_gb"), "batch": v["batch"], "max_batch": v.get("max_batch")})
+    elif not isinstance(v, dict):
+        print(f"{key:<32}{v:10.2f}")
+if records:
+    gpu = re.sub(r"[^a-z0-9]+", "-", records[0]["device"].lower()).strip("-")
+    path = os.path.join(out, f"step_{records[0]['date']}_{gpu}.json")
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote {path}")
 EOF

@@ -12,6 +12,7 @@ fairseq's EMAModule does. Three layouts are handled:
   a ZeRO-3 teacher has its own local shard blended with the student's;
 - DTensor (FSDP2) student and teacher with the same placements: the local shards are blended.
 """
+import dataclasses
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -44,6 +45,12 @@ def _local(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if hasattr(x, "to_local") else x
 
 
+def _shadow_local(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    return x.ds_tensor if hasattr(x, "ds_tensor") else _local(x)
+
+
 class FusedEMA:
     """teacher <- decay * teacher + (1 - decay) * student over all matched parameters.
 
@@ -58,6 +65,9 @@ class FusedEMA:
         group (default: torch.distributed.get_rank of ``param.ds_process_group``).
 
     backend: "auto" (Triton for CUDA tensors, the reference otherwise), "triton" or "torch".
+    shadow: optional bf16 / fp16 copy of the teacher (a module, dict or list like ``teacher``,
+        matched the same way) rewritten by every update from the new fp32 values, in the same
+        pass (for a bf16 teacher forward that then casts nothing).
 
     ``update(decay)`` launches one Triton kernel on CUDA (the chunk table is built once and rebuilt
     only if a parameter's storage moves or a parameter is frozen / unfrozen) and runs the same
@@ -66,8 +76,10 @@ class FusedEMA:
 
     def __init__(self, student: Union[nn.Module, Sequence[torch.Tensor]],
                  teacher: Union[nn.Module, Sequence[torch.Tensor]], names: Optional[Iterable[str]] = None,
-                 shard_rank: Callable[[torch.Tensor], int] = _zero3_rank, backend: str = "auto"):
+                 shard_rank: Callable[[torch.Tensor], int] = _zero3_rank, backend: str = "auto",
+                 shadow: Union[nn.Module, Sequence[torch.Tensor], None] = None):
         s_params, t_params = _named(student), _named(teacher)
+        sh_params = {} if shadow is None else _named(shadow)
         if not isinstance(student, (nn.Module, Mapping)) and len(s_params) != len(t_params):
             raise ValueError(f"{len(t_params)} teacher tensors vs {len(s_params)} student tensors")
         names = list(t_params) if names is None else [_strip(n) for n in names]
@@ -76,7 +88,10 @@ class FusedEMA:
             raise KeyError(f"parameters missing from the student or teacher: {missing[:5]}")
         self.names: List[str] = names
         self._students = [s_params[n] for n in names] if isinstance(student, nn.Module) else []
-        self._units = [self._pairs_for(n, t_params[n], s_params[n], shard_rank) for n in names]
+        if shadow is not None and any(n not in sh_params for n in names):
+            raise KeyError(f"parameters missing from the shadow: {[n for n in names if n not in sh_params][:5]}")
+        self._units = [[dataclasses.replace(p, shadow=_shadow_local(sh_params.get(n)))
+                        for p in self._pairs_for(n, t_params[n], s_params[n], shard_rank)] for n in names]
         self._frozen = None
         self.pairs: List[EMAPair] = []
         self.copies: List[EMAPair] = []

@@ -77,7 +77,9 @@ def instance_norm_average_triton(layers: List[torch.Tensor], eps_instance: float
     if out.numel() == 0:
         return out
     addresses = [x.data_ptr() for x in layers]
-    table = torch.tensor(addresses, dtype=torch.int64).to(out.device)
+    table = torch.tensor(addresses, dtype=torch.int64)
+    if out.is_cuda:  # pinned, so the copy is asynchronous (no host sync in the step)
+        table = table.pin_memory().to(out.device, non_blocking=True)
     block_t = triton.next_power_of_2(T)
     block_d = max(1, min(32, _MAX_TILE // block_t, triton.next_power_of_2(D)))
     _instance_norm_average_kernel[(N, triton.cdiv(D, block_d))](

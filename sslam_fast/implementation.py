@@ -9,17 +9,29 @@ module of a model (and compiles the networks for "compiled"):
 - ``"reference"``: the plain PyTorch reference of every op (the parity oracle, and what a reader
   holds next to docs/method.md);
 - ``"compiled"``: the fused ops, with every transformer block and the decoder compiled by
-  ``torch.compile`` (parameter names and checkpoints are unchanged).
+  ``torch.compile`` (parameter names and checkpoints are unchanged);
+- ``"original"``: the same maths executed the way the original EAT / SSLAM code executes it (the
+  baseline of step-time and traffic comparisons): the reference ops, eager attention with an fp32
+  softmax in every Attention module whatever ``SSLAMConfig.attention`` says, ``nn.LayerNorm``'s
+  autocast behaviour (fp32 out on CUDA), the NCHW decoder with its transposes (contiguous conv
+  weights), the per-tensor EMA loop, the gather-based losses (``objectives.gathered_losses``, a
+  host sync) and bool-mask indexing of the mixed rows. Its
+  fp16-weights / fp32-masters / loss-scaling side belongs to the trainer.
+
+The implementation is not part of the config or of checkpoints: a model loads the same way whichever
+implementation then runs it.
 """
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 import sslam_kernels
 
-IMPLEMENTATIONS = ("fused", "reference", "compiled")
+IMPLEMENTATIONS = ("fused", "reference", "compiled", "original")
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,17 @@ class Ops:
     decoder_input_scatter: Callable
     layer_averaged_target: Callable
     ema_backend: str  # FusedEMA's backend: "auto" (Triton for CUDA tensors) or "torch"
+    attention: Optional[str] = None  # every Attention module's mode; None: the configured one
+    masked_regression: Callable = sslam_kernels.masked_regression  # the dense losses' one op
+    norm_gelu_residual: Callable = sslam_kernels.norm_gelu_residual  # the channels-last decoder's epilogue
+    # static shapes (the fast paths): dense losses, fixed-index mixed rows, no host sync in the step;
+    # False: objectives.gathered_losses (nonzero) and bool-mask indexing, as the original code runs
+    static_shapes: bool = True
+    # under a bf16 / fp16 autocast the teacher passes run a low-precision shadow of the fp32 teacher
+    # that the EMA update rewrites (SSLAMPretrainer.forward_teacher), instead of casting every pass
+    teacher_shadow: bool = True
+    layer_norm: str = "keep_dtype"  # model.LayerNorm: "keep_dtype" (bf16 stream) or "autocast" (nn.LayerNorm's)
+    decoder_layout: str = "channels_last"  # CNNDecoder: "channels_last" or "transposed" (NCHW, the original's)
 
 
 FUSED = Ops(
@@ -49,20 +72,26 @@ REFERENCE = Ops(
     decoder_input_scatter=functools.partial(sslam_kernels.decoder_input_scatter, use_triton=False),
     layer_averaged_target=functools.partial(sslam_kernels.layer_averaged_target, use_triton=False),
     ema_backend="torch",
+    masked_regression=functools.partial(sslam_kernels.masked_regression, use_triton=False),
+    norm_gelu_residual=functools.partial(sslam_kernels.norm_gelu_residual, use_triton=False),
 )
+ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
+                               decoder_layout="transposed", static_shapes=False, teacher_shadow=False)
 
 
 def set_implementation(model: nn.Module, name: str) -> nn.Module:
     """Run ``model`` (an ``SSLAMPretrainer`` or an ``Encoder``) with implementation ``name``; in place."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
-    ops = REFERENCE if name == "reference" else FUSED
+    from .model import Block, CNNDecoder
+
+    ops = {"reference": REFERENCE, "original": ORIGINAL}.get(name, FUSED)
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
+        if isinstance(module, CNNDecoder):
+            module.set_weight_layout(torch.contiguous_format if ops.decoder_layout == "transposed" else torch.channels_last)
     if name == "compiled":
-        from .model import Block, CNNDecoder
-
         for module in model.modules():
             if isinstance(module, (Block, CNNDecoder)):
                 module.compile()

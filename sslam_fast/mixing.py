@@ -7,7 +7,10 @@ import torch
 def draw_mix_windows(generator: Optional[torch.Generator] = None, num_frames: int = 1024, window: int = 240,
                      w1_max: int = 496, w2_max: int = 782, step: int = 16) -> Tuple[int, int]:
     """Two unmixed windows (w1, w2) in frames: w1 a random multiple of ``step`` in [0, w1_max],
-    w2 one in [w1 + window, w2_max]. The same windows serve the whole batch."""
+    w2 one in [w1 + window, w2_max]. The same windows serve the whole batch.
+
+    The draws are python ints: from a CPU ``generator`` that costs nothing, from a GPU one it is a
+    host sync (``SSLAMPretrainer.draw`` takes a CPU ``host_generator`` for them)."""
     if w2_max + window > num_frames or w1_max + 2 * window > w2_max + window:
         raise ValueError(
             f"mixing windows do not fit {num_frames} frames (window {window}, w1_max {w1_max}, w2_max {w2_max})"
@@ -53,3 +56,14 @@ def mixed_rows(num_time_patches: int, windows: Tuple[int, int], window: int, pat
                device=None) -> torch.Tensor:
     """[num_time_patches] bool, True for the patch rows that are mixed."""
     return mixed_frames(num_time_patches * patch_size, windows, window, device)[::patch_size]
+
+
+def mixed_row_index(num_time_patches: int, windows: Tuple[int, int], window: int, patch_size: int = 16,
+                    device=None) -> torch.Tensor:
+    """int64 [num_time_patches - 2 * window // patch_size]: the mixed patch rows ascending (the
+    ``True`` rows of ``mixed_rows``), computed on ``device`` from the python windows: a static
+    shape, no bool indexing, no host-to-device copy."""
+    w1, w2 = sorted(int(w) // patch_size for w in windows)
+    width = window // patch_size
+    j = torch.arange(num_time_patches - 2 * width, device=device)
+    return j + width * (j >= w1) + width * (j >= w2 - width)

@@ -30,18 +30,52 @@ def sincos_table(embed_dim: int, time_patches: int, freq_patches: int) -> torch.
     return torch.cat([encode(f), encode(t)], dim=1).float()
 
 
+def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm that returns x's dtype, statistics in fp32, also under autocast.
+
+    CUDA autocast runs ``layer_norm`` in fp32 and returns fp32, which turns a bf16 residual stream
+    into an fp32 one; here autocast is off around the op, which reads and writes x's dtype and
+    accumulates in fp32 (torch's kernels do for bf16 / fp16); the affine parameters are cast to
+    x's dtype. Without autocast and for fp32 x it is ``F.layer_norm``, bit for bit.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and checkpoints) whose output keeps the input dtype under
+    autocast (``layer_norm``); with ``ops.layer_norm == "autocast"`` it is nn.LayerNorm's forward
+    (fp32 out under CUDA autocast), as the original code runs."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps=eps)
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.layer_norm == "autocast":
+            return super().forward(x)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, mode: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
-        self.mode = mode
+        self.mode = mode  # the configured mode (SSLAMConfig.attention); ops.attention overrides it
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, self.mode)
+        # q, k, v as [B, H, N, Dh] views of the packed qkv: their gradients stack straight back into
+        # its layout (no extra copy in the backward)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        out = attention(q, k, v, self.ops.attention or self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -72,9 +106,9 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, attn_mode: str, drop_path: float = 0.0):
         super().__init__()
         self.attn = Attention(dim, num_heads, attn_mode)
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +141,7 @@ class Encoder(nn.Module):
         self.patch_embed = nn.Conv2d(1, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer("pos_table", sincos_table(D, cfg.max_time_patches, cfg.freq_patches), persistent=False)
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm = LayerNorm(D, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attention) for _ in range(cfg.depth)
         )
@@ -181,7 +215,15 @@ class Encoder(nn.Module):
 
 
 class CNNDecoder(nn.Module):
-    """Residual [grouped conv 3x3 -> LayerNorm over channels (no affine) -> GELU] x L, then Linear."""
+    """Residual [grouped conv 3x3 -> LayerNorm over channels (no affine) -> GELU] x L, then Linear.
+
+    The fast layout is channels-last throughout: [V, P, D] tokens are already NHWC, so the convs
+    read and write NHWC (their weights are kept channels-last, and converted if something, e.g.
+    DeepSpeed's flat buffers, made them contiguous again), LayerNorm + GELU + residual run as one
+    op over the contiguous last dim (``sslam_kernels.norm_gelu_residual``) and no transpose
+    copies are made. ``ops.decoder_layout == "transposed"`` runs the
+    original's NCHW layout with its transposes.
+    """
 
     def __init__(self, cfg: SSLAMConfig):
         super().__init__()
@@ -194,9 +236,29 @@ class CNNDecoder(nn.Module):
         self.proj = nn.Linear(D, D)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
+        self.set_weight_layout(torch.channels_last)
+
+    def set_weight_layout(self, memory_format: torch.memory_format) -> None:
+        """Store the conv weights in ``memory_format`` (values, names and checkpoints unchanged)."""
+        for conv in self.convs:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
+            if conv.weight.grad is not None:
+                conv.weight.grad = conv.weight.grad.contiguous(memory_format=memory_format)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """x: [V, P, D] tokens on a (time, freq) patch grid -> predictions [V, P, D]."""
+        if self.ops.decoder_layout == "transposed":
+            return self._forward_transposed(x, grid)
+        V, P, D = x.shape
+        h = x.reshape(V, *grid, D)  # NHWC
+        for conv in self.convs:
+            weight = conv.weight.contiguous(memory_format=torch.channels_last)
+            y = conv._conv_forward(h.permute(0, 3, 1, 2), weight, conv.bias).permute(0, 2, 3, 1)
+            h = self.ops.norm_gelu_residual(y, h, self.eps)  # h + GELU(LayerNorm(y)), one pass
+        return self.proj(h.reshape(V, P, D))
+
+    def _forward_transposed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         V, P, D = x.shape
         h = x.transpose(1, 2).reshape(V, D, *grid)
         for conv in self.convs:

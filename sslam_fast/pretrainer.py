@@ -1,4 +1,5 @@
 """One SSLAM / EAT pretraining step as a pure function of (weights, batch, draws): docs/method.md §4-7."""
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -13,7 +14,7 @@ from .implementation import FUSED
 from .masking import visible_index
 from .mixing import check_windows, draw_mix_windows, partial_mixture
 from .model import CNNDecoder, Encoder, as_fbank_batch
-from .objectives import feature_std, regression_loss, source_retention_target
+from .objectives import dense_losses, gathered_losses, source_retention_target
 from .teacher import ema_decay_at, make_teacher
 
 
@@ -48,6 +49,7 @@ class SSLAMPretrainer(nn.Module):
         self.teacher = make_teacher(self.student)
         self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
         self._ema = None  # (key, FusedEMA) of the last update_teacher source
+        self._shadow = None  # (key, low-precision copy of the teacher): not a submodule, not in checkpoints
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -66,16 +68,59 @@ class SSLAMPretrainer(nn.Module):
         if decay < 1:
             source = [p.detach() for p in (self.student.parameters() if student_params is None else student_params)]
             teacher = list(self.teacher.parameters())
-            key = (self.ops.ema_backend, tuple(p.data_ptr() for p in source + teacher))
+            shadow = self._live_shadow()
+            shadow_params = None if shadow is None else list(shadow.parameters())
+            key = (self.ops.ema_backend, tuple(p.data_ptr() for p in source + teacher + (shadow_params or [])))
             if self._ema is None or self._ema[0] != key:  # built once while the tensors stay where they are
-                self._ema = (key, sslam_kernels.FusedEMA(source, teacher, backend=self.ops.ema_backend))
+                self._ema = (key, sslam_kernels.FusedEMA(source, teacher, backend=self.ops.ema_backend,
+                                                         shadow=shadow_params))
             self._ema[1].update(decay)
+            if shadow is not None:  # rewritten by the same update: still current
+                self._shadow = ((shadow_params[0].dtype, self._teacher_version()), shadow)
         return decay
+
+    def _teacher_version(self):
+        return tuple((p.data_ptr(), p._version) for p in self.teacher.parameters())
+
+    def _live_shadow(self) -> Optional[nn.Module]:
+        """The shadow if it is current (the teacher unchanged since it was written), else None."""
+        if self._shadow is None or self._shadow[0][1] != self._teacher_version():
+            return None
+        return self._shadow[1]
+
+    def forward_teacher(self) -> nn.Module:
+        """The module the teacher passes run. Under a bf16 / fp16 autocast (with
+        ``ops.teacher_shadow``): a copy of the teacher with its parameters in that dtype (the fp32
+        positions kept), which the EMA update rewrites in the same pass, so no pass casts the fp32
+        teacher; rebuilt from the teacher whenever the teacher changed otherwise (loading, a
+        manual edit). The values are those autocast's casts give. Else the fp32 teacher itself."""
+        device_type = self.teacher.cls_token.device.type
+        if not (self.ops.teacher_shadow and torch.is_autocast_enabled(device_type)):
+            return self.teacher
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype not in (torch.bfloat16, torch.float16):
+            return self.teacher
+        shadow = self._live_shadow()
+        if shadow is None or shadow.cls_token.dtype != dtype:
+            shadow = copy.deepcopy(self.teacher)
+            for p in shadow.parameters():
+                p.data = p.data.to(dtype)
+            self._shadow = ((dtype, self._teacher_version()), shadow)
+        for mine, theirs in zip(shadow.modules(), self.teacher.modules()):  # follow the implementation
+            if hasattr(theirs, "ops"):
+                mine.ops = theirs.ops
+        return shadow
 
     # ----------------------------------------------------------------------- draws
     def draw(self, batch_size: int, num_frames: int, device, generator: Optional[torch.Generator] = None,
-             draws: Optional[Draws] = None) -> Draws:
-        """Fill the missing fields of ``draws`` for a batch of ``batch_size`` clips."""
+             draws: Optional[Draws] = None, host_generator: Optional[torch.Generator] = None) -> Draws:
+        """Fill the missing fields of ``draws`` for a batch of ``batch_size`` clips.
+
+        Masks and decoder noise come from ``generator`` (on ``device`` or the CPU); the stage-2 mix
+        windows are python ints, drawn from ``host_generator`` (a CPU generator: no host sync) or,
+        without one, from ``generator`` (a host sync when it is on a GPU). The noise is drawn in
+        the autocast dtype when autocast is on (its values at visible positions are never read).
+        """
         c = self.cfg
         draws = draws or Draws()
         grid = (num_frames // c.patch_size, c.freq_patches)
@@ -93,11 +138,15 @@ class SSLAMPretrainer(nn.Module):
         if c.stage == 2:
             windows = check_windows(
                 windows if windows is not None
-                else draw_mix_windows(generator, num_frames, c.mix_window, c.mix_w1_max, c.mix_w2_max, c.mix_step),
+                else draw_mix_windows(host_generator or generator, num_frames, c.mix_window, c.mix_w1_max,
+                                      c.mix_w2_max, c.mix_step),
                 num_frames, c.mix_window, c.mix_step)
         noise = draws.decoder_noise
         if noise is None:
-            noise = torch.empty(views, patches, c.embed_dim, device=device).normal_(0, c.mask_noise_std, generator=generator)
+            device_type = torch.device(device).type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+            noise = torch.empty(views, patches, c.embed_dim, device=device, dtype=dtype).normal_(
+                0, c.mask_noise_std, generator=generator)
         if noise.shape != (views, patches, c.embed_dim):
             raise ValueError(f"draws.decoder_noise must be [{views}, {patches}, {c.embed_dim}], got {list(noise.shape)}")
         return Draws(masks=masks.to(device), mix_windows=windows, decoder_noise=noise.to(device))
@@ -105,18 +154,35 @@ class SSLAMPretrainer(nn.Module):
     # ----------------------------------------------------------------------- step
     def forward(self, fbank: torch.Tensor, draws: Optional[Draws] = None,
                 mixture: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                generator: Optional[torch.Generator] = None,
+                host_generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """fbank: [B, 1, T, 128] normalised log-mel. ``mixture`` (stage 2) may come precomputed from
         the data pipeline for ``draws.mix_windows``. Returns loss (= (patch_loss + cls_loss +
         srl_loss) / sample_size), the three summed terms, sample_size, target_var, pred_var, and
-        the draws used. The step: draw, predict (student and decoder), targets (teacher), losses."""
+        the draws used. The step: draw (``draw``; ``host_generator``: a CPU generator for the mix
+        windows), then ``step``: predict (student and decoder), targets (teacher), losses."""
         c = self.cfg
         fbank = as_fbank_batch(fbank, c.num_mel_bins, c.patch_size, self.student.max_frames)
         B, _, T, _ = fbank.shape
         if c.stage == 2 and mixture is not None and (draws is None or draws.mix_windows is None):
             raise ValueError("a precomputed mixture needs the draws.mix_windows it was made with")
         given_masks = draws is not None and draws.masks is not None
-        draws = self.draw(B, T, fbank.device, generator, draws)
+        draws = self.draw(B, T, fbank.device, generator, draws, host_generator)
+        if given_masks:
+            keep = visible_index(draws.masks)  # checks that every view keeps the same number of patches
+        else:
+            num_keep = sslam_kernels.mask_counts(draws.masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
+            keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
+        return {**self.step(fbank, draws, keep, mixture, self.forward_teacher()), "draws": draws}
+
+    def step(self, fbank: torch.Tensor, draws: Draws, keep: torch.Tensor,
+             mixture: Optional[torch.Tensor] = None, teacher: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+        """The step on drawn ``draws`` whose views keep the patches ``keep`` [V, K] (ascending):
+        predict, teacher targets (run by ``teacher``, default ``self.teacher``; ``forward``
+        passes ``forward_teacher()``), losses. With the static-shape implementations it has no
+        host sync and no data-dependent shape (it compiles with ``torch.compile(fullgraph=True)``)."""
+        c = self.cfg
+        B, _, T, _ = fbank.shape
         grid = (T // c.patch_size, c.freq_patches)
         if c.stage == 2:
             if mixture is None:
@@ -124,71 +190,50 @@ class SSLAMPretrainer(nn.Module):
             inputs = torch.cat([fbank, mixture.to(fbank.dtype)])  # [B originals, B mixtures]
         else:
             inputs = fbank
-        pred, student_cls = self.predict(inputs, draws, grid, given_masks)
-        targets = self.teacher_targets(inputs, B, draws.mix_windows, grid)
-        return {**self.losses(pred, student_cls, targets, draws.masks), "draws": draws}
+        pred, student_cls = self.predict(inputs, draws, keep, grid)
+        targets = self.teacher_targets(inputs, B, draws.mix_windows, grid, teacher)
+        return self.losses(pred, student_cls, targets, draws.masks, grid[0] * grid[1] - keep.shape[1])
 
-    def predict(self, inputs: torch.Tensor, draws: Draws, grid: Tuple[int, int],
-                check_masks: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The student on the visible patches of every view, then the decoder on the visible
+    def predict(self, inputs: torch.Tensor, draws: Draws, keep: torch.Tensor,
+                grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The student on the visible patches ``keep`` of every view, then the decoder on the visible
         outputs put back in place among noise: predictions [V, P, D] and the student CLS [V, D]."""
-        c = self.cfg
-        masks = draws.masks
-        if check_masks:
-            keep = visible_index(masks)  # checks that every view keeps the same number of patches
-        else:
-            num_keep = sslam_kernels.mask_counts(masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
-            keep = sslam_kernels.keep_index_from_mask(masks, num_keep)
-        x = self.student(inputs, keep_index=keep, clone=c.clone_batch)
+        x = self.student(inputs, keep_index=keep, clone=self.cfg.clone_batch)
         dec_in = self.ops.decoder_input_scatter(x[:, 1:], keep, draws.decoder_noise)
         return self.decoder(dec_in, grid), x[:, 0]
 
     @torch.no_grad()
-    def teacher_targets(self, inputs: torch.Tensor, batch_size: int, windows, grid) -> Dict[str, torch.Tensor]:
+    def teacher_targets(self, inputs: torch.Tensor, batch_size: int, windows, grid,
+                        teacher: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
         """Teacher on the full inputs: patch targets [N, P, D] (top-K layer average) and utterance
         targets [N, D] (stage 1: the same average; stage 2: the last layer). Stage 2 adds the Source
-        Retention target [B, P, D] of the B mixtures (``source_retention_target``)."""
+        Retention target [B, P, D] of the B mixtures (``source_retention_target``). ``teacher``:
+        the module that runs the passes (default: the teacher; see ``forward_teacher``)."""
         c = self.cfg
+        teacher = self.teacher if teacher is None else teacher
         target = functools.partial(self.ops.layer_averaged_target, eps_instance=c.instance_norm_eps,
                                    eps_layer=c.target_norm_eps)
-        tokens = self.teacher.tokens(inputs)
-        _, layers = self.teacher.run_blocks(tokens, collect=True)
+        tokens = teacher.tokens(inputs)
+        _, layers = teacher.run_blocks(tokens, collect=True)
         patch = target(layers[-c.average_top_k_layers:])
         if c.stage == 1:
             return {"patch": patch, "cls": patch.mean(dim=1)}
-        srl = source_retention_target(self.teacher, tokens[:batch_size], patch[:batch_size], windows, grid, c, target)
+        srl = source_retention_target(teacher, tokens[:batch_size], patch[:batch_size], windows, grid, c, target,
+                                      self.ops.static_shapes)
         return {"patch": patch, "cls": target(layers[-1:]).mean(dim=1), "srl": srl}
 
     def losses(self, pred: torch.Tensor, student_cls: torch.Tensor, targets: Dict[str, torch.Tensor],
-               masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+               masks: torch.Tensor, num_masked: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Patch, CLS and (stage 2) Source Retention losses at the masked positions, each summed;
-        view v's targets are those of its input, v // clone_batch (docs/method.md §6-7)."""
-        c = self.cfg
-        clone = c.clone_batch
-        scale = c.loss_scale if c.loss_scale is not None else c.embed_dim ** -0.5
-        vi, pi = masks.nonzero(as_tuple=True)
-        sample_size = vi.numel()
-        pred_masked = pred[vi, pi]
-        target_masked = targets["patch"][vi // clone, pi]
-        patch_loss = regression_loss(pred_masked, target_masked, scale) * c.patch_loss_weight
-        cls_target = targets["cls"].repeat_interleave(clone, 0)
-        cls_loss = regression_loss(student_cls, cls_target, scale) * (c.cls_loss_weight * sample_size)
-        if c.stage == 2:
-            half = masks.shape[0] // 2
-            mvi, mpi = masks[half:].nonzero(as_tuple=True)
-            srl_loss = regression_loss(pred[half + mvi, mpi], targets["srl"][mvi // clone, mpi], scale) * c.srl_loss_weight
-        else:
-            srl_loss = torch.zeros((), device=pred.device)
-        return {
-            "loss": (patch_loss + cls_loss + srl_loss) / sample_size,
-            "patch_loss": patch_loss.detach(),
-            "cls_loss": cls_loss.detach(),
-            "srl_loss": srl_loss.detach(),
-            "sample_size": torch.tensor(sample_size, device=pred.device),
-            "target_var": feature_std(target_masked),
-            "pred_var": feature_std(pred_masked),
-        }
-
+        view v's targets are those of its input, v // clone_batch (docs/method.md §6-7).
+        ``num_masked``: the patches every view masks (read from ``masks``, a host sync, if None).
+        The static-shape implementations compute them densely (``objectives.dense_losses``),
+        "original" by gathering the masked rows (``objectives.gathered_losses``)."""
+        if not self.ops.static_shapes:
+            return gathered_losses(pred, student_cls, targets, masks, self.cfg)
+        if num_masked is None:
+            num_masked = int(masks[0].sum())
+        return dense_losses(pred, student_cls, targets, masks, self.cfg, num_masked, self.ops.masked_regression)
 
 def step_flops_per_clip(cfg: SSLAMConfig, num_frames: int = 1024) -> float:
     """Training FLOPs per clip of one step (docs/method.md §10): teacher forward(s), plus student and decoder

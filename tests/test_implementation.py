@@ -7,7 +7,7 @@ import torch
 from helpers import fbank_batch, tiny_model
 from sslam_fast import Draws, load_pretrainer, save_pretrainer
 from sslam_fast.config import ConfigError
-from sslam_fast.implementation import FUSED, REFERENCE, set_implementation
+from sslam_fast.implementation import FUSED, IMPLEMENTATIONS, ORIGINAL, REFERENCE, set_implementation
 from sslam_fast.trainer.config import load_config
 
 
@@ -30,7 +30,7 @@ def test_every_op_is_read_from_the_ops_attribute():
         return lambda *a, **k: (calls.append(name), fn(*a, **k))[1]
 
     model = set_implementation(tiny_model(stage=2), "reference")
-    names = [f.name for f in dataclasses.fields(REFERENCE) if f.name not in ("name", "ema_backend")]
+    names = [f.name for f in dataclasses.fields(REFERENCE) if callable(getattr(REFERENCE, f.name))]
     ops = dataclasses.replace(REFERENCE, **{n: counting(n, getattr(REFERENCE, n)) for n in names})
     for module in (model, model.student, model.teacher):
         module.ops = ops
@@ -72,6 +72,50 @@ def test_compiled_matches_reference():
     assert any(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.student.blocks)
 
 
+def test_original_runs_eager_attention_the_torch_ema_and_the_gathered_losses(monkeypatch):
+    import sslam_fast.model
+
+    assert IMPLEMENTATIONS == ("fused", "reference", "compiled", "original")
+    model = tiny_model(stage=2)
+    reference = tiny_model(stage=2)
+    set_implementation(model, "original")
+    attentions = [m for m in model.modules() if isinstance(m, sslam_fast.model.Attention)]
+    assert attentions and all(m.ops is ORIGINAL and m.mode == "auto" for m in attentions)
+    assert ORIGINAL.ema_backend == "torch" and not ORIGINAL.static_shapes
+    modes = []
+    real = sslam_fast.model.attention
+    monkeypatch.setattr(sslam_fast.model, "attention", lambda q, k, v, mode: (modes.append(mode), real(q, k, v, mode))[1])
+    out, grads = step(model)
+    assert set(modes) == {"eager"}
+    model.update_teacher(1)
+    assert model._ema[1].backend == "torch"
+    set_implementation(model, "fused")  # the switch goes back: the configured mode again
+    modes.clear()
+    step(model)
+    assert set(modes) == {"auto"}
+    ref, ref_grads = step(set_implementation(reference, "reference"))
+    for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    assert "ops" not in model.state_dict() and model.cfg.attention == "auto"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("name", ["fused", "reference"])
+def test_dense_losses_match_the_gathered_ones(stage, name):
+    """Dense masked sums from the static mask count give the gathered (original) losses."""
+    model = tiny_model(stage=stage)
+    x = fbank_batch(3, 1024, seed=stage)
+    draws = model.draw(3, 1024, "cpu", torch.Generator().manual_seed(stage))
+    set_implementation(model, "original")
+    want = model(x, draws=draws)
+    set_implementation(model, name)
+    got = model(x, draws=draws)
+    for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    assert got["sample_size"].dtype == torch.int64 and int(got["sample_size"]) == int(want["sample_size"])
+
+
 def test_trainer_config_names_a_bad_implementation():
     with pytest.raises(ConfigError, match="train.implementation"):
         load_config(None, ["data.demo_clips=4", "train.implementation=triton"])
@@ -87,3 +131,33 @@ def test_checkpoints_with_the_former_use_kernels_key_still_load(tmp_path):
     torch.save(raw, path)
     loaded = load_pretrainer(str(path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_teacher_shadow_under_autocast_gives_the_cast_teacher_values(stage):
+    """Under bf16 autocast the teacher passes run a bf16 shadow that the EMA update rewrites; the
+    results are those of casting the fp32 teacher on every pass, and the shadow follows changes."""
+    with_shadow = tiny_model(stage=stage)
+    without = tiny_model(stage=stage)
+    without.ops = dataclasses.replace(FUSED, teacher_shadow=False)
+    x = fbank_batch(2, 1024)
+    draws = with_shadow.draw(2, 1024, "cpu", torch.Generator().manual_seed(stage))
+    assert with_shadow.forward_teacher() is with_shadow.teacher  # no autocast: the fp32 teacher
+    for step_ in range(2):
+        outs = []
+        for model in (with_shadow, without):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(model(x, draws=draws))
+            model.update_teacher(step_)
+        for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var"):
+            torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-6, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shadow = with_shadow.forward_teacher()
+        assert shadow is not with_shadow.teacher and shadow.cls_token.dtype == torch.bfloat16
+        assert shadow.pos_table.dtype == torch.float32
+        for s, t in zip(shadow.parameters(), with_shadow.teacher.parameters()):
+            assert torch.equal(s, t.bfloat16())
+        with torch.no_grad():
+            with_shadow.teacher.cls_token.add_(1.0)  # a change outside update_teacher
+        assert torch.equal(with_shadow.forward_teacher().cls_token, with_shadow.teacher.cls_token.bfloat16())
+    assert not any("shadow" in k for k in with_shadow.state_dict())

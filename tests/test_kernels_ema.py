@@ -202,3 +202,26 @@ def test_fused_ema_zero3_local_shards(teacher_sharded):
                 flat[rank * part:rank * part + count] = pt.ds_tensor[:count]
     for n in expected:
         torch.testing.assert_close(teacher_full[n], expected[n], rtol=1e-6, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shadow_dtype", [torch.bfloat16, torch.float16])
+def test_shadow_is_the_new_teacher_rounded(backend, shadow_dtype):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(7,), (33, 5), (4097,), (2, 3, 4)]
+    teacher = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+    student = [torch.randn(s, generator=g).to(DEVICE).bfloat16() for s in shapes]
+    shadow = [torch.zeros(s, dtype=shadow_dtype, device=DEVICE) for s in shapes]
+    want = [t.clone() for t in teacher]
+    ema_update_reference(want, student, 0.9)
+    ema = FusedEMA(student, teacher, backend=backend, shadow=shadow)
+    ema.update(0.9)
+    for t, w, sh in zip(teacher, want, shadow):
+        torch.testing.assert_close(t, w, rtol=1e-6, atol=1e-6)
+        if backend == "torch" or DEVICE == "cuda":
+            assert torch.equal(sh, t.to(shadow_dtype))  # round to nearest even, as autocast's casts
+        else:  # Triton's CPU interpreter truncates fp32 -> bf16 / fp16 casts: within one unit in the last place
+            ulp = t.abs() * torch.finfo(shadow_dtype).eps + torch.finfo(shadow_dtype).tiny
+            assert bool(((sh.float() - t).abs() <= ulp).all())
+    with pytest.raises(ValueError, match="shadow"):
+        FusedEMA(student, teacher, backend=backend, shadow=[s.float() for s in shadow]).update(0.5)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sslam_fast.mixing import draw_mix_windows, mixed_rows, partial_mixture
+from sslam_fast.mixing import draw_mix_windows, mixed_row_index, mixed_rows, partial_mixture
 
-from helpers import fbank_batch
+from helpers import fbank_batch, tiny_model
 
 
 def test_windows_follow_the_recipe_over_many_seeds():
@@ -40,3 +40,16 @@ def test_mixed_rows_count():
 def test_windows_must_fit():
     with pytest.raises(ValueError, match="do not fit"):
         draw_mix_windows(num_frames=512)
+
+
+@pytest.mark.parametrize("windows", [(0, 240), (32, 400), (496, 768), (400, 32)])
+def test_mixed_row_index_is_the_mixed_rows_without_bool_indexing(windows):
+    rows = mixed_row_index(64, windows, 240)
+    assert rows.dtype == torch.int64 and rows.shape == (34,)
+    assert torch.equal(rows, mixed_rows(64, windows, 240).nonzero()[:, 0])
+
+
+def test_windows_come_from_the_host_generator():
+    model = tiny_model(stage=2)
+    draws = model.draw(2, 1024, "cpu", torch.Generator().manual_seed(0), host_generator=torch.Generator().manual_seed(7))
+    assert draws.mix_windows == draw_mix_windows(torch.Generator().manual_seed(7))

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..config import ConfigError, SSLAMConfig, from_dict
 from ..implementation import IMPLEMENTATIONS
 
+EXECUTIONS = {"fast": ("auto", "bf16", "fp32"), "original": ("auto", "fp16", "fp32")}  # execution -> precisions
+
 
 @dataclass
 class DataConfig:
@@ -38,7 +40,15 @@ class TrainSection:
     global_batch: int = 48  # clips per optimizer update, over all GPUs and accumulation steps
     max_micro_batch: int = 12  # most clips per GPU per forward; gradient accumulation covers the rest
     max_steps: int = 400_000  # optimizer updates; the run stops here
-    precision: str = "bf16"  # "bf16" (DeepSpeed bf16 + autocast; fp32 master weights) or "fp32"
+    # "fast": bf16 + the fused implementation ("compiled" with compile); "original": the reference
+    # execution the speed ratios are measured against (fp16 weights, fp32 masters, dynamic loss
+    # scaling, the model's "original" implementation)
+    execution: str = "fast"
+    # "auto" (bf16 for fast, fp16 for original), "bf16" (fast), "fp16" (original) or "fp32" (either;
+    # DeepSpeed runs no fp16 on a CPU, so CPU runs of the original execution use fp32)
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the model's blocks and decoder (implementation "compiled")
+    cuda_graph: bool = False  # with compile: replay the compiled graphs as CUDA graphs (CUDA only)
     seed: int = 1
     init_from: Optional[str] = None  # weights to start from (stage 2: a stage-1 or EAT checkpoint)
     ema_from: str = "master"  # "master": EMA from the fp32 master weights; "model": from the bf16 weights
@@ -52,15 +62,40 @@ class TrainSection:
     def validate(self, where: str = "train") -> None:
         if self.global_batch < 1 or self.max_micro_batch < 1:
             raise ConfigError(f"{where}.global_batch: batch sizes must be positive")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"{where}.precision: must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.execution not in EXECUTIONS:
+            raise ConfigError(f"{where}.execution: must be 'fast' or 'original', got {self.execution!r}")
+        allowed = EXECUTIONS[self.execution]
+        if self.precision not in allowed:
+            raise ConfigError(f"{where}.precision: must be one of {', '.join(allowed)} with "
+                              f"{where}.execution={self.execution!r}, got {self.precision!r}")
         if self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(f"{where}.implementation: must be one of {', '.join(IMPLEMENTATIONS)}, "
                               f"got {self.implementation!r}")
+        if self.execution == "original" and (self.compile or self.cuda_graph):
+            raise ConfigError(f"{where}.compile / cuda_graph: the original execution runs eagerly; "
+                              f"set {where}.execution='fast' to compile")
+        if self.compile and self.implementation not in ("fused", "compiled"):
+            raise ConfigError(f"{where}.compile: compiles the fused implementation, not {self.implementation!r}")
+        if self.cuda_graph and not self.compile:
+            raise ConfigError(f"{where}.cuda_graph: CUDA graphs replay the compiled step; set {where}.compile=true")
         if self.ema_from not in ("master", "model"):
             raise ConfigError(f"{where}.ema_from: must be 'master' or 'model', got {self.ema_from!r}")
         if self.max_steps < 1:
             raise ConfigError(f"{where}.max_steps: must be at least 1")
+
+    @property
+    def dtype(self) -> str:
+        """The precision the run uses: "bf16", "fp16" or "fp32" ("auto" resolved by the execution)."""
+        if self.precision != "auto":
+            return self.precision
+        return "fp16" if self.execution == "original" else "bf16"
+
+    @property
+    def model_implementation(self) -> str:
+        """The implementation the model runs with (``implementation.set_implementation``)."""
+        if self.execution == "original":
+            return "original"
+        return "compiled" if self.compile else self.implementation
 
 
 @dataclass

@@ -6,7 +6,8 @@ or ZeRO-1/2 those masters are flat fp32 partitions spread over the ranks; ``Mast
 them with one all-gather per parameter group into a persistent fp32 buffer and exposes per-parameter
 views. Cost per step: one fp32 copy of the student + decoder received by every rank (~350 MB for
 ViT-B), which is why ``train.ema_from = "model"`` (EMA from the bf16 weights, as the fp16 original
-did) exists as the cheap alternative.
+did) exists as the cheap alternative. With one process (or DeepSpeed's unsharded fp16 masters) the
+views point into the optimizer's own fp32 masters: no second copy is kept and nothing is copied.
 """
 import atexit
 import os
@@ -71,10 +72,17 @@ class StudentAndDecoder(nn.Module):
         self.decoder = model.decoder
         self.autocast = autocast
         object.__setattr__(self, "pretrainer", model)
+        # DeepSpeed handles every parameter as one dense block (the start-up broadcast views it as
+        # bytes; ZeRO-1/2 moves it into a flat buffer): store them contiguous. A layout a module wants
+        # (the decoder's channels-last conv weights) it makes per call from the contiguous weight.
+        for p in self.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
 
-    def forward(self, fbank: torch.Tensor, generator: torch.Generator) -> Dict[str, Any]:
+    def forward(self, fbank: torch.Tensor, generator: torch.Generator,
+                host_generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
         with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.pretrainer(fbank, generator=generator)
+            return self.pretrainer(fbank, generator=generator, host_generator=host_generator)
 
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> Dict[str, Any]:
@@ -84,7 +92,9 @@ def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> Dict[str, Any]:
         "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "bf16": {"enabled": cfg.train.dtype == "bf16"},
+        # the original's fp16: fp32 masters, dynamic loss scaling from fairseq's initial scale 2^7
+        "fp16": {"enabled": cfg.train.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 7},
         "steps_per_print": 2**62,
         "zero_allow_untested_optimizer": True,
     }
@@ -114,14 +124,19 @@ class MasterWeights:
         opt = engine.optimizer
         self.params = list(params)
         self.base = getattr(opt, "optimizer", opt)  # the torch AdamW that holds the state
-        flats, self.parts = [], []
+        flats, self.parts, shards = [], [], dist.get_world_size()
         if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2: flat, sharded
             flats, self.parts = opt.bit16_groups_flat, opt.single_partition_of_fp32_groups
         elif hasattr(opt, "fp32_groups_flat_partition"):  # DeepSpeed's BF16_Optimizer: flat, sharded
             flats, self.parts = opt.bf16_groups_flat, opt.fp32_groups_flat_partition
-        self.full = [torch.empty(flat.numel(), dtype=torch.float32, device=flat.device) for flat in flats]
+        elif hasattr(opt, "fp32_groups_flat"):  # DeepSpeed's fused FP16_Optimizer (ZeRO-0 fp16): flat, whole
+            flats, self.parts, shards = opt.fp16_groups_flat, opt.fp32_groups_flat, 1
+        # One shard (one GPU, or unsharded masters): the views are the optimizer's own fp32 masters, so
+        # no second fp32 copy is kept or refreshed; otherwise one gathered copy on every rank.
+        self.full = [part if shards == 1 else torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+                     for part, flat in zip(self.parts, flats)]
         for part, full in zip(self.parts, self.full):
-            if part.numel() * dist.get_world_size() != full.numel():
+            if part.numel() * shards != full.numel():
                 raise RuntimeError("DeepSpeed's fp32 partitions do not tile its flat buffer; use train.ema_from=model")
         if flats:
             self.views: List[torch.Tensor] = [self._locate(p, flats) for p in params]
@@ -152,9 +167,11 @@ class MasterWeights:
 
     @torch.no_grad()
     def gather(self) -> List[torch.Tensor]:
-        """Refresh the fp32 copies from every rank's partition and return them, in ``params`` order."""
+        """Refresh the fp32 copies from every rank's partition (nothing to do with one shard) and return
+        them, in ``params`` order."""
         for part, full in zip(self.parts, self.full):
-            self._all_gather(full, part)
+            if full is not part:
+                self._all_gather(full, part)
         return [v.detach() for v in self.views]
 
     def _views_of(self, fulls: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -9,7 +9,9 @@ precision (elastic) loads the consolidated optimizer state instead (``Trainer._l
 
 Order of a step: micro batches (forward, backward) -> DeepSpeed step (clip 4.0, AdamW, LR schedule;
 skipped by DeepSpeed when a gradient is not finite) -> EMA teacher from the fp32 master weights ->
-metrics, guards, checkpoint.
+metrics, guards, checkpoint. The metrics stay on the device and are read one step late (while the
+next step runs), so nothing waits for the device between the optimizer and the EMA; a skipped step,
+a checkpoint and the end of the run read them at once.
 """
 import logging
 import math
@@ -17,7 +19,7 @@ import os
 import random
 import signal
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -70,9 +72,22 @@ class Trainer:
         if cfg.train.init_from and resume_from is None:
             self._init_weights(cfg.train.init_from)
         self.model.to(device)
-        set_implementation(self.model, cfg.train.implementation)
-        self.trainable = StudentAndDecoder(self.model, torch.bfloat16 if cfg.train.precision == "bf16" else None)
-        optimizer = build_optimizer(self.trainable, cfg.optim)
+        if cfg.train.cuda_graph and device.type != "cuda":
+            raise ConfigError("train.cuda_graph: CUDA graphs need a CUDA device; this run is on the CPU")
+        if cfg.train.dtype == "fp16" and device.type != "cuda":
+            raise ConfigError("train.precision: the original execution's fp16 needs a CUDA device (DeepSpeed runs no "
+                              "fp16 on a CPU); set train.precision=fp32 to run its model side here")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: the decoder's convolutions pick their fastest kernels
+        if cfg.train.cuda_graph:
+            from torch._inductor import config as inductor_config
+
+            inductor_config.triton.cudagraphs = True  # what mode="reduce-overhead" sets
+        set_implementation(self.model, cfg.train.model_implementation)
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
+        self.trainable = StudentAndDecoder(self.model, autocast)
+        optimizer = build_optimizer(self.trainable, cfg.optim, skip_non_finite=cfg.train.dtype == "fp32",
+                                    fused=device.type == "cuda")
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.cosine_steps)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -81,6 +96,8 @@ class Trainer:
         self.num_student_params = len(list(self.model.student.parameters()))
 
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
+        # the stage-2 mix windows are python ints: drawn on the host, they need no device sync
+        self.host_generator = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + self.rank) * 2 + 1)
         self.loader = self._build_loader()
         self.data = Prefetcher(self.loader, device, depth=cfg.data.prefetch)
         self.step = 0
@@ -102,8 +119,8 @@ class Trainer:
         self.log.message(
             f"{'resumed from ' + resume_from if resume_from else 'starting'} at step {self.step}: "
             f"{self.world} processes x {self.plan.accumulation} accumulation x {self.plan.micro_batch} clips = "
-            f"{self.plan.global_batch} clips per update, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
-            f"stage {cfg.model.stage}, device {device.type}")
+            f"{self.plan.global_batch} clips per update, ZeRO-{cfg.deepspeed.zero_stage}, "
+            f"{cfg.train.execution} execution, {cfg.train.dtype}, stage {cfg.model.stage}, device {device.type}")
 
     # ------------------------------------------------------------------------------ building
     def _init_weights(self, path: str) -> None:
@@ -132,70 +149,78 @@ class Trainer:
                             device=self.device if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------------------ one update
-    def train_step(self) -> Dict[str, float]:
+    def train_step(self) -> Dict[str, Any]:
         """Forward/backward over the micro batches, the optimizer step and the teacher's EMA.
 
-        Returns the step's metrics averaged over ranks; ``skipped`` is 1 when DeepSpeed skipped the
-        update for a non-finite gradient (the weights, the schedule and the teacher stay unchanged).
+        Returns the step's record for ``read_metrics``: the metric sums over ranks still on the device,
+        the grad norm as DeepSpeed keeps it, and the host values (``skipped`` is 1 when DeepSpeed
+        skipped the update for a non-finite gradient: the weights, the schedule and the teacher stay
+        unchanged).
         """
-        sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
         data_s = 0.0
         for _ in range(self.plan.accumulation):
             t = time.perf_counter()
             fbank = self.data.next()["fbank"]
             data_s += time.perf_counter() - t
-            out = self.engine(fbank, generator=self.generator)
+            if self.cfg.train.cuda_graph:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
+            out = self.engine(fbank, generator=self.generator, host_generator=self.host_generator)
             self.engine.backward(out["loss"])
             self.engine.step()
             ss = out["sample_size"].double()
             sums[:len(METRIC_KEYS)] += torch.stack([
                 out["loss"].detach().double(), out["patch_loss"].double() / ss, out["cls_loss"].double() / ss,
                 out["srl_loss"].double() / ss, out["target_var"].detach().double(), out["pred_var"].detach().double()])
-        sums[-2] = float(not self.engine.was_step_applied())
         sums[-1] = float(self.stop_signal is not None)
         dist.all_reduce(sums)
-        totals = sums.tolist()  # one device-to-host copy for every metric
-        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(METRIC_KEYS, totals)}
-        metrics["skipped"] = float(totals[-2] > 0)
-        metrics["stop"] = float(totals[-1] > 0)
-        metrics["data_s"] = data_s
-        if not metrics["skipped"]:
+        record = {"sums": sums, "skipped": float(not self.engine.was_step_applied()), "lr": lr, "data_s": data_s}
+        if not record["skipped"]:
             self.step += 1
             source = self.masters.gather() if self.cfg.train.ema_from == "master" else self.model.student.parameters()
-            metrics["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
-        metrics["lr"] = lr
-        grad_norm = self.engine.get_global_grad_norm()
+            record["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
+        record["grad_norm"] = self.engine.get_global_grad_norm()
+        record["step"] = self.step
+        return record
+
+    def read_metrics(self, record: Dict[str, Any]) -> Dict[str, float]:
+        """A step's metrics on the host, averaged over ranks (one device-to-host copy)."""
+        totals = record["sums"].tolist()
+        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(METRIC_KEYS, totals)}
+        metrics["stop"] = float(totals[-1] > 0)
+        metrics.update({k: record[k] for k in ("skipped", "lr", "ema_decay") if k in record})
+        grad_norm = record["grad_norm"]
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return metrics
 
     # ------------------------------------------------------------------------------ guards
-    def check_guards(self, m: Dict[str, float]) -> None:
+    def check_guards(self, m: Dict[str, float], step: int) -> None:
         t = self.cfg.train
         if m["skipped"] or not math.isfinite(m["loss"]):
             self.bad_total += 1
             self.bad_in_row += 1
-            self.log.message(f"step {self.step + 1}: non-finite loss or gradient (loss {m['loss']}), update skipped "
+            self.log.message(f"step {step + 1}: non-finite loss or gradient (loss {m['loss']}), update skipped "
                              f"({self.bad_in_row} in a row, {self.bad_total} in total)", warning=True)
             if self.bad_in_row >= t.max_bad_steps:
                 raise TrainingStopped(
                     f"{self.bad_in_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}) at step "
-                    f"{self.step}: the run is diverging. Last checkpoint: {self.last_checkpoint or 'none'}. Lower "
+                    f"{step}: the run is diverging. Last checkpoint: {self.last_checkpoint or 'none'}. Lower "
                     f"optim.lr, check the data (norm_mean/norm_std), or resume from an earlier checkpoint.")
             return
         self.bad_in_row = 0
-        collapsed = self.step > t.collapse_after and (m["target_var"] < t.min_target_var or m["pred_var"] < t.min_pred_var)
+        collapsed = step > t.collapse_after and (m["target_var"] < t.min_target_var or m["pred_var"] < t.min_pred_var)
         if collapsed:
             self.collapse_total += 1
             if not self.collapsed:
                 self.log.message(
-                    f"step {self.step}: representation collapse? target_var {m['target_var']:.4g} "
+                    f"step {step}: representation collapse? target_var {m['target_var']:.4g} "
                     f"(min {t.min_target_var}), pred_var {m['pred_var']:.4g} (min {t.min_pred_var})", warning=True)
             if t.stop_on_collapse:
-                raise TrainingStopped(f"collapse at step {self.step}: target_var {m['target_var']:.4g}, "
+                raise TrainingStopped(f"collapse at step {step}: target_var {m['target_var']:.4g}, "
                                       f"pred_var {m['pred_var']:.4g} (train.stop_on_collapse)")
         elif self.collapsed:
-            self.log.message(f"step {self.step}: variances back above the collapse thresholds")
+            self.log.message(f"step {step}: variances back above the collapse thresholds")
         self.collapsed = collapsed
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -210,7 +235,8 @@ class Trainer:
         optimizer = self.masters.full_state()
         data = [None] * self.world
         dist.all_gather_object(data, self.data.state_dict())
-        atomic_save({"rng": rng_state(self.generator), "data": self.data.state_dict()},
+        atomic_save({"rng": rng_state(self.generator), "host_rng": self.host_generator.get_state(),
+                     "data": self.data.state_dict()},
                     os.path.join(tmp, f"rank_{self.rank}.pt"))
         if self.is_main:
             names = [name for name, _ in self.trainable.named_parameters()]
@@ -296,14 +322,20 @@ class Trainer:
         else:
             self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
-            restore_rng_state(own["rng"], self.generator)
-            self.data.load_state_dict(own["data"])
+            self._restore_rank_state(own)
         teacher = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
         self.model.teacher.load_state_dict(teacher)
         self.step = self.saved_step = state["step"]
         self.bad_total = state["counters"]["bad_total"]
         self.collapse_total = state["counters"]["collapse_total"]
         self.last_checkpoint = path
+
+    def _restore_rank_state(self, own) -> None:
+        """This rank's random streams and data position, as ``rank_<r>.pt`` holds them."""
+        restore_rng_state(own["rng"], self.generator)
+        if "host_rng" in own:  # written since the mix windows come from the host generator
+            self.host_generator.set_state(own["host_rng"])
+        self.data.load_state_dict(own["data"])
 
     def _load_elastic(self, path: str, state, own, optimizer) -> None:
         """Resume a checkpoint of another world size, ZeRO stage or precision from its consolidated
@@ -320,11 +352,11 @@ class Trainer:
         self.engine.global_steps = state["step"]
         self.engine.global_samples = state["step"] * self.plan.global_batch
         if own is not None:
-            restore_rng_state(own["rng"], self.generator)
-            self.data.load_state_dict(own["data"])
+            self._restore_rank_state(own)
         else:
             seed = int(np.random.SeedSequence([self.cfg.train.seed, self.rank, state["step"]]).generate_state(1)[0])
             self.generator.manual_seed(seed)
+            self.host_generator.manual_seed(seed)
             torch.manual_seed(seed)
             np.random.seed(seed)
             random.seed(seed)
@@ -341,25 +373,45 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
         self.log.message(f"{self.stop_signal} received: saving a checkpoint after this step, then exiting")
 
+    def report(self, records: List[Dict[str, Any]]) -> bool:
+        """Read, guard and log ``records`` in order; True when a rank asked to stop."""
+        stop = False
+        for record in records:
+            m = self.read_metrics(record)
+            stop = bool(m.pop("stop")) or stop
+            self.check_guards(m, record["step"])
+            m.update(bad_steps=self.bad_total, collapse_steps=self.collapse_total)
+            self.log.step(record["step"], m, record["data_s"], record["compute_s"])
+        return stop
+
     def run(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         cfg = self.cfg
         reason, status = f"reached train.max_steps={cfg.train.max_steps}", 0
         try:
+            pending: List[Dict[str, Any]] = []
             while self.step < cfg.train.max_steps:
                 t = time.perf_counter()
-                m = self.train_step()
-                data_s = m.pop("data_s")
-                compute_s = time.perf_counter() - t - data_s
-                stop = m.pop("stop")
-                self.check_guards(m)
-                m.update(bad_steps=self.bad_total, collapse_steps=self.collapse_total)
-                self.log.step(self.step, m, data_s, compute_s)
+                record = self.train_step()
+                record["compute_s"] = time.perf_counter() - t - record["data_s"]
+                pending.append(record)
+                # the previous step is read while this one runs; a skipped one (DeepSpeed has read the
+                # gradients' norm already) at once. One process stops on its own flag at once; ranks
+                # agree on the flag of the step read.
+                ready = len(pending) if record["skipped"] else len(pending) - 1
+                stop = self.report(pending[:ready])
+                del pending[:ready]
+                stop = stop or (self.world == 1 and self.stop_signal is not None)
+                save = self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step
+                if stop or save:
+                    stop = self.report(pending) or stop
+                    pending.clear()
                 if stop:
                     reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
                     break
-                if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
+                if save:
                     self.save()
+            self.report(pending)
         except TrainingStopped as e:
             reason, status = str(e), 2
             logger.error(reason)

@@ -46,9 +46,15 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return SkipNonFiniteAdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                              eps=cfg.eps, weight_decay=cfg.weight_decay)
+def build_optimizer(module: nn.Module, cfg: OptimConfig, skip_non_finite: bool = True,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``module``'s parameter groups. ``skip_non_finite``: the ``SkipNonFiniteAdamW`` check
+    (a host sync per step), for the engines that do not skip non-finite steps themselves (fp32
+    ZeRO-0); DeepSpeed's bf16 / fp16 optimizers check the gradients' norm and skip on their own.
+    ``fused``: ``torch.optim.AdamW(fused=True)`` (CUDA parameters), one kernel for the update."""
+    cls = SkipNonFiniteAdamW if skip_non_finite else torch.optim.AdamW
+    return cls(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+               weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 class CosineWithWarmup:

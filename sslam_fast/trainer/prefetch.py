@@ -3,6 +3,11 @@
 A background thread pulls batches from the loader (and moves them to the GPU) while the step
 computes. Each batch travels with the loader position just after it, so the position saved in a
 checkpoint is that of the last batch a step consumed, not of the batches already read ahead.
+
+On CUDA the copies run from pinned memory on a side stream, without blocking the host; the
+consuming stream waits for a batch's copy (an event) and the batch's tensors are marked as used on
+it (``record_stream``), so the caching allocator does not hand their memory back to the side
+stream while the step still reads them. On a CPU a batch is handed over as the loader made it.
 """
 import queue
 import threading
@@ -31,13 +36,24 @@ class Prefetcher:
             raise RuntimeError("load the data position before the first batch is read")
         self.loader.load_state_dict(state)
 
+    def _to_device(self, batch: Dict[str, Any], stream) -> Dict[str, Any]:
+        if stream is None:
+            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.cuda.stream(stream):
+            out = {k: (v.pin_memory() if v.device.type == "cpu" else v).to(self.device, non_blocking=True)
+                   if torch.is_tensor(v) else v for k, v in batch.items()}
+            out["_copied"] = torch.cuda.Event()
+            out["_copied"].record(stream)
+        return out
+
     def _work(self) -> None:
+        stream = None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            stream = torch.cuda.Stream(self.device)
         try:
             for batch in self.loader:
-                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                item = (batch, self.loader.state_dict())
+                item = (self._to_device(batch, stream), self.loader.state_dict())
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -61,6 +77,13 @@ class Prefetcher:
         if isinstance(item, BaseException):
             raise item
         batch, self.position = item
+        copied = batch.pop("_copied", None)
+        if copied is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            for v in batch.values():
+                if torch.is_tensor(v) and v.device.type == "cuda":
+                    v.record_stream(stream)
         return batch
 
     def close(self) -> None:

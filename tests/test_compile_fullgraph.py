@@ -1,0 +1,63 @@
+"""The static-shape step compiles as one graph: ``torch.compile(fullgraph=True)`` raises on any
+graph break (a host sync such as .item() / nonzero / bool indexing, or an op dynamo cannot trace),
+for stage 1 and 2, forward and backward, with the reference ops and with the sslam_kernels custom
+ops (their Triton paths, through the interpreter on CPU). The AOT-eager backend traces forward and
+backward the way inductor does, without inductor's slow CPU code generation."""
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+import sslam_kernels
+from sslam_fast.implementation import set_implementation
+
+from helpers import fbank_batch, tiny_model
+
+KERNEL_OPS = ("embed_mask_gather", "decoder_input_scatter", "layer_averaged_target", "masked_regression",
+              "norm_gelu_residual")
+
+
+def triton_ops(ops):
+    return dataclasses.replace(ops, **{n: functools.partial(getattr(sslam_kernels, n), use_triton=True)
+                                       for n in KERNEL_OPS})
+
+
+def run(model, step, fbank, draws, keep):
+    out = step(fbank, draws, keep)
+    out["loss"].backward()
+    grads = torch.cat([p.grad.flatten() for p in model.student.parameters()])
+    model.zero_grad(set_to_none=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "triton"])
+def test_step_compiles_fullgraph(stage, kernels):
+    torch._dynamo.reset()
+    model = set_implementation(tiny_model(stage=stage, depth=2, average_top_k_layers=2, decoder_layers=1), "fused")
+    if kernels:
+        ops = triton_ops(model.ops)
+        for module in model.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
+    fbank = fbank_batch(2, 1024 if stage == 2 else 256)
+    draws = model.draw(2, fbank.shape[2], "cpu", torch.Generator().manual_seed(stage))
+    num_keep = sslam_kernels.mask_counts(draws.masks.shape[1])[1]
+    keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
+    want, want_grads = run(model, model.step, fbank, draws, keep)
+    got, grads = run(model, torch.compile(model.step, fullgraph=True, backend="aot_eager"), fbank, draws, keep)
+    for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_a_host_sync_breaks_the_graph():
+    """The check has teeth: the original's gathered losses (nonzero) do not compile fullgraph."""
+    torch._dynamo.reset()
+    model = set_implementation(tiny_model(stage=1, depth=1, average_top_k_layers=1, decoder_layers=1), "original")
+    fbank = fbank_batch(1, 128)
+    draws = model.draw(1, 128, "cpu", torch.Generator().manual_seed(0))
+    keep = sslam_kernels.keep_index_from_mask(draws.masks, sslam_kernels.mask_counts(draws.masks.shape[1])[1])
+    with pytest.raises(Exception, match="(?i)graph break|data.dependent|nonzero|dynamic"):
+        torch.compile(model.step, fullgraph=True, backend="aot_eager")(fbank, draws, keep)
