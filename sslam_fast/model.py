@@ -60,6 +60,49 @@ class LayerNorm(nn.LayerNorm):
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class _ResidualLinear(torch.autograd.Function):
+    """(x @ W^T (+ b), x): a linear layer whose input also feeds a residual add. The backward
+    takes both gradients of x at once and writes grad_x = grad_residual + grad_y @ W as one GEMM
+    (the residual gradient enters as the GEMM's accumulator) instead of a GEMM and a separate add
+    over the whole activation. Computes in the autocast dtype when autocast is on, as F.linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)
+            y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, wc)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_residual):
+        xc, wc = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(wc.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if grad_residual is None:
+                grad_x = gy @ wc
+            else:
+                grad_x = torch.addmm(grad_residual.reshape(-1, xc.shape[-1]).to(wc.dtype), gy, wc)
+            grad_x = grad_x.view(xc.shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (gy.t() @ xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = gy.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def residual_linear(x: torch.Tensor, linear_weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool):
+    """(linear(x), x for the residual add); ``fused``: their gradients meet in one GEMM (``_ResidualLinear``)."""
+    if fused and torch.is_grad_enabled() and x.requires_grad:
+        return _ResidualLinear.apply(x, linear_weight, bias)
+    return F.linear(x, linear_weight, bias), x
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, mode: str = "auto"):
         super().__init__()
@@ -70,13 +113,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(x)[0]
+
+    def attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, x for the residual add; see ``residual_linear``)."""
         B, N, C = x.shape
+        qkv, x = residual_linear(x, self.qkv.weight, self.qkv.bias, self.ops.residual_gemm)
         # q, k, v as [B, H, N, Dh] views of the packed qkv: their gradients stack straight back into
         # its layout (no extra copy in the backward)
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.num_heads, C // self.num_heads).unbind(2))
         out = attention(q, k, v, self.ops.attention or self.mode)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)), x
 
 
 class Mlp(nn.Module):
@@ -84,9 +131,19 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.transform(x)[0]
+
+    def transform(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, x for the residual add; see ``residual_linear``)."""
+        if self.ops.bias_gelu is None:
+            h, x = residual_linear(x, self.fc1.weight, self.fc1.bias, self.ops.residual_gemm)
+            return self.fc2(F.gelu(h)), x
+        # bias-free matmul, then bias + GELU in one pass (its backward reduces the bias gradient)
+        h, x = residual_linear(x, self.fc1.weight, None, self.ops.residual_gemm)
+        return self.fc2(self.ops.bias_gelu(h, self.fc1.bias)), x
 
 
 class Block(nn.Module):
@@ -100,8 +157,9 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm1(x + self.attn(x))
-        r = self.mlp(x)
+        a, x = self.attn.attend(x)
+        x = self.norm1(x + a)
+        r, x = self.mlp.transform(x)
         return self.norm2(x + r), r
 
 
