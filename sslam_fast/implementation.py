@@ -13,8 +13,7 @@ module of a model (and compiles the networks for "compiled"):
 - ``"original"``: the same maths executed the way the original EAT / SSLAM code executes it (the
   baseline of step-time and traffic comparisons): the reference ops, eager attention with an fp32
   softmax in every Attention module whatever ``SSLAMConfig.attention`` says, ``nn.LayerNorm``'s
-  autocast behaviour (fp32 out on CUDA), the NCHW decoder with its transposes (contiguous conv
-  weights), the per-tensor EMA loop, the gather-based losses (``objectives.gathered_losses``, a
+  autocast behaviour (fp32 out on CUDA), the NCHW decoder with its transposes, the per-tensor EMA loop, the gather-based losses (``objectives.gathered_losses``, a
   host sync) and bool-mask indexing of the mixed rows. Its
   fp16-weights / fp32-masters / loss-scaling side belongs to the trainer.
 
@@ -26,7 +25,6 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 import torch.nn as nn
 
 import sslam_kernels
@@ -93,8 +91,6 @@ def set_implementation(model: nn.Module, name: str) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
-        if isinstance(module, CNNDecoder):
-            module.set_weight_layout(torch.contiguous_format if ops.decoder_layout == "transposed" else torch.channels_last)
     if name == "compiled":
         for module in model.modules():
             if isinstance(module, (Block, CNNDecoder)):

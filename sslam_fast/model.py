@@ -259,8 +259,8 @@ class CNNDecoder(nn.Module):
     """Residual [grouped conv 3x3 -> LayerNorm over channels (no affine) -> GELU] x L, then Linear.
 
     The fast layout is channels-last throughout: [V, P, D] tokens are already NHWC, so the convs
-    read and write NHWC (their weights are kept channels-last, and converted if something, e.g.
-    DeepSpeed's flat buffers, made them contiguous again), LayerNorm + GELU + residual run as one
+    read and write NHWC (each call takes a channels-last copy of its small weight; the parameters
+    stay contiguous, as DeepSpeed's flat buffers and broadcasts need), LayerNorm + GELU + residual run as one
     op over the contiguous last dim (``sslam_kernels.norm_gelu_residual``) and no transpose
     copies are made. ``ops.decoder_layout == "transposed"`` runs the
     original's NCHW layout with its transposes.
@@ -278,14 +278,6 @@ class CNNDecoder(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
         self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
-        self.set_weight_layout(torch.channels_last)
-
-    def set_weight_layout(self, memory_format: torch.memory_format) -> None:
-        """Store the conv weights in ``memory_format`` (values, names and checkpoints unchanged)."""
-        for conv in self.convs:
-            conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
-            if conv.weight.grad is not None:
-                conv.weight.grad = conv.weight.grad.contiguous(memory_format=memory_format)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """x: [V, P, D] tokens on a (time, freq) patch grid -> predictions [V, P, D]."""
