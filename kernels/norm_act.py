@@ -1,10 +1,14 @@
-"""The decoder's per-layer epilogue in one pass (docs/method.md §6): out = h + GELU(LayerNorm(y)),
-LayerNorm over the last (channel) dim without affine, exact (erf) GELU.
+"""Elementwise epilogues in one pass each way, exact (erf) GELU, computed in fp32 and rounded once.
 
-Forward reads y and h and writes out (plus fp32 mean and rstd per row); backward reads the output
-gradient and y and writes y's gradient (h's gradient is the output gradient itself). Unfused,
-LayerNorm, GELU and the residual add read and write every element 7 times forward and 9 times
-backward; fused, 3 and 3. Statistics and the activation are computed in fp32 and rounded once.
+- ``norm_gelu_residual``: the decoder's per-layer epilogue (docs/method.md §6), out = h +
+  GELU(LayerNorm(y)), LayerNorm over the last (channel) dim without affine. Forward reads y and h
+  and writes out (plus fp32 mean and rstd per row); backward reads the output gradient and y and
+  writes y's gradient (h's gradient is the output gradient itself). Unfused, LayerNorm, GELU and
+  the residual add read and write every element 7 times forward and 9 times backward; fused, 3
+  and 3.
+- ``bias_gelu``: the encoder MLP's GELU(h + bias) after a bias-free matmul; its backward writes
+  h's gradient and reduces the bias gradient in the same pass (unfused, the bias gradient is one
+  more full read of the [tokens, 4D] gradient).
 """
 from typing import Optional, Tuple
 
@@ -140,3 +144,102 @@ def norm_gelu_residual(y: torch.Tensor, h: torch.Tensor, eps: float = 1e-5,
     if not use_triton:
         return norm_gelu_residual_reference(y, h, eps)
     return _norm_gelu_residual_op(y, h, eps)[0]
+
+
+def bias_gelu_reference(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: GELU(h + bias) in h's dtype."""
+    return F.gelu(h + bias.to(h.dtype))
+
+
+BLOCK_F = 128
+BLOCK_RB = 32
+
+if triton_available:
+
+    @triton.jit
+    def _bias_gelu_kernel(out_ptr, h_ptr, b_ptr, R, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        fm = f < F
+        m = (r < R)[:, None] & fm[None, :]
+        offs = r[:, None].to(tl.int64) * F + f[None, :]
+        x = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + f, mask=fm, other=0.0).to(tl.float32)[None, :]
+        act = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        tl.store(out_ptr + offs, act.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _bias_gelu_backward_kernel(grad_h_ptr, partial_ptr, g_ptr, h_ptr, b_ptr, R, F,
+                                   BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        fm = f < F
+        m = (r < R)[:, None] & fm[None, :]
+        offs = r[:, None].to(tl.int64) * F + f[None, :]
+        x = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + f, mask=fm, other=0.0).to(tl.float32)[None, :]
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        dgelu = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+        grad = tl.where(m, g * dgelu, 0.0)
+        tl.store(grad_h_ptr + offs, grad.to(grad_h_ptr.dtype.element_ty), mask=m)
+        tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * F + f, tl.sum(grad, axis=0), mask=fm)
+
+
+@torch.library.custom_op("sslam_kernels::bias_gelu", mutates_args=())
+def _bias_gelu_op(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    h2 = _rows(h)
+    R, F_ = h2.shape
+    out = _empty(R, F_, dtype=h.dtype, device=h.device)
+    if out.numel():
+        _bias_gelu_kernel[(triton.cdiv(R, BLOCK_RB), triton.cdiv(F_, BLOCK_F))](
+            out, h2, bias.contiguous(), R, F_, BLOCK_R=BLOCK_RB, BLOCK_F=BLOCK_F, num_warps=4)
+    return out.view(h.shape)
+
+
+@_bias_gelu_op.register_fake
+def _(h, bias):
+    return h.new_empty(h.shape)
+
+
+@torch.library.custom_op("sslam_kernels::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(grad_out: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    h2, g2 = _rows(h), _rows(grad_out)
+    R, F_ = h2.shape
+    blocks = triton.cdiv(R, BLOCK_RB)
+    grad_h = _empty(R, F_, dtype=h.dtype, device=h.device)
+    partial = _empty(blocks, F_, dtype=torch.float32, device=h.device)
+    if grad_h.numel():
+        _bias_gelu_backward_kernel[(blocks, triton.cdiv(F_, BLOCK_F))](
+            grad_h, partial, g2, h2, bias.contiguous(), R, F_, BLOCK_R=BLOCK_RB, BLOCK_F=BLOCK_F, num_warps=4)
+    return grad_h.view(h.shape), partial.sum(0).to(bias.dtype)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(grad_out, h, bias):
+    return h.new_empty(h.shape), bias.new_empty(bias.shape)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bias_gelu_backward(ctx, grad_out):
+    h, bias = ctx.saved_tensors
+    grad_h, grad_b = _bias_gelu_backward_op(grad_out, h, bias)
+    return grad_h if ctx.needs_input_grad[0] else None, grad_b if ctx.needs_input_grad[1] else None
+
+
+_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+def bias_gelu(h: torch.Tensor, bias: torch.Tensor, use_triton: Optional[bool] = None) -> torch.Tensor:
+    """GELU(h + bias) in h's dtype: h [..., F] (a bias-free matmul's output), bias [F].
+
+    use_triton: None = Triton for CUDA tensors (the reference otherwise); True / False forces.
+    Differentiable w.r.t. h and bias; the backward reduces the bias gradient in its one pass.
+    """
+    if bias.shape != h.shape[-1:]:
+        raise ValueError(f"bias {tuple(bias.shape)} does not match h {tuple(h.shape)}")
+    if use_triton is None:
+        use_triton = h.is_cuda and triton_available
+    if not use_triton:
+        return bias_gelu_reference(h, bias)
+    return _bias_gelu_op(h, bias)

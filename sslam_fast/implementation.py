@@ -13,8 +13,7 @@ module of a model (and compiles the networks for "compiled"):
 - ``"original"``: the same maths executed the way the original EAT / SSLAM code executes it (the
   baseline of step-time and traffic comparisons): the reference ops, eager attention with an fp32
   softmax in every Attention module whatever ``SSLAMConfig.attention`` says, ``nn.LayerNorm``'s
-  autocast behaviour (fp32 out on CUDA), the NCHW decoder with its transposes (contiguous conv
-  weights), the per-tensor EMA loop, the gather-based losses (``objectives.gathered_losses``, a
+  autocast behaviour (fp32 out on CUDA), the NCHW decoder with its transposes, the per-tensor EMA loop, the gather-based losses (``objectives.gathered_losses``, a
   host sync) and bool-mask indexing of the mixed rows. Its
   fp16-weights / fp32-masters / loss-scaling side belongs to the trainer.
 
@@ -26,7 +25,6 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 import torch.nn as nn
 
 import sslam_kernels
@@ -47,6 +45,8 @@ class Ops:
     attention: Optional[str] = None  # every Attention module's mode; None: the configured one
     masked_regression: Callable = sslam_kernels.masked_regression  # the dense losses' one op
     norm_gelu_residual: Callable = sslam_kernels.norm_gelu_residual  # the channels-last decoder's epilogue
+    bias_gelu: Optional[Callable] = sslam_kernels.bias_gelu  # the MLP's fc1 bias + GELU; None: nn.Linear then F.gelu
+    residual_gemm: bool = True  # qkv / fc1 input gradients and the residual gradient summed in one GEMM
     # static shapes (the fast paths): dense losses, fixed-index mixed rows, no host sync in the step;
     # False: objectives.gathered_losses (nonzero) and bool-mask indexing, as the original code runs
     static_shapes: bool = True
@@ -74,9 +74,11 @@ REFERENCE = Ops(
     ema_backend="torch",
     masked_regression=functools.partial(sslam_kernels.masked_regression, use_triton=False),
     norm_gelu_residual=functools.partial(sslam_kernels.norm_gelu_residual, use_triton=False),
+    bias_gelu=functools.partial(sslam_kernels.bias_gelu, use_triton=False),
 )
 ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
-                               decoder_layout="transposed", static_shapes=False, teacher_shadow=False)
+                               decoder_layout="transposed", static_shapes=False, teacher_shadow=False,
+                               bias_gelu=None, residual_gemm=False)
 
 
 def set_implementation(model: nn.Module, name: str) -> nn.Module:
@@ -89,8 +91,6 @@ def set_implementation(model: nn.Module, name: str) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
-        if isinstance(module, CNNDecoder):
-            module.set_weight_layout(torch.contiguous_format if ops.decoder_layout == "transposed" else torch.channels_last)
     if name == "compiled":
         for module in model.modules():
             if isinstance(module, (Block, CNNDecoder)):

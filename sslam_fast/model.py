@@ -60,6 +60,49 @@ class LayerNorm(nn.LayerNorm):
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class _ResidualLinear(torch.autograd.Function):
+    """(x @ W^T (+ b), x): a linear layer whose input also feeds a residual add. The backward
+    takes both gradients of x at once and writes grad_x = grad_residual + grad_y @ W as one GEMM
+    (the residual gradient enters as the GEMM's accumulator) instead of a GEMM and a separate add
+    over the whole activation. Computes in the autocast dtype when autocast is on, as F.linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)
+            y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, wc)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_residual):
+        xc, wc = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(wc.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if grad_residual is None:
+                grad_x = gy @ wc
+            else:
+                grad_x = torch.addmm(grad_residual.reshape(-1, xc.shape[-1]).to(wc.dtype), gy, wc)
+            grad_x = grad_x.view(xc.shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (gy.t() @ xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = gy.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def residual_linear(x: torch.Tensor, linear_weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool):
+    """(linear(x), x for the residual add); ``fused``: their gradients meet in one GEMM (``_ResidualLinear``)."""
+    if fused and torch.is_grad_enabled() and x.requires_grad:
+        return _ResidualLinear.apply(x, linear_weight, bias)
+    return F.linear(x, linear_weight, bias), x
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, mode: str = "auto"):
         super().__init__()
@@ -70,13 +113,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(x)[0]
+
+    def attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, x for the residual add; see ``residual_linear``)."""
         B, N, C = x.shape
+        qkv, x = residual_linear(x, self.qkv.weight, self.qkv.bias, self.ops.residual_gemm)
         # q, k, v as [B, H, N, Dh] views of the packed qkv: their gradients stack straight back into
         # its layout (no extra copy in the backward)
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.num_heads, C // self.num_heads).unbind(2))
         out = attention(q, k, v, self.ops.attention or self.mode)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)), x
 
 
 class Mlp(nn.Module):
@@ -84,9 +131,19 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.transform(x)[0]
+
+    def transform(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, x for the residual add; see ``residual_linear``)."""
+        if self.ops.bias_gelu is None:
+            h, x = residual_linear(x, self.fc1.weight, self.fc1.bias, self.ops.residual_gemm)
+            return self.fc2(F.gelu(h)), x
+        # bias-free matmul, then bias + GELU in one pass (its backward reduces the bias gradient)
+        h, x = residual_linear(x, self.fc1.weight, None, self.ops.residual_gemm)
+        return self.fc2(self.ops.bias_gelu(h, self.fc1.bias)), x
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -112,8 +169,9 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm1(x + drop_path(self.attn(x), self.drop_path, self.training))
-        r = self.mlp(x)
+        a, x = self.attn.attend(x)
+        x = self.norm1(x + drop_path(a, self.drop_path, self.training))
+        r, x = self.mlp.transform(x)
         return self.norm2(x + drop_path(r, self.drop_path, self.training)), r
 
 
@@ -218,8 +276,8 @@ class CNNDecoder(nn.Module):
     """Residual [grouped conv 3x3 -> LayerNorm over channels (no affine) -> GELU] x L, then Linear.
 
     The fast layout is channels-last throughout: [V, P, D] tokens are already NHWC, so the convs
-    read and write NHWC (their weights are kept channels-last, and converted if something, e.g.
-    DeepSpeed's flat buffers, made them contiguous again), LayerNorm + GELU + residual run as one
+    read and write NHWC (each call takes a channels-last copy of its small weight; the parameters
+    stay contiguous, as DeepSpeed's flat buffers and broadcasts need), LayerNorm + GELU + residual run as one
     op over the contiguous last dim (``sslam_kernels.norm_gelu_residual``) and no transpose
     copies are made. ``ops.decoder_layout == "transposed"`` runs the
     original's NCHW layout with its transposes.
@@ -237,14 +295,6 @@ class CNNDecoder(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
         self.ops = FUSED  # how the ops run: set from outside with implementation.set_implementation
-        self.set_weight_layout(torch.channels_last)
-
-    def set_weight_layout(self, memory_format: torch.memory_format) -> None:
-        """Store the conv weights in ``memory_format`` (values, names and checkpoints unchanged)."""
-        for conv in self.convs:
-            conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
-            if conv.weight.grad is not None:
-                conv.weight.grad = conv.weight.grad.contiguous(memory_format=memory_format)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """x: [V, P, D] tokens on a (time, freq) patch grid -> predictions [V, P, D]."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslam_kernels import norm_gelu_residual, norm_gelu_residual_reference
+from sslam_kernels import bias_gelu, bias_gelu_reference, norm_gelu_residual, norm_gelu_residual_reference
 
 SHAPES = [(3, 5, 48), (2, 3, 4, 33), (7, 130), (1, 1, 8)]
 
@@ -47,3 +47,27 @@ def test_fp32_kernel_is_close_to_the_reference_and_checks_shapes():
     with pytest.raises(ValueError, match="same shape"):
         norm_gelu_residual(y, h[:2])
     torch.library.opcheck(torch.ops.sslam_kernels.norm_gelu_residual.default, (y, h, 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 48), (7, 130), (2, 33, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_gelu_forward_and_backward(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    h = (torch.randn(shape, generator=g) * 2).to(dtype).requires_grad_()
+    bias = (torch.randn(shape[-1], generator=g) * 0.5).requires_grad_()
+    grad = torch.randn(shape, generator=g)
+    out = bias_gelu(h, bias, use_triton=True)
+    assert out.dtype == dtype
+    out.backward(grad.to(dtype))
+    hd, bd = h.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    exact = F.gelu(hd + bd)
+    exact.backward(grad.double())
+    hr, br = h.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    ref = bias_gelu_reference(hr, br)
+    ref.backward(grad.to(dtype))
+    for got, want, plain in zip((out.detach(), h.grad, bias.grad), (exact.detach(), hd.grad, bd.grad),
+                                (ref.detach(), hr.grad, br.grad)):
+        err = (got.double() - want).abs()
+        bound = 2 * (plain.double() - want).abs() + (1e-5 if dtype == torch.float32 else 1e-2) * (1 + want.abs())
+        assert bool((err <= bound).all()), float((err - bound).max())
+    torch.library.opcheck(torch.ops.sslam_kernels.bias_gelu.default, (h.detach().float().requires_grad_(), bias))
