@@ -163,6 +163,11 @@ class FinetuneTrainSection:
         if self.max_steps < 1 and self.epochs < 1:
             raise ConfigError(f"{where}.max_steps: set max_steps or epochs")
 
+    @property
+    def dtype(self) -> str:
+        """The precision the engine runs (what ``trainer.engine.deepspeed_config`` reads)."""
+        return self.precision
+
 
 @dataclass
 class FinetuneOptimSection(OptimConfig):
