@@ -62,9 +62,9 @@ from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
 from ..data import audio as _audio
 from ..model import Encoder
 from ..serialization import atomic_save
-from ..trainer.checkpoints import (latest_checkpoint, publish, read_resume_state, remove_stale_temps,
-                                   restore_rng_state, rng_state, temp_dir_for)
-from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, apply_override
+from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, read_resume_state,
+                                   remove_stale_temps, restore_rng_state, rng_state)
+from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, load_config
 from ..trainer.engine import MasterWeights, deepspeed_config
 from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
 from ..trainer.prefetch import Prefetcher
@@ -223,17 +223,7 @@ class FinetuneConfig:
 
 def load_finetune_config(path: Optional[str] = None, overrides: List[str] = ()) -> FinetuneConfig:
     """Read ``path`` (JSON), apply ``overrides``, validate; unknown keys raise ConfigError naming them."""
-    values: Dict[str, Any] = {}
-    if path:
-        with open(path, encoding="utf-8") as f:
-            try:
-                values = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    values.pop("_comment", None)
-    for assignment in overrides:
-        apply_override(values, assignment)
-    return from_dict(FinetuneConfig, values, where=path or "config")
+    return load_config(path, overrides, FinetuneConfig)
 
 
 # ============================================================================== model
@@ -625,11 +615,7 @@ class FinetuneTrainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        tmp = temp_dir_for(self.run_dir, self.step)
-        if self.is_main:
-            remove_stale_temps(self.run_dir)
-            os.makedirs(tmp)
-        dist.barrier()
+        tmp = begin_save(self.run_dir, self.step, self.is_main)
         self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="engine", save_latest=False)
         masters = self.masters.gather()
         atomic_save({"rng": rng_state(torch.Generator()), "data": self.data.state_dict()},
@@ -642,12 +628,8 @@ class FinetuneTrainer:
                          "model": {k[len("classifier."):]: v.detach().cpu() for k, v in state.items()},
                          "num_classes": self.num_classes, "step": self.step, "world_size": self.world,
                          "bad_total": self.bad_total, "evals": json.dumps(self.evals)}, os.path.join(tmp, "train.pt"))
-        os.sync()
-        dist.barrier()
-        final = publish(tmp, self.run_dir, self.step, self.cfg.checkpoint.keep_last) if self.is_main else None
-        dist.barrier()
+        self.last_checkpoint = finish_save(tmp, self.run_dir, self.step, self.cfg.checkpoint.keep_last, self.is_main)
         self.saved_step = self.step
-        self.last_checkpoint = final or os.path.join(self.run_dir, os.path.basename(tmp)[len(".tmp-"):])
         return self.last_checkpoint
 
     def _resume(self, path: str) -> None:

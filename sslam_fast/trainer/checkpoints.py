@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..serialization import CheckpointError, fsync_dir, safe_load, vet_pickle_file
 
@@ -226,6 +227,28 @@ def publish(tmp_dir: str, run_dir: str, step: int, keep_last: int) -> str:
     fsync_dir(run_dir)
     prune(run_dir, keep_last)
     return final
+
+
+def begin_save(run_dir: str, step: int, is_main: bool) -> str:
+    """(Collective.) The temp directory that every rank writes checkpoint ``step`` into; rank 0
+    makes it (after removing what an interrupted save left)."""
+    tmp = temp_dir_for(run_dir, step)
+    if is_main:
+        remove_stale_temps(run_dir)
+        os.makedirs(tmp)
+    dist.barrier()
+    return tmp
+
+
+def finish_save(tmp_dir: str, run_dir: str, step: int, keep_last: int, is_main: bool) -> str:
+    """(Collective.) Once every rank has written into ``tmp_dir``: flush to disk, rank 0 publishes
+    it (checksums, rename, prune); returns the published path."""
+    os.sync()  # DeepSpeed's own files are on disk before the directory is published
+    dist.barrier()
+    if is_main:
+        publish(tmp_dir, run_dir, step, keep_last)
+    dist.barrier()
+    return os.path.join(run_dir, step_dir_name(step))
 
 
 def prune(run_dir: str, keep_last: int) -> List[str]:

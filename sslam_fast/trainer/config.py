@@ -183,8 +183,9 @@ def apply_override(data: Dict[str, Any], assignment: str) -> None:
     node[last] = value
 
 
-def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainConfig:
-    """Read ``path`` (JSON), apply ``overrides``, validate; unknown keys raise ConfigError naming them."""
+def load_config(path: Optional[str] = None, overrides: List[str] = (), cls: type = None) -> Any:
+    """Read ``path`` (JSON), apply ``overrides``, validate into ``cls`` (default ``TrainConfig``);
+    unknown keys raise ConfigError naming them."""
     data: Dict[str, Any] = {}
     if path:
         with open(path, encoding="utf-8") as f:
@@ -195,4 +196,4 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
     data.pop("_comment", None)
     for assignment in overrides:
         apply_override(data, assignment)
-    return from_dict(TrainConfig, data, where=path or "config")
+    return from_dict(cls or TrainConfig, data, where=path or "config")

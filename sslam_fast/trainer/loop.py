@@ -31,9 +31,9 @@ from ..pretrainer import SSLAMPretrainer
 from ..data.loader import resharded_state
 from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
 from . import preflight
-from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, latest_checkpoint, list_checkpoints, publish,
-                          read_resume_state, reject, remove_stale_temps, restore_rng_state, rng_state, temp_dir_for,
-                          train_checkpoint_file, verify_checkpoint)
+from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save, latest_checkpoint,
+                          list_checkpoints, read_resume_state, reject, remove_stale_temps, restore_rng_state,
+                          rng_state, train_checkpoint_file, verify_checkpoint)
 from .config import TrainConfig
 from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
 from .optim import build_optimizer, build_scheduler, plan_batch
@@ -226,11 +226,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         """All ranks write into a temp directory; rank 0 publishes it by renaming."""
-        tmp = temp_dir_for(self.run_dir, self.step)
-        if self.is_main:
-            remove_stale_temps(self.run_dir)
-            os.makedirs(tmp)
-        dist.barrier()
+        tmp = begin_save(self.run_dir, self.step, self.is_main)
         self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="engine", save_latest=False)
         optimizer = self.masters.full_state()
         data = [None] * self.world
@@ -257,12 +253,8 @@ class Trainer:
             atomic_save({"names": names, "scheduler": self.scheduler.state_dict(),
                          **{k: [t.cpu() for t in v] if isinstance(v, list) else v for k, v in optimizer.items()}},
                         os.path.join(tmp, OPTIMIZER_FILE))
-        os.sync()  # DeepSpeed's own files are on disk before the directory is published
-        dist.barrier()
-        final = publish(tmp, self.run_dir, self.step, self.cfg.checkpoint.keep_last) if self.is_main else None
-        dist.barrier()
+        self.last_checkpoint = finish_save(tmp, self.run_dir, self.step, self.cfg.checkpoint.keep_last, self.is_main)
         self.saved_step = self.step
-        self.last_checkpoint = final or os.path.join(self.run_dir, os.path.basename(tmp)[len(".tmp-"):])
         return self.last_checkpoint
 
     def _choose_checkpoint(self):
