@@ -1,4 +1,7 @@
 """Small shared builders for the model tests."""
+import sys
+import types
+
 import torch
 
 from sslam_fast import SSLAMConfig, SSLAMPretrainer
@@ -43,3 +46,19 @@ def write_float_wav(path, samples, sample_rate: int) -> None:
     chunks += b"data" + struct.pack("<I", len(payload)) + payload
     with open(path, "wb") as f:
         f.write(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)
+
+
+def save_with_classes_of(obj, path, module: str, **classes) -> None:
+    """torch.save ``obj`` with ``classes`` pickled as members of ``module`` (made up for the save,
+    with its parent packages): how a checkpoint of a package that is not installed here looks."""
+    parts = module.split(".")
+    names = [".".join(parts[:i + 1]) for i in range(len(parts))]
+    stubs = {name: types.ModuleType(name) for name in names}
+    for name, cls in classes.items():
+        setattr(stubs[module], name, cls)
+    sys.modules.update(stubs)
+    try:
+        torch.save(obj, path)
+    finally:
+        for name in names:
+            del sys.modules[name]

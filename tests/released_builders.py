@@ -1,11 +1,10 @@
 """Checkpoints in the original layouts, written key by key here (independently of
 sslam_fast.released.formats), from a tiny in-memory model."""
 import enum
-import sys
-import types
 
 import torch
 
+from helpers import save_with_classes_of
 from sslam_fast.model import sincos_table
 
 ENC = "modality_encoders.IMAGE."
@@ -69,15 +68,7 @@ PredictionMode.__module__ = "EAT.models.EAT_audio_classification"
 
 def save_with_original_enum(obj, path):
     """torch.save with PredictionMode pickled as the original's ``EAT.models.EAT_audio_classification``."""
-    names = ("EAT", "EAT.models", "EAT.models.EAT_audio_classification")
-    stubs = {name: types.ModuleType(name) for name in names}
-    stubs[names[-1]].PredictionMode = PredictionMode
-    sys.modules.update(stubs)
-    try:
-        torch.save(obj, path)
-    finally:
-        for name in names:
-            del sys.modules[name]
+    save_with_classes_of(obj, path, "EAT.models.EAT_audio_classification", PredictionMode=PredictionMode)
 
 
 def tiny_head(model, classes=527, seed=1, fc_norm=True):

@@ -5,7 +5,7 @@ import torch
 
 from sslam_fast import CheckpointError, load_pretrainer, save_pretrainer
 
-from helpers import fbank_batch, tiny_model
+from helpers import fbank_batch, save_with_classes_of, tiny_model
 
 STAGE1 = Path(__file__).parent / "fixtures" / "parity_stage1" / "eat_original_tiny.pt"
 
@@ -64,25 +64,15 @@ def test_bad_checkpoints_name_the_file(tmp_path):
 
 def test_checkpoint_with_classes_that_are_not_installed(tmp_path):
     """Original checkpoints pickle fairseq meters: they load as inert placeholders."""
-    import sys
-    import types
-
     class AverageMeter:
         def __init__(self):
             self.val = 3.0
 
     AverageMeter.__module__ = "fairseq.logging.meters"
     AverageMeter.__qualname__ = "AverageMeter"
-    stubs = {name: types.ModuleType(name) for name in ("fairseq", "fairseq.logging", "fairseq.logging.meters")}
-    stubs["fairseq.logging.meters"].AverageMeter = AverageMeter
     raw = torch.load(STAGE1, weights_only=True)
     raw["extra_state"] = {"metrics": {"train": AverageMeter()}}
     path = tmp_path / "with_meters.pt"
-    sys.modules.update(stubs)
-    try:
-        torch.save(raw, path)
-    finally:
-        for name in stubs:
-            del sys.modules[name]
+    save_with_classes_of(raw, path, "fairseq.logging.meters", AverageMeter=AverageMeter)
     model = load_pretrainer(str(path))
     assert model.cfg.embed_dim == 64

@@ -61,6 +61,17 @@ def run_in_process(mp, run_dir, *extra) -> int:
     return train.main(sets(run_dir, *extra))
 
 
+def trainer_in_process(mp, run_dir, *extra):
+    """A Trainer built in this process (one rank) on the tiny settings, for tests that look inside it."""
+    from sslam_fast.trainer.config import load_config
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        mp.setenv(key, value)
+    args = [a for a in sets(run_dir, *extra) if a != "--set"]
+    return train.Trainer(load_config(None, args), train.init_distributed())
+
+
 def logged(run_dir):
     """step -> metrics line (the last line written for that step)."""
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -317,14 +328,8 @@ def test_two_process_zero2_keeps_ranks_identical_and_shards_disjoint(tmp_path):
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_bf16_teacher_follows_the_fp32_masters(tmp_path, monkeypatch, zero_stage):
-    from sslam_fast.trainer.config import load_config
-
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(key, value)
-    args = [a for a in sets(tmp_path, "train.max_steps=2", "train.precision=bf16", f"deepspeed.zero_stage={zero_stage}")
-            if a != "--set"]
-    trainer = train.Trainer(load_config(None, args), train.init_distributed())
+    trainer = trainer_in_process(monkeypatch, tmp_path, "train.max_steps=2", "train.precision=bf16",
+                                 f"deepspeed.zero_stage={zero_stage}")
     sources = []
     update = trainer.model.update_teacher
     monkeypatch.setattr(trainer.model, "update_teacher",

@@ -11,7 +11,7 @@ from sslam_fast.config import ConfigError
 from sslam_fast.trainer.config import load_config
 from sslam_fast.trainer.engine import deepspeed_config
 from sslam_fast.trainer.optim import SkipNonFiniteAdamW, build_optimizer, plan_batch
-from test_train import free_port, logged, patch_forward, run_in_process, sets
+from test_train import logged, patch_forward, run_in_process, trainer_in_process
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEMO = ["data.demo_clips=4"]
@@ -58,20 +58,16 @@ def test_the_optimizer_checks_finiteness_only_where_deepspeed_does_not():
     assert build_optimizer(module, cfg, skip_non_finite=False, fused=True).defaults["fused"]
 
 
-def test_cuda_graph_on_a_cpu_is_a_config_error(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("settings, message", [
+    (("train.compile=true", "train.cuda_graph=true"), "train.cuda_graph: CUDA graphs need a CUDA device"),
+    (("train.execution=original", "train.precision=auto"), "fp16 needs a CUDA device"),
+], ids=["cuda_graph", "fp16"])
+def test_gpu_only_settings_on_a_cpu_are_config_errors(tmp_path, monkeypatch, caplog, settings, message):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal")
     caplog.set_level(logging.ERROR, logger="sslam_fast.train")
-    assert run_in_process(monkeypatch, str(tmp_path), "train.compile=true", "train.cuda_graph=true") == 1
-    assert "train.cuda_graph: CUDA graphs need a CUDA device" in caplog.text
-
-
-def test_fp16_on_a_cpu_is_a_config_error(tmp_path, monkeypatch, caplog):
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU refusal")
-    caplog.set_level(logging.ERROR, logger="sslam_fast.train")
-    assert run_in_process(monkeypatch, str(tmp_path), "train.execution=original", "train.precision=auto") == 1
-    assert "fp16 needs a CUDA device" in caplog.text
+    assert run_in_process(monkeypatch, str(tmp_path), *settings) == 1
+    assert message in caplog.text
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
@@ -133,14 +129,8 @@ def test_compiled_step_gives_the_eager_losses(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_one_process_reads_the_fp32_masters_in_place(tmp_path, monkeypatch, zero_stage):
-    from sslam_fast import train
-
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(key, value)
-    args = [a for a in sets(tmp_path, "train.max_steps=1", "train.precision=bf16", f"deepspeed.zero_stage={zero_stage}")
-            if a != "--set"]
-    trainer = train.Trainer(load_config(None, args), train.init_distributed())
+    trainer = trainer_in_process(monkeypatch, tmp_path, "train.max_steps=1", "train.precision=bf16",
+                                 f"deepspeed.zero_stage={zero_stage}")
     masters = trainer.masters
     assert all(full is part for full, part in zip(masters.full, masters.parts))
     stepped = [p for g in trainer.engine.optimizer.optimizer.param_groups for p in g["params"]]  # AdamW's own
