@@ -2,6 +2,8 @@ import importlib.util
 import os
 import sys
 
+import pytest
+
 # Triton kernels run on the CPU only through its interpreter, which must be chosen before any
 # kernel is defined; on a CUDA machine the real compiler is used.
 try:
@@ -21,3 +23,12 @@ if "sslam_kernels" not in sys.modules:
                                                    submodule_search_locations=[_KERNELS])
     sys.modules["sslam_kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["sslam_kernels"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Each test compiles from scratch: graphs compiled by an earlier test (other shapes, other
+    modules) otherwise mark dimensions dynamic and send a later compile down another path."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()

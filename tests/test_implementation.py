@@ -117,10 +117,15 @@ def test_dense_losses_match_the_gathered_ones(stage, name):
     assert got["sample_size"].dtype == torch.int64 and int(got["sample_size"]) == int(want["sample_size"])
 
 
-def test_trainer_config_names_a_bad_implementation():
-    with pytest.raises(ConfigError, match="train.implementation"):
-        load_config(None, ["data.demo_clips=4", "train.implementation=triton"])
-    assert load_config(None, ["data.demo_clips=4"]).train.implementation == "fused"
+def test_the_trainer_picks_the_implementation_from_its_execution():
+    def picked(*sets):
+        return load_config(None, ["data.demo_clips=4", *sets]).train.model_implementation
+
+    assert picked() == "fused"
+    assert picked("train.compile=true") == "compiled"
+    assert picked("train.execution=original", "train.precision=fp32") == "original"
+    with pytest.raises(ConfigError, match="unknown key 'implementation'"):
+        load_config(None, ["data.demo_clips=4", "train.implementation=reference"])  # no second switch
 
 
 def test_checkpoints_with_the_former_use_kernels_key_still_load(tmp_path):

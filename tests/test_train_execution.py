@@ -42,7 +42,6 @@ def test_execution_sets_the_precision_and_the_implementation():
     (["train.execution=original", "train.compile=true"], "train.compile"),
     (["train.execution=original", "train.cuda_graph=true"], "train.compile / cuda_graph"),
     (["train.cuda_graph=true"], "train.cuda_graph"),  # replays the compiled graphs
-    (["train.compile=true", "train.implementation=reference"], "train.compile"),
 ])
 def test_execution_switches_are_validated(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ConfigError, SSLAMConfig, from_dict
-from ..implementation import IMPLEMENTATIONS
 
 EXECUTIONS = {"fast": ("auto", "bf16", "fp32"), "original": ("auto", "fp16", "fp32")}  # execution -> precisions
 
@@ -52,7 +51,6 @@ class TrainSection:
     seed: int = 1
     init_from: Optional[str] = None  # weights to start from (stage 2: a stage-1 or EAT checkpoint)
     ema_from: str = "master"  # "master": EMA from the fp32 master weights; "model": from the bf16 weights
-    implementation: str = "fused"  # how the model's ops run: "fused", "reference" or "compiled" (implementation.py)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     min_target_var: float = 0.1  # collapse alarm thresholds (docs/method.md §6), checked after collapse_after steps
     min_pred_var: float = 0.01
@@ -68,14 +66,9 @@ class TrainSection:
         if self.precision not in allowed:
             raise ConfigError(f"{where}.precision: must be one of {', '.join(allowed)} with "
                               f"{where}.execution={self.execution!r}, got {self.precision!r}")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ConfigError(f"{where}.implementation: must be one of {', '.join(IMPLEMENTATIONS)}, "
-                              f"got {self.implementation!r}")
         if self.execution == "original" and (self.compile or self.cuda_graph):
             raise ConfigError(f"{where}.compile / cuda_graph: the original execution runs eagerly; "
                               f"set {where}.execution='fast' to compile")
-        if self.compile and self.implementation not in ("fused", "compiled"):
-            raise ConfigError(f"{where}.compile: compiles the fused implementation, not {self.implementation!r}")
         if self.cuda_graph and not self.compile:
             raise ConfigError(f"{where}.cuda_graph: CUDA graphs replay the compiled step; set {where}.compile=true")
         if self.ema_from not in ("master", "model"):
@@ -92,10 +85,11 @@ class TrainSection:
 
     @property
     def model_implementation(self) -> str:
-        """The implementation the model runs with (``implementation.set_implementation``)."""
+        """The implementation the model runs with (``implementation.set_implementation``): the one
+        switch of the trainer is ``execution`` (with ``compile``)."""
         if self.execution == "original":
             return "original"
-        return "compiled" if self.compile else self.implementation
+        return "compiled" if self.compile else "fused"
 
 
 @dataclass
