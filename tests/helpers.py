@@ -62,3 +62,13 @@ def save_with_classes_of(obj, path, module: str, **classes) -> None:
     finally:
         for name in names:
             del sys.modules[name]
+
+
+class Payload:
+    """Pickles as a call of ``function(*args)``: what a malicious checkpoint carries."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args

@@ -285,3 +285,26 @@ def test_features_are_cached_and_reused(tmp_path):
     assert len(plain_calls) == 2
     with pytest.raises(ValueError, match="checkpoint_id"):
         compute_features(encoder_fn, inputs, cache_path=str(tmp_path))
+
+
+def test_feature_cache_runs_nothing_from_a_crafted_entry_and_recomputes_a_damaged_one(tmp_path):
+    from sslam_fast import CheckpointError
+    from helpers import Payload
+
+    inputs = torch.randn(4, 6)
+    calls = []
+
+    def encoder_fn(batch):
+        calls.append(1)
+        return batch[:, :2]
+
+    features = compute_features(encoder_fn, inputs, cache_path=str(tmp_path), checkpoint_id="ckpt")
+    (entry,) = [tmp_path / name for name in os.listdir(tmp_path)]
+    marker = tmp_path / "marker"
+    torch.save({"x": Payload(os.system, f"touch {marker}")}, entry)
+    with pytest.raises(CheckpointError, match=f"{entry.name}.*refused"):
+        compute_features(encoder_fn, inputs, cache_path=str(tmp_path), checkpoint_id="ckpt")
+    assert not marker.exists() and len(calls) == 1
+    entry.write_bytes(entry.read_bytes()[:100])  # half written: computed again and replaced
+    assert torch.equal(compute_features(encoder_fn, inputs, cache_path=str(tmp_path), checkpoint_id="ckpt"), features)
+    assert len(calls) == 2 and torch.equal(torch.load(entry, weights_only=True), features)

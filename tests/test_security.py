@@ -21,20 +21,11 @@ from sslam_fast.trainer.checkpoints import read_resume_state, verify_checkpoint,
 from sslam_fast.serialization import safe_load, vet_pickle_file
 
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import Payload  # noqa: E402
 from test_train import run_in_process  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STAGE1 = FIXTURES / "parity_stage1" / "eat_original_tiny.pt"
-
-
-class Payload:
-    """Pickles as a call of ``function(*args)``: what a malicious checkpoint carries."""
-
-    def __init__(self, function, *args):
-        self.function, self.args = function, args
-
-    def __reduce__(self):
-        return self.function, self.args
 
 
 def payloads(marker: str):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save, safe_load
 from .metrics import accuracy, mean_average_precision
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,15 @@ def compute_features(encoder_fn: Callable[[torch.Tensor], torch.Tensor], inputs:
             checkpoint_id = module_id(encoder_fn)
         cache_file = os.path.join(cache_path, f"features-{_inputs_key(batches, checkpoint_id)[:32]}.pt")
         if os.path.isfile(cache_file):
-            logger.info("features from the cache %s", cache_file)
-            return torch.load(cache_file, map_location="cpu", weights_only=True)
+            try:
+                cached = safe_load(cache_file)
+            except UnsafeCheckpointError:
+                raise
+            except CheckpointError as e:  # a half-written or damaged entry: computed again and replaced
+                logger.warning("%s; computing the features again", e)
+            else:
+                logger.info("features from the cache %s", cache_file)
+                return cached
     was_training = encoder_fn.training if isinstance(encoder_fn, torch.nn.Module) else None
     if was_training:
         encoder_fn.eval()
@@ -107,10 +115,7 @@ def compute_features(encoder_fn: Callable[[torch.Tensor], torch.Tensor], inputs:
             raise ValueError(f"encoder_fn must map a batch of {batch.shape[0]} to [{batch.shape[0]}, dim], gave {tuple(out.shape)}")
     features = torch.cat([out.detach().float().cpu() for out in outputs])
     if cache_file is not None:
-        os.makedirs(cache_path, exist_ok=True)
-        partial = f"{cache_file}.{os.getpid()}.partial"
-        torch.save(features, partial)
-        os.replace(partial, cache_file)
+        atomic_save(features, cache_file)
     return features
 
 
