@@ -231,10 +231,6 @@ class AudioLoader:
             self._orders = {epoch: epoch_order(len(self.manifest), self.seed, epoch, self.rank, self.world_size, start)}
         return self._orders[epoch]
 
-    def batches_per_epoch(self) -> int:
-        """Upper bound (bad files lower it): shard length // batch_size."""
-        return len(self.order(self.epoch)) // self.batch_size
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "start_epoch": self.start_epoch, "start": self.start,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size}

@@ -412,9 +412,6 @@ class FinetuneLoader:
             self._orders = {epoch: order}
         return self._orders[epoch]
 
-    def batches_per_epoch(self) -> int:
-        return len(self.order(self.epoch)) // self.batch_size
-
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank}
 
