@@ -171,7 +171,7 @@ def gpu_ops(ops):
     """``ops`` with the sslam_kernels entry points forced onto their Triton (custom op) path."""
     forced = {name: functools.partial(getattr(sslam_kernels, name), use_triton=True)
               for name in ("embed_mask_gather", "decoder_input_scatter", "layer_averaged_target", "masked_regression",
-                          "norm_gelu_residual", "bias_gelu")}
+                          "norm_gelu_residual", "bias_gelu", "add_layer_norm")}
     return dataclasses.replace(ops, **forced)
 
 

@@ -8,6 +8,8 @@ Each entry times ``INNER`` back-to-back calls and synchronises (host clock, pyte
 statistics) and also stores the median device time of one call from ``triton.testing.do_bench``
 (CUDA events) in ``extra_info["device_ms"]``, with the bytes the op must move at least.
 """
+import functools
+
 import pytest
 import torch
 
@@ -156,6 +158,46 @@ def test_layer_averaged_target(benchmark, provider):
          bytes_moved=12 * 24 * 512 * DIM * 2 + 3 * 24 * 512 * DIM * 4, op="layer target", provider=provider)
 
 
+def _epilogue_case(op, use_triton):
+    """(function running forward + backward, the bytes both must move at least) at a stage-1 step's
+    student / decoder size, bf16: 192 views x 103 tokens for the encoder, x 512 patches for the decoder."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype).requires_grad_()
+
+    rows = VIEWS * 103
+    if op == "add+layernorm":
+        x, res, w, b = rand(rows, DIM), rand(rows, DIM), rand(DIM), rand(DIM)
+        inputs = (x, res, w, b)
+        fn = functools.partial(sk.add_layer_norm, x, res, w, b, use_triton=use_triton)
+        minimum = rows * DIM * 2 * (4 + 3)  # forward: x, res in; out, sum out; backward: grad, sum in, grad out
+    elif op == "bias+gelu":
+        h, b = rand(rows, 4 * DIM), rand(4 * DIM)
+        inputs = (h, b)
+        fn = functools.partial(sk.bias_gelu, h, b, use_triton=use_triton)
+        minimum = rows * 4 * DIM * 2 * (2 + 3)
+    else:
+        y, h = rand(VIEWS, *GRID, DIM), rand(VIEWS, *GRID, DIM)
+        inputs = (y, h)
+        fn = functools.partial(sk.norm_gelu_residual, y, h, 1e-5, use_triton=use_triton)
+        minimum = VIEWS * GRID[0] * GRID[1] * DIM * 2 * (3 + 3)
+    out = fn()
+    grad = torch.randn(out.shape, device="cuda", generator=gen).to(out.dtype)
+
+    def step():
+        torch.autograd.grad(fn(), inputs, grad)
+    return step, minimum
+
+
+@pytest.mark.parametrize("op", ["add+layernorm", "bias+gelu", "norm+gelu+residual"])
+@pytest.mark.parametrize("provider", ["triton", "torch"])
+def test_epilogue_forward_backward(benchmark, op, provider):
+    """The step's fused epilogues, forward + backward, against their torch references (bf16)."""
+    step, minimum = _epilogue_case(op, provider == "triton")
+    _run(benchmark, step, bytes_moved=minimum, op=op, provider=provider)
+
+
 def test_goals():
     """The issue's goals on an H100, from the entries of this run. With an fp32 student
     ``_foreach_lerp_`` already runs near the copy floor, so there the kernel must only not lose."""
@@ -173,3 +215,6 @@ def test_goals():
         lerp_goal = 1.5 if dt == "bf16" else 1.0
         assert ms("ema", "foreach_lerp", dt) / ms("ema", "triton", dt) >= lerp_goal, dt
     assert ms("mask+gather", "torch", None) / ms("mask+gather", "triton", None) >= 3
+    for op in ("add+layernorm", "bias+gelu", "norm+gelu+residual"):  # a fused op must not lose to torch
+        if (op, "triton", None) in fig and (op, "torch", None) in fig:
+            assert ms(op, "torch", None) / ms(op, "triton", None) >= 1.0, op

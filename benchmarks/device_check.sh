@@ -2,7 +2,7 @@
 # One-call GPU check for sslam_kernels (run from the repository root on the lent GPU):
 #   bash benchmarks/device_check.sh
 # Stages (each reported, none aborts the others; under 8 minutes: stage timeouts
-# 85 + 45 + 90 + 180 + 45 = 445 s, plus the versions and the install):
+# 80 + 70 + 90 + 180 + 45 = 465 s, plus the versions and the install):
 #   0. nvidia-smi -L, torch / triton versions; install the repo (no deps, no network)
 #   1. pytest tests -m gpu -x -q            (every GPU-marked test of the project)
 #   2. the kernel and swap-in tests on CUDA (compiled Triton, not the interpreter; timm here)
@@ -50,9 +50,10 @@ if ! python -c "import sslam_kernels, sslam_fast" >> "$LOGS/install.log" 2>&1; t
 fi
 python -c "import sslam_kernels; print('sslam_kernels from', sslam_kernels.__file__)"
 
-stage gpu_tests 85 python -m pytest tests -m gpu -x -q -p no:cacheprovider
-stage kernel_tests 45 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
-    tests/test_kernels_gather.py tests/test_kernels_targets.py tests/test_monkey_patch.py -q -p no:cacheprovider
+stage gpu_tests 80 python -m pytest tests -m gpu -x -q -p no:cacheprovider
+stage kernel_tests 70 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
+    tests/test_kernels_gather.py tests/test_kernels_targets.py tests/test_kernels_losses.py \
+    tests/test_kernels_norm_act.py tests/test_monkey_patch.py -q -p no:cacheprovider
 stage kernel_bench 90 python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=median,iqr,rounds
 stage model_bench 180 env SSLAM_BENCH_JSON="$OUT/bench_model.json" python -m pytest benchmarks/bench_model.py \

@@ -46,6 +46,7 @@ class Ops:
     masked_regression: Callable = sslam_kernels.masked_regression  # the dense losses' one op
     norm_gelu_residual: Callable = sslam_kernels.norm_gelu_residual  # the channels-last decoder's epilogue
     bias_gelu: Optional[Callable] = sslam_kernels.bias_gelu  # the MLP's fc1 bias + GELU; None: nn.Linear then F.gelu
+    add_layer_norm: Optional[Callable] = sslam_kernels.add_layer_norm  # the blocks' residual add + LayerNorm; None: unfused
     residual_gemm: bool = True  # qkv / fc1 input gradients and the residual gradient summed in one GEMM
     # static shapes (the fast paths): dense losses, fixed-index mixed rows, no host sync in the step;
     # False: objectives.gathered_losses (nonzero) and bool-mask indexing, as the original code runs
@@ -75,10 +76,11 @@ REFERENCE = Ops(
     masked_regression=functools.partial(sslam_kernels.masked_regression, use_triton=False),
     norm_gelu_residual=functools.partial(sslam_kernels.norm_gelu_residual, use_triton=False),
     bias_gelu=functools.partial(sslam_kernels.bias_gelu, use_triton=False),
+    add_layer_norm=functools.partial(sslam_kernels.add_layer_norm, use_triton=False),
 )
 ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
                                decoder_layout="transposed", static_shapes=False, teacher_shadow=False,
-                               bias_gelu=None, residual_gemm=False)
+                               bias_gelu=None, add_layer_norm=None, residual_gemm=False)
 
 
 def set_implementation(model: nn.Module, name: str) -> nn.Module:

@@ -59,6 +59,12 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``self(x + residual)``; with ``ops.add_layer_norm`` the add is fused into the norm."""
+        if self.ops.layer_norm == "autocast" or self.ops.add_layer_norm is None:
+            return self(x + residual)
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
 
 class _ResidualLinear(torch.autograd.Function):
     """(x @ W^T (+ b), x): a linear layer whose input also feeds a residual add. The backward
@@ -170,9 +176,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         a, x = self.attn.attend(x)
-        x = self.norm1(x + drop_path(a, self.drop_path, self.training))
+        x = self.norm1.add_forward(x, drop_path(a, self.drop_path, self.training))
         r, x = self.mlp.transform(x)
-        return self.norm2(x + drop_path(r, self.drop_path, self.training)), r
+        return self.norm2.add_forward(x, drop_path(r, self.drop_path, self.training)), r
 
 
 def as_fbank_batch(fbank: torch.Tensor, num_mel_bins: int, patch_size: int, max_frames: int) -> torch.Tensor:

@@ -98,6 +98,9 @@ MUTATIONS = [
     Mutation("mix_window", CONFIG, "mix_window: int = 240", "mix_window: int = 256", ("tests/test_parity.py",)),
     Mutation("mixture_max", "sslam_fast/mixing.py", "torch.maximum(fbank, partner)", "torch.minimum(fbank, partner)",
              ("tests/test_mixing.py",)),
+    # the fused add + LayerNorm's weight gradient
+    Mutation("add_layer_norm_dw", "kernels/norm_act.py", "dw += tl.sum(g * z, axis=0)", "dw += tl.sum(g, axis=0)",
+             ("tests/test_kernels_norm_act.py",)),
 ]
 
 

@@ -15,7 +15,7 @@ from sslam_fast.implementation import set_implementation
 from helpers import fbank_batch, tiny_model
 
 KERNEL_OPS = ("embed_mask_gather", "decoder_input_scatter", "layer_averaged_target", "masked_regression",
-              "norm_gelu_residual", "bias_gelu")
+              "norm_gelu_residual", "bias_gelu", "add_layer_norm")
 
 
 def triton_ops(ops):

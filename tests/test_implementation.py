@@ -46,7 +46,8 @@ def test_reference_ops_are_the_plain_pytorch_ones():
 
     assert REFERENCE.inverse_block_mask is sslam_kernels.inverse_block_mask_reference
     assert REFERENCE.ema_backend == "torch" and FUSED.ema_backend == "auto"
-    for name in ("embed_mask_gather", "decoder_input_scatter", "layer_averaged_target"):
+    for name in ("embed_mask_gather", "decoder_input_scatter", "layer_averaged_target", "masked_regression",
+                 "norm_gelu_residual", "bias_gelu", "add_layer_norm"):
         op = getattr(REFERENCE, name)
         assert op.func is getattr(sslam_kernels, name) and op.keywords == {"use_triton": False}
 

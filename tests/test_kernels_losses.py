@@ -1,5 +1,6 @@
 """sslam_kernels.masked_regression (Triton, through the interpreter on CPU) against its reference and
-against a float64 oracle, forward and backward, odd shapes, fp32 / bf16."""
+against a float64 oracle, forward and backward, odd shapes, fp32 / bf16. On a CUDA machine every
+tensor is on the GPU (real Triton, real bf16)."""
 import pytest
 import torch
 
@@ -7,14 +8,15 @@ import sslam_kernels
 from sslam_kernels import masked_regression, masked_regression_reference
 
 SHAPES = [(2, 1, 7, 5), (6, 3, 37, 48), (4, 2, 33, 130)]  # V, clone, P, D
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 
 
 def inputs(V, clone, P, D, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    pred = (torch.randn(V, P, D, generator=g) + 0.5).to(dtype).requires_grad_()
-    target = torch.randn(V // clone, P, D, generator=g)
-    weights = (torch.rand(V, P, generator=g) < 0.7).float()
+    pred = (torch.randn(V, P, D, generator=g) + 0.5).to(DEVICE, dtype).requires_grad_()
+    target = torch.randn(V // clone, P, D, generator=g).to(DEVICE)
+    weights = (torch.rand(V, P, generator=g) < 0.7).float().to(DEVICE)
     shift = pred.detach()[0, 0].float()
     return pred, target, weights, shift
 
