@@ -98,3 +98,14 @@ def set_implementation(model: nn.Module, name: str) -> nn.Module:
             if isinstance(module, (Block, CNNDecoder)):
                 module.compile()
     return model
+
+
+def follow_implementation(copy: nn.Module, source: nn.Module) -> nn.Module:
+    """Run ``copy`` (a deep copy of ``source``, module for module) the way ``source`` runs: each
+    module's ops, and compiled where ``source``'s module is (a deep copy drops the compilation)."""
+    for mine, theirs in zip(copy.modules(), source.modules()):
+        if hasattr(theirs, "ops"):
+            mine.ops = theirs.ops
+        if getattr(theirs, "_compiled_call_impl", None) is not None and mine._compiled_call_impl is None:
+            mine.compile()
+    return copy

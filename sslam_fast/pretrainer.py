@@ -10,7 +10,7 @@ import torch.nn as nn
 import sslam_kernels
 
 from .config import SSLAMConfig
-from .implementation import FUSED
+from .implementation import FUSED, follow_implementation
 from .masking import visible_index
 from .mixing import check_windows, draw_mix_windows, partial_mixture
 from .model import CNNDecoder, Encoder, as_fbank_batch
@@ -106,10 +106,7 @@ class SSLAMPretrainer(nn.Module):
             for p in shadow.parameters():
                 p.data = p.data.to(dtype)
             self._shadow = ((dtype, self._teacher_version()), shadow)
-        for mine, theirs in zip(shadow.modules(), self.teacher.modules()):  # follow the implementation
-            if hasattr(theirs, "ops"):
-                mine.ops = theirs.ops
-        return shadow
+        return follow_implementation(shadow, self.teacher)
 
     # ----------------------------------------------------------------------- draws
     def draw(self, batch_size: int, num_frames: int, device, generator: Optional[torch.Generator] = None,

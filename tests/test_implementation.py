@@ -168,3 +168,25 @@ def test_teacher_shadow_under_autocast_gives_the_cast_teacher_values(stage):
             with_shadow.teacher.cls_token.add_(1.0)  # a change outside update_teacher
         assert torch.equal(with_shadow.forward_teacher().cls_token, with_shadow.teacher.cls_token.bfloat16())
     assert not any("shadow" in k for k in with_shadow.state_dict())
+
+
+def test_compiled_teacher_shadow_is_compiled_too():
+    """"compiled" under autocast runs the teacher passes on the bf16 shadow, a deep copy of the
+    teacher; a deep copy drops torch.compile, so the shadow's blocks are compiled again. Their
+    targets are as close to the fp32 teacher's as the eager bf16 shadow's (max norm)."""
+    eager = tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1)
+    compiled = set_implementation(tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1), "compiled")
+    compiled.load_state_dict(eager.state_dict())
+    x = fbank_batch(2, 1024)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shadow = compiled.forward_teacher()
+        assert shadow is not compiled.teacher
+        assert all(b._compiled_call_impl is not None for b in shadow.blocks)
+        assert shadow.blocks[0].attn.ops is compiled.teacher.blocks[0].attn.ops
+        windows = eager.draw(1, 1024, "cpu", torch.Generator().manual_seed(0)).mix_windows
+        want = eager.teacher_targets(x, 1, windows, (64, 8), eager.forward_teacher())
+        got = compiled.teacher_targets(x, 1, windows, (64, 8), shadow)
+    exact = eager.teacher_targets(x, 1, windows, (64, 8), eager.teacher)
+    for key in exact:
+        err, eager_err = (got[key] - exact[key]).abs().max(), (want[key] - exact[key]).abs().max()
+        assert 0 < eager_err and err <= 2 * eager_err, (key, float(err), float(eager_err))
