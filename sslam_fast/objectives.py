@@ -104,11 +104,12 @@ def _masked_std(moment1: torch.Tensor, moment2: torch.Tensor, count: int) -> tor
 
 def dense_losses(pred: torch.Tensor, student_cls: torch.Tensor, targets: Dict[str, torch.Tensor],
                  masks: torch.Tensor, cfg: SSLAMConfig, num_masked: int,
-                 masked_regression: Callable) -> Dict[str, torch.Tensor]:
+                 masked_regression: Callable, stats: bool = True) -> Dict[str, torch.Tensor]:
     """The losses of ``gathered_losses`` from the dense tensors: every view masks ``num_masked``
     patches (a python int, so sample_size is static), each term a masked-weighted sum
-    (``masked_regression``: no nonzero, no gather, no host sync); target_var / pred_var from the
-    masked moments. Same values as ``gathered_losses`` up to fp32 summation order."""
+    (``masked_regression``: no nonzero, no gather, no host sync); with ``stats``, target_var /
+    pred_var from the masked moments (without, neither is computed nor returned: the trainer asks
+    for them on logging steps only). Same values as ``gathered_losses`` up to fp32 summation order."""
     clone = cfg.clone_batch
     scale = loss_scale(cfg)
     V, P, D = pred.shape
@@ -125,17 +126,18 @@ def dense_losses(pred: torch.Tensor, student_cls: torch.Tensor, targets: Dict[st
         srl_loss = srl_sq * (scale * cfg.srl_loss_weight)
     else:
         srl_loss = torch.zeros((), device=pred.device)
-    with torch.no_grad():
-        target = targets["patch"].float()
-        counts = weights.view(-1, clone, P).sum(1)[..., None]  # views of each input masking each patch
-        t = target - target[0, 0]
-        target_var = _masked_std((t * counts).sum((0, 1)), (t * t * counts).sum((0, 1)), sample_size)
-    return {
+    out = {
         "loss": (patch_loss + cls_loss + srl_loss) / sample_size,
         "patch_loss": patch_loss.detach(),
         "cls_loss": cls_loss.detach(),
         "srl_loss": srl_loss.detach(),
         "sample_size": torch.full((), sample_size, dtype=torch.int64, device=pred.device),
-        "target_var": target_var,
-        "pred_var": _masked_std(m1, m2, sample_size),
     }
+    if stats:
+        with torch.no_grad():
+            target = targets["patch"].float()
+            counts = weights.view(-1, clone, P).sum(1)[..., None]  # views of each input masking each patch
+            t = target - target[0, 0]
+            out["target_var"] = _masked_std((t * counts).sum((0, 1)), (t * t * counts).sum((0, 1)), sample_size)
+            out["pred_var"] = _masked_std(m1, m2, sample_size)
+    return out

@@ -152,11 +152,12 @@ class SSLAMPretrainer(nn.Module):
     def forward(self, fbank: torch.Tensor, draws: Optional[Draws] = None,
                 mixture: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None,
-                host_generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                host_generator: Optional[torch.Generator] = None, stats: bool = True) -> Dict[str, torch.Tensor]:
         """fbank: [B, 1, T, 128] normalised log-mel. ``mixture`` (stage 2) may come precomputed from
         the data pipeline for ``draws.mix_windows``. Returns loss (= (patch_loss + cls_loss +
-        srl_loss) / sample_size), the three summed terms, sample_size, target_var, pred_var, and
-        the draws used. The step: draw (``draw``; ``host_generator``: a CPU generator for the mix
+        srl_loss) / sample_size), the three summed terms, sample_size, target_var and pred_var
+        (only with ``stats``, for the static-shape implementations; "original" computes them every
+        step, as the original code does), and the draws used. The step: draw (``draw``; ``host_generator``: a CPU generator for the mix
         windows), then ``step``: predict (student and decoder), targets (teacher), losses."""
         c = self.cfg
         fbank = as_fbank_batch(fbank, c.num_mel_bins, c.patch_size, self.student.max_frames)
@@ -170,10 +171,11 @@ class SSLAMPretrainer(nn.Module):
         else:
             num_keep = sslam_kernels.mask_counts(draws.masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
             keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
-        return {**self.step(fbank, draws, keep, mixture, self.forward_teacher()), "draws": draws}
+        return {**self.step(fbank, draws, keep, mixture, self.forward_teacher(), stats), "draws": draws}
 
     def step(self, fbank: torch.Tensor, draws: Draws, keep: torch.Tensor,
-             mixture: Optional[torch.Tensor] = None, teacher: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+             mixture: Optional[torch.Tensor] = None, teacher: Optional[nn.Module] = None,
+             stats: bool = True) -> Dict[str, torch.Tensor]:
         """The step on drawn ``draws`` whose views keep the patches ``keep`` [V, K] (ascending):
         predict, teacher targets (run by ``teacher``, default ``self.teacher``; ``forward``
         passes ``forward_teacher()``), losses. With the static-shape implementations it has no
@@ -189,7 +191,7 @@ class SSLAMPretrainer(nn.Module):
             inputs = fbank
         pred, student_cls = self.predict(inputs, draws, keep, grid)
         targets = self.teacher_targets(inputs, B, draws.mix_windows, grid, teacher)
-        return self.losses(pred, student_cls, targets, draws.masks, grid[0] * grid[1] - keep.shape[1])
+        return self.losses(pred, student_cls, targets, draws.masks, grid[0] * grid[1] - keep.shape[1], stats)
 
     def predict(self, inputs: torch.Tensor, draws: Draws, keep: torch.Tensor,
                 grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -220,17 +222,18 @@ class SSLAMPretrainer(nn.Module):
         return {"patch": patch, "cls": target(layers[-1:]).mean(dim=1), "srl": srl}
 
     def losses(self, pred: torch.Tensor, student_cls: torch.Tensor, targets: Dict[str, torch.Tensor],
-               masks: torch.Tensor, num_masked: Optional[int] = None) -> Dict[str, torch.Tensor]:
+               masks: torch.Tensor, num_masked: Optional[int] = None, stats: bool = True) -> Dict[str, torch.Tensor]:
         """Patch, CLS and (stage 2) Source Retention losses at the masked positions, each summed;
         view v's targets are those of its input, v // clone_batch (docs/method.md §6-7).
         ``num_masked``: the patches every view masks (read from ``masks``, a host sync, if None).
-        The static-shape implementations compute them densely (``objectives.dense_losses``),
-        "original" by gathering the masked rows (``objectives.gathered_losses``)."""
+        The static-shape implementations compute them densely (``objectives.dense_losses``; the
+        variances only with ``stats``), "original" by gathering the masked rows
+        (``objectives.gathered_losses``, variances always)."""
         if not self.ops.static_shapes:
             return gathered_losses(pred, student_cls, targets, masks, self.cfg)
         if num_masked is None:
             num_masked = int(masks[0].sum())
-        return dense_losses(pred, student_cls, targets, masks, self.cfg, num_masked, self.ops.masked_regression)
+        return dense_losses(pred, student_cls, targets, masks, self.cfg, num_masked, self.ops.masked_regression, stats)
 
 def step_flops_per_clip(cfg: SSLAMConfig, num_frames: int = 1024) -> float:
     """Training FLOPs per clip of one step (docs/method.md §10): teacher forward(s), plus student and decoder

@@ -190,3 +190,18 @@ def test_compiled_teacher_shadow_is_compiled_too():
     for key in exact:
         err, eager_err = (got[key] - exact[key]).abs().max(), (want[key] - exact[key]).abs().max()
         assert 0 < eager_err and err <= 2 * eager_err, (key, float(err), float(eager_err))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_variances_only_when_asked(stage):
+    """``stats=False`` (the trainer's non-logging steps) leaves out target_var and pred_var and
+    changes nothing else; "original" computes them every step, as the original code does."""
+    model = tiny_model(stage=stage)
+    x = fbank_batch(2, 1024)
+    draws = model.draw(2, 1024, "cpu", torch.Generator().manual_seed(stage))
+    full = model(x, draws=draws)
+    lean = model(x, draws=draws, stats=False)
+    assert {"target_var", "pred_var"} <= set(full) and not {"target_var", "pred_var"} & set(lean)
+    for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "sample_size"):
+        assert torch.equal(full[key], lean[key]), key
+    assert "target_var" in set_implementation(model, "original")(x, draws=draws, stats=False)

@@ -269,6 +269,28 @@ def test_collapse_is_detected_and_reported(tmp_path, monkeypatch, caplog):
     assert "collapse at step 3" in caplog.text
 
 
+def test_variances_are_computed_on_logging_steps_only(tmp_path, monkeypatch, caplog):
+    """target_var / pred_var (and the collapse guard) on the steps that write a metrics line, every
+    logging.every_steps and the last; the other steps skip them, and their lines average the
+    losses of every step of the window."""
+    computed = []
+    patch_forward(monkeypatch, lambda n, out: computed.append("target_var" in out and "pred_var" in out))
+    assert run_in_process(monkeypatch, str(tmp_path), "train.max_steps=5", "logging.every_steps=2") == 0
+    assert computed == [False, True, False, True, True]
+    lines = logged(str(tmp_path))
+    assert sorted(lines) == [2, 4, 5]
+    assert all(line["target_var"] > 0 and line["pred_var"] > 0 for line in lines.values())
+    monkeypatch.undo()
+
+    def collapse(n, out):
+        if "target_var" in out:
+            out["target_var"] = out["target_var"] * 0
+
+    patch_forward(monkeypatch, collapse)
+    assert run_in_process(monkeypatch, str(tmp_path / "b"), "train.max_steps=5", "logging.every_steps=2") == 0
+    assert logged(str(tmp_path / "b"))[5]["collapse_steps"] == 3  # steps 2, 4, 5
+
+
 TWO_RANKS = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     from sslam_fast import train

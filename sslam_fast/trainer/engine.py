@@ -80,9 +80,9 @@ class StudentAndDecoder(nn.Module):
                 p.data = p.data.contiguous()
 
     def forward(self, fbank: torch.Tensor, generator: torch.Generator,
-                host_generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+                host_generator: Optional[torch.Generator] = None, stats: bool = True) -> Dict[str, Any]:
         with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.pretrainer(fbank, generator=generator, host_generator=host_generator)
+            return self.pretrainer(fbank, generator=generator, host_generator=host_generator, stats=stats)
 
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> Dict[str, Any]:

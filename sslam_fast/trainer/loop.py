@@ -41,7 +41,8 @@ from .prefetch import Prefetcher
 from .runlog import RunLog
 
 logger = logging.getLogger("sslam_fast.train")
-METRIC_KEYS = ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var")
+STATS_KEYS = ("target_var", "pred_var")  # computed on logging steps only (Trainer.stats_due)
+METRIC_KEYS = ("loss", "patch_loss", "cls_loss", "srl_loss") + STATS_KEYS
 IMPLEMENTATION_KEYS = ("attention",)  # may change on resume: same maths, other code path
 
 
@@ -149,6 +150,12 @@ class Trainer:
                             device=self.device if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------------------ one update
+    def stats_due(self, step: int) -> bool:
+        """Whether update ``step`` computes target_var and pred_var: on the steps that write a
+        metrics line (every ``logging.every_steps`` and the last), where they are logged and the
+        collapse guard reads them; the other steps skip their passes over the targets."""
+        return step % self.cfg.logging.every_steps == 0 or step >= self.cfg.train.max_steps
+
     def train_step(self) -> Dict[str, Any]:
         """Forward/backward over the micro batches, the optimizer step and the teacher's EMA.
 
@@ -159,6 +166,7 @@ class Trainer:
         """
         sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
+        stats = self.stats_due(self.step + 1)
         data_s = 0.0
         for _ in range(self.plan.accumulation):
             t = time.perf_counter()
@@ -166,16 +174,19 @@ class Trainer:
             data_s += time.perf_counter() - t
             if self.cfg.train.cuda_graph:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-            out = self.engine(fbank, generator=self.generator, host_generator=self.host_generator)
+            out = self.engine(fbank, generator=self.generator, host_generator=self.host_generator, stats=stats)
             self.engine.backward(out["loss"])
             self.engine.step()
             ss = out["sample_size"].double()
-            sums[:len(METRIC_KEYS)] += torch.stack([
-                out["loss"].detach().double(), out["patch_loss"].double() / ss, out["cls_loss"].double() / ss,
-                out["srl_loss"].double() / ss, out["target_var"].detach().double(), out["pred_var"].detach().double()])
+            values = [out["loss"].detach().double(), out["patch_loss"].double() / ss, out["cls_loss"].double() / ss,
+                      out["srl_loss"].double() / ss]
+            if stats:
+                values += [out["target_var"].detach().double(), out["pred_var"].detach().double()]
+            sums[:len(values)] += torch.stack(values)
         sums[-1] = float(self.stop_signal is not None)
         dist.all_reduce(sums)
-        record = {"sums": sums, "skipped": float(not self.engine.was_step_applied()), "lr": lr, "data_s": data_s}
+        record = {"sums": sums, "skipped": float(not self.engine.was_step_applied()), "lr": lr, "data_s": data_s,
+                  "stats": stats}
         if not record["skipped"]:
             self.step += 1
             source = self.masters.gather() if self.cfg.train.ema_from == "master" else self.model.student.parameters()
@@ -187,7 +198,8 @@ class Trainer:
     def read_metrics(self, record: Dict[str, Any]) -> Dict[str, float]:
         """A step's metrics on the host, averaged over ranks (one device-to-host copy)."""
         totals = record["sums"].tolist()
-        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(METRIC_KEYS, totals)}
+        keys = METRIC_KEYS if record["stats"] else METRIC_KEYS[:-len(STATS_KEYS)]
+        metrics = {key: total / (self.world * self.plan.accumulation) for key, total in zip(keys, totals)}
         metrics["stop"] = float(totals[-1] > 0)
         metrics.update({k: record[k] for k in ("skipped", "lr", "ema_decay") if k in record})
         grad_norm = record["grad_norm"]
@@ -209,6 +221,8 @@ class Trainer:
                     f"optim.lr, check the data (norm_mean/norm_std), or resume from an earlier checkpoint.")
             return
         self.bad_in_row = 0
+        if "target_var" not in m:  # the variances are computed on logging steps (stats_due)
+            return
         collapsed = step > t.collapse_after and (m["target_var"] < t.min_target_var or m["pred_var"] < t.min_pred_var)
         if collapsed:
             self.collapse_total += 1

@@ -31,7 +31,7 @@ class RunLog:
         self.start_step = start_step
         self.started = time.perf_counter()
         self.window: Dict[str, float] = defaultdict(float)
-        self.window_steps = 0
+        self.window_counts: Dict[str, int] = defaultdict(int)  # a metric only some steps have (the variances)
         self.totals: Dict[str, float] = defaultdict(float)
         self.last: Dict[str, float] = {}
         self.bar = self.jsonl = self.tb = None
@@ -59,11 +59,9 @@ class RunLog:
 
     def step(self, step: int, values: Dict[str, float], data_s: float, compute_s: float) -> None:
         """Record one optimizer update (or skipped step); write a line every ``every`` steps."""
-        self.window_steps += 1
-        self.window["data_s"] += data_s
-        self.window["compute_s"] += compute_s
-        for key, value in values.items():
+        for key, value in {**values, "data_s": data_s, "compute_s": compute_s}.items():
             self.window[key] += value
+            self.window_counts[key] += 1
         self.totals["data_s"] += data_s
         self.totals["compute_s"] += compute_s
         self.totals["steps"] += 1
@@ -75,8 +73,7 @@ class RunLog:
             self._flush(step)
 
     def _flush(self, step: int) -> None:
-        n = self.window_steps
-        w = {k: v / n for k, v in self.window.items()}
+        w = {k: v / self.window_counts[k] for k, v in self.window.items()}
         wall = w["data_s"] + w["compute_s"]
         line = {k: v for k, v in w.items() if k not in ("data_s", "compute_s")}
         line.update(step=step, clips_per_s=self.clips_per_step / wall if wall > 0 else 0.0,
@@ -95,7 +92,7 @@ class RunLog:
                 f"{line['clips_per_s']:.1f} clips/s loss {line.get('loss', float('nan')):.4f} "
                 f"lr {line.get('lr', 0.0):.2e} data {100 * line['data_wait_frac']:.0f}%", refresh=True)
         self.window.clear()
-        self.window_steps = 0
+        self.window_counts.clear()
 
     def summary(self, step: int, bad_steps: int, collapse_steps: int, checkpoint: Optional[str], reason: str) -> str:
         elapsed = time.perf_counter() - self.started
