@@ -129,20 +129,35 @@ def inverse_block_mask_triton(
     seed_device = generator.device if generator is not None else device
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator,
                          device=seed_device).to(device)
-    mask = _empty(num_views, num_patches, dtype=torch.bool, device=device)
-    keep_index = _empty(num_views, num_keep, dtype=torch.int64, device=device)
-    if num_views == 0:
-        return mask, keep_index
     if views_per_program is None:  # the interpreter runs programs one by one: give each many views
         views_per_program = 1 if device.type == "cuda" else 256
+    return _inverse_block_mask_op(seed, num_views, rows, cols, num_centres, num_keep, mask_length,
+                                  views_per_program)
+
+
+@torch.library.custom_op("sslam_kernels::inverse_block_mask", mutates_args=())
+def _inverse_block_mask_op(seed: torch.Tensor, num_views: int, rows: int, cols: int, num_centres: int,
+                           num_keep: int, mask_length: int, views_per_program: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernel launch as a ``torch.library`` op: the masks of a seed (int64 [1], on the
+    device), so code that draws them compiles with torch.compile (the seed is drawn outside)."""
+    num_patches = rows * cols
+    mask = _empty(num_views, num_patches, dtype=torch.bool, device=seed.device)
+    keep_index = _empty(num_views, num_keep, dtype=torch.int64, device=seed.device)
+    if num_views == 0:
+        return mask, keep_index
     views_per_program = triton.next_power_of_2(views_per_program)
-    block_p = triton.next_power_of_2(num_patches)
     _inverse_block_mask_kernel[(triton.cdiv(num_views, views_per_program),)](
         seed, mask, keep_index, num_views, NUM_CENTRES=num_centres, NUM_KEEP=num_keep,
         ROWS=rows, COLS=cols, LO=mask_length // 2, HI=mask_length - 1 - mask_length // 2,
-        IDX_BITS=max(1, (num_patches - 1).bit_length()), BLOCK_P=block_p,
+        IDX_BITS=max(1, (num_patches - 1).bit_length()), BLOCK_P=triton.next_power_of_2(num_patches),
         VIEWS=views_per_program, num_warps=4)
     return mask, keep_index
+
+
+@_inverse_block_mask_op.register_fake
+def _(seed, num_views, rows, cols, num_centres, num_keep, mask_length, views_per_program):
+    return (seed.new_empty(num_views, rows * cols, dtype=torch.bool),
+            seed.new_empty(num_views, num_keep, dtype=torch.int64))
 
 
 def inverse_block_mask(

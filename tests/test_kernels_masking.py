@@ -115,3 +115,23 @@ def test_gpu_dispatch_and_cuda_generator():
     mask, keep = inverse_block_mask(192, (64, 8), generator=gen, device="cuda", return_keep_index=True)
     assert mask.is_cuda and ((~mask).sum(1) == 102).all()
     torch.testing.assert_close(keep, keep_index_from_mask(mask, 102), rtol=0, atol=0)
+
+
+def test_kernel_launch_is_a_library_op_that_compiles():
+    """The launch is ``torch.ops.sslam_kernels.inverse_block_mask`` (a fake implementation for
+    tracing): a function drawing masks from a seed tensor compiles with fullgraph=True and gives
+    the eager masks."""
+    seed = torch.tensor([12345], dtype=torch.int64, device=DEVICE)
+    args = (seed, 11, 13, 5, 3, 13, 5, 4)
+    torch.library.opcheck(torch.ops.sslam_kernels.inverse_block_mask.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    mask, keep = torch.ops.sslam_kernels.inverse_block_mask(*args)
+    assert mask.shape == (11, 65) and ((~mask).sum(1) == 13).all()
+
+    def draw(s):
+        m, k = torch.ops.sslam_kernels.inverse_block_mask(s, 11, 13, 5, 3, 13, 5, 4)
+        return m, k + 0
+
+    torch._dynamo.reset()
+    got_mask, got_keep = torch.compile(draw, fullgraph=True, backend="aot_eager")(seed)
+    assert torch.equal(got_mask, mask) and torch.equal(got_keep, keep)
