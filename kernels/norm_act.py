@@ -193,24 +193,26 @@ BLOCK_RB = 32
 if triton_available:
 
     @triton.jit
-    def _bias_gelu_kernel(out_ptr, h_ptr, b_ptr, R, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    def _biased_tile(h_ptr, b_ptr, R, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        """The (program 0, program 1) tile of a contiguous [R, F] h plus bias [F], in fp32:
+        (columns, column mask, element mask, element offsets, h + bias)."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         fm = f < F
         m = (r < R)[:, None] & fm[None, :]
         offs = r[:, None].to(tl.int64) * F + f[None, :]
         x = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + f, mask=fm, other=0.0).to(tl.float32)[None, :]
+        return f, fm, m, offs, x
+
+    @triton.jit
+    def _bias_gelu_kernel(out_ptr, h_ptr, b_ptr, R, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        f, fm, m, offs, x = _biased_tile(h_ptr, b_ptr, R, F, BLOCK_R, BLOCK_F)
         tl.store(out_ptr + offs, _gelu(x).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _bias_gelu_backward_kernel(grad_h_ptr, partial_ptr, g_ptr, h_ptr, b_ptr, R, F,
                                    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        fm = f < F
-        m = (r < R)[:, None] & fm[None, :]
-        offs = r[:, None].to(tl.int64) * F + f[None, :]
-        x = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + f, mask=fm, other=0.0).to(tl.float32)[None, :]
+        f, fm, m, offs, x = _biased_tile(h_ptr, b_ptr, R, F, BLOCK_R, BLOCK_F)
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
         grad = tl.where(m, g * _gelu_grad(x), 0.0)
         tl.store(grad_h_ptr + offs, grad.to(grad_h_ptr.dtype.element_ty), mask=m)

@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
@@ -69,6 +68,7 @@ from ..trainer.engine import MasterWeights, deepspeed_config
 from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
 from ..trainer.prefetch import Prefetcher
 from ..trainer.runlog import RunLog
+from ..trainer.session import TrainingStopped, run_session
 from .metrics import accuracy, mean_average_precision
 from .sampling import AS2M_SAMPLES_PER_EPOCH, BalancedSampler, read_weights
 
@@ -450,10 +450,6 @@ def read_split(d: FinetuneDataSection, split: str, num_classes: int = 0) -> Tupl
 
 
 # ============================================================================== the run
-class TrainingStopped(RuntimeError):
-    """Too many non-finite steps in a row."""
-
-
 class _Engine(nn.Module):
     """The module DeepSpeed wraps: the classifier and its loss; autocast set inside (see trainer.engine)."""
 
@@ -644,12 +640,6 @@ class FinetuneTrainer:
         self.last_checkpoint = path
 
     # ------------------------------------------------------------------------------ the run
-    def _on_signal(self, signum, frame) -> None:
-        if self.stop_signal is not None:
-            raise KeyboardInterrupt
-        self.stop_signal = signal.Signals(signum).name
-        self.log.message(f"{self.stop_signal} received: saving a checkpoint after this step, then exiting")
-
     def _guard(self, m: Dict[str, float]) -> None:
         if m["skipped"] or not math.isfinite(m["loss"]):
             self.bad_total += 1
@@ -662,33 +652,29 @@ class FinetuneTrainer:
             self.bad_in_row = 0
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         cfg, every = self.cfg, self.cfg.train.eval_every_steps
         reason, status, finished = f"reached {self.max_steps} updates", 0, False
         try:
-            while self.step < self.max_steps:
-                start = time.perf_counter()
-                m = self.train_step()
-                data_s = m.pop("data_s")
-                stop = m.pop("stop")
-                self._guard(m)
-                m["bad_steps"] = self.bad_total
-                self.log.step(self.step, m, data_s, time.perf_counter() - start - data_s)
-                if every and self.step % every == 0 and self.step < self.max_steps and not m["skipped"]:
-                    self.evaluate()
-                if stop:
-                    reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
-                    break
-                if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
-                    self.save()
-            finished = self.step >= self.max_steps
+            with run_session(self):
+                while self.step < self.max_steps:
+                    start = time.perf_counter()
+                    m = self.train_step()
+                    data_s = m.pop("data_s")
+                    stop = m.pop("stop")
+                    self._guard(m)
+                    m["bad_steps"] = self.bad_total
+                    self.log.step(self.step, m, data_s, time.perf_counter() - start - data_s)
+                    if every and self.step % every == 0 and self.step < self.max_steps and not m["skipped"]:
+                        self.evaluate()
+                    if stop:
+                        reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
+                        break
+                    if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
+                        self.save()
+                finished = self.step >= self.max_steps
         except TrainingStopped as e:
             reason, status = str(e), 2
             logger.error(reason)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self.data.close()
         if finished and (not self.evals or self.evals[-1]["step"] != self.step):
             self.evaluate()
         if status == 0 and self.step != self.saved_step:

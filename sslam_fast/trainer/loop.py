@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from typing import Any, Dict, List, Optional
 
@@ -39,15 +38,12 @@ from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
 from .optim import build_optimizer, build_scheduler, plan_batch
 from .prefetch import Prefetcher
 from .runlog import RunLog
+from .session import TrainingStopped, run_session
 
 logger = logging.getLogger("sslam_fast.train")
 STATS_KEYS = ("target_var", "pred_var")  # computed on logging steps only (Trainer.stats_due)
 METRIC_KEYS = ("loss", "patch_loss", "cls_loss", "srl_loss") + STATS_KEYS
 IMPLEMENTATION_KEYS = ("attention",)  # may change on resume: same maths, other code path
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (too many non-finite steps, a collapse with stop_on_collapse)."""
 
 
 class Trainer:
@@ -373,12 +369,6 @@ class Trainer:
                         self.world, self.cfg.deepspeed.zero_stage, self.cfg.train.precision)
 
     # ------------------------------------------------------------------------------ the run
-    def _on_signal(self, signum, frame) -> None:
-        if self.stop_signal is not None:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
-        self.stop_signal = signal.Signals(signum).name
-        self.log.message(f"{self.stop_signal} received: saving a checkpoint after this step, then exiting")
-
     def report(self, records: List[Dict[str, Any]]) -> bool:
         """Read, guard and log ``records`` in order; True when a rank asked to stop."""
         stop = False
@@ -391,40 +381,36 @@ class Trainer:
         return stop
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         cfg = self.cfg
         reason, status = f"reached train.max_steps={cfg.train.max_steps}", 0
         try:
-            pending: List[Dict[str, Any]] = []
-            while self.step < cfg.train.max_steps:
-                t = time.perf_counter()
-                record = self.train_step()
-                record["compute_s"] = time.perf_counter() - t - record["data_s"]
-                pending.append(record)
-                # the previous step is read while this one runs; a skipped one (DeepSpeed has read the
-                # gradients' norm already) at once. One process stops on its own flag at once; ranks
-                # agree on the flag of the step read.
-                ready = len(pending) if record["skipped"] else len(pending) - 1
-                stop = self.report(pending[:ready])
-                del pending[:ready]
-                stop = stop or (self.world == 1 and self.stop_signal is not None)
-                save = self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step
-                if stop or save:
-                    stop = self.report(pending) or stop
-                    pending.clear()
-                if stop:
-                    reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
-                    break
-                if save:
-                    self.save()
-            self.report(pending)
+            with run_session(self):
+                pending: List[Dict[str, Any]] = []
+                while self.step < cfg.train.max_steps:
+                    t = time.perf_counter()
+                    record = self.train_step()
+                    record["compute_s"] = time.perf_counter() - t - record["data_s"]
+                    pending.append(record)
+                    # the previous step is read while this one runs; a skipped one (DeepSpeed has read the
+                    # gradients' norm already) at once. One process stops on its own flag at once; ranks
+                    # agree on the flag of the step read.
+                    ready = len(pending) if record["skipped"] else len(pending) - 1
+                    stop = self.report(pending[:ready])
+                    del pending[:ready]
+                    stop = stop or (self.world == 1 and self.stop_signal is not None)
+                    save = self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step
+                    if stop or save:
+                        stop = self.report(pending) or stop
+                        pending.clear()
+                    if stop:
+                        reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
+                        break
+                    if save:
+                        self.save()
+                self.report(pending)
         except TrainingStopped as e:
             reason, status = str(e), 2
             logger.error(reason)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self.data.close()
         if status == 0 and self.step != self.saved_step:
             self.save()
         self.log.message(self.log.summary(self.step, self.bad_total, self.collapse_total, self.last_checkpoint, reason))
