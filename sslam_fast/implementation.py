@@ -8,8 +8,11 @@ module of a model (and compiles the networks for "compiled"):
   and their PyTorch reference elsewhere;
 - ``"reference"``: the plain PyTorch reference of every op (the parity oracle, and what a reader
   holds next to docs/method.md);
-- ``"compiled"``: the fused ops, with every transformer block and the decoder compiled by
-  ``torch.compile`` (parameter names and checkpoints are unchanged);
+- ``"compiled"``: the fused ops, compiled by ``torch.compile``: for an ``SSLAMPretrainer`` its
+  static-shape ``step`` (student, decoder, teacher passes and losses, forward and backward) as one
+  graph with ``fullgraph=True``, which CUDA graphs can replay whole (the draw before it stays
+  eager); for an ``Encoder`` every transformer block. Parameter names and checkpoints are
+  unchanged;
 - ``"original"``: the same maths executed the way the original EAT / SSLAM code executes it (the
   baseline of step-time and traffic comparisons): the reference ops, eager attention with an fp32
   softmax in every Attention module whatever ``SSLAMConfig.attention`` says, ``nn.LayerNorm``'s
@@ -25,6 +28,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 import sslam_kernels
@@ -87,25 +91,27 @@ def set_implementation(model: nn.Module, name: str) -> nn.Module:
     """Run ``model`` (an ``SSLAMPretrainer`` or an ``Encoder``) with implementation ``name``; in place."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
-    from .model import Block, CNNDecoder
+    from .model import Block
+    from .pretrainer import SSLAMPretrainer
 
     ops = {"reference": REFERENCE, "original": ORIGINAL}.get(name, FUSED)
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
-    if name == "compiled":
+    if isinstance(model, SSLAMPretrainer):
+        model.__dict__.pop("step", None)  # a compiled step of an earlier "compiled"
+        if name == "compiled":
+            model.step = torch.compile(model.step, fullgraph=True)
+    elif name == "compiled":
         for module in model.modules():
-            if isinstance(module, (Block, CNNDecoder)):
+            if isinstance(module, Block):
                 module.compile()
     return model
 
 
 def follow_implementation(copy: nn.Module, source: nn.Module) -> nn.Module:
-    """Run ``copy`` (a deep copy of ``source``, module for module) the way ``source`` runs: each
-    module's ops, and compiled where ``source``'s module is (a deep copy drops the compilation)."""
+    """Run ``copy`` (a deep copy of ``source``, module for module) with ``source``'s ops."""
     for mine, theirs in zip(copy.modules(), source.modules()):
         if hasattr(theirs, "ops"):
             mine.ops = theirs.ops
-        if getattr(theirs, "_compiled_call_impl", None) is not None and mine._compiled_call_impl is None:
-            mine.compile()
     return copy

@@ -56,6 +56,13 @@ class SSLAMPretrainer(nn.Module):
         self.teacher.eval()
         return self
 
+    def __getstate__(self):
+        """A copy (or pickle) drops the compiled ``step`` of the "compiled" implementation, which
+        is bound to this instance, as nn.Module drops its own compiled call."""
+        state = super().__getstate__()
+        state.pop("step", None)
+        return state
+
     # ----------------------------------------------------------------------- teacher
     def ema_decay(self, step: int) -> float:
         c = self.cfg

@@ -1,4 +1,5 @@
 """One switch picks how the model's ops run (fused / reference / compiled), applied from outside."""
+import copy
 import dataclasses
 
 import pytest
@@ -70,8 +71,9 @@ def test_compiled_matches_reference():
     out, grads = step(compiled)
     for key in ("loss", "patch_loss", "cls_loss", "srl_loss"):
         torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
-    assert any(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.student.blocks)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=5e-6)  # fp32 sums reordered across the step
+    encoder = set_implementation(tiny_model(stage=1, depth=2, average_top_k_layers=2).student, "compiled")  # its blocks
+    assert all(b._compiled_call_impl is not None for b in encoder.blocks)
 
 
 def test_original_runs_eager_attention_the_torch_ema_and_the_gathered_losses(monkeypatch):
@@ -170,26 +172,28 @@ def test_teacher_shadow_under_autocast_gives_the_cast_teacher_values(stage):
     assert not any("shadow" in k for k in with_shadow.state_dict())
 
 
-def test_compiled_teacher_shadow_is_compiled_too():
-    """"compiled" under autocast runs the teacher passes on the bf16 shadow, a deep copy of the
-    teacher; a deep copy drops torch.compile, so the shadow's blocks are compiled again. Their
-    targets are as close to the fp32 teacher's as the eager bf16 shadow's (max norm)."""
+def test_compiled_pretrainer_runs_its_step_as_one_graph():
+    """"compiled" compiles the pretrainer's static-shape step whole (fullgraph=True: a graph break
+    raises), teacher passes on the bf16 shadow included; its losses under bf16 autocast are as
+    close to the fp32 step's as the eager bf16 step's. Another implementation drops it again."""
     eager = tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1)
     compiled = set_implementation(tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1), "compiled")
     compiled.load_state_dict(eager.state_dict())
+    assert "step" in compiled.__dict__ and not any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in compiled.modules())
     x = fbank_batch(2, 1024)
+    draws = eager.draw(2, 1024, "cpu", torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        shadow = compiled.forward_teacher()
-        assert shadow is not compiled.teacher
-        assert all(b._compiled_call_impl is not None for b in shadow.blocks)
-        assert shadow.blocks[0].attn.ops is compiled.teacher.blocks[0].attn.ops
-        windows = eager.draw(1, 1024, "cpu", torch.Generator().manual_seed(0)).mix_windows
-        want = eager.teacher_targets(x, 1, windows, (64, 8), eager.forward_teacher())
-        got = compiled.teacher_targets(x, 1, windows, (64, 8), shadow)
-    exact = eager.teacher_targets(x, 1, windows, (64, 8), eager.teacher)
-    for key in exact:
-        err, eager_err = (got[key] - exact[key]).abs().max(), (want[key] - exact[key]).abs().max()
-        assert 0 < eager_err and err <= 2 * eager_err, (key, float(err), float(eager_err))
+        want, got = eager(x, draws=draws), compiled(x, draws=draws)
+    exact = eager(x, draws=draws)
+    for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var"):
+        err, eager_err = (got[key] - exact[key]).abs(), (want[key] - exact[key]).abs()
+        assert err <= 2 * eager_err + 1e-3 * exact[key].abs(), (key, float(err), float(eager_err))
+    got["loss"].backward()
+    assert all(p.grad is not None for p in compiled.student.parameters())
+    assert "step" not in copy.deepcopy(compiled).__dict__  # it is bound to the original
+    assert "step" not in set_implementation(compiled, "fused").__dict__
 
 
 @pytest.mark.parametrize("stage", [1, 2])

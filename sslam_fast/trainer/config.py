@@ -46,7 +46,7 @@ class TrainSection:
     # "auto" (bf16 for fast, fp16 for original), "bf16" (fast), "fp16" (original) or "fp32" (either;
     # DeepSpeed runs no fp16 on a CPU, so CPU runs of the original execution use fp32)
     precision: str = "auto"
-    compile: bool = False  # torch.compile the model's blocks and decoder (implementation "compiled")
+    compile: bool = False  # torch.compile the whole static-shape step, fullgraph (implementation "compiled")
     cuda_graph: bool = False  # with compile: replay the compiled graphs as CUDA graphs (CUDA only)
     seed: int = 1
     init_from: Optional[str] = None  # weights to start from (stage 2: a stage-1 or EAT checkpoint)
