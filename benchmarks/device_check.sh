@@ -10,6 +10,8 @@
 #   4. end-to-end pretraining step (ViT-B, 12 clips), stage 1 and 2, fast vs original execution in
 #      the same run: clips/s, MFU, peak memory, the largest batch that fits, the trainer's step
 #   5. torch.profiler table of the top 25 kernels of the fast stage-2 step
+# SSLAM_CHECK=compiled bash benchmarks/device_check.sh (a second call, up to 7 minutes): only the
+# fast steps with train.compile's whole-step graph, into bench_model_compiled.json.
 # Writes to $OUT (default ./device_check_out; at most 8 files come back from the device tool):
 # logs.txt (every stage's log), bench_kernels.json (pytest-benchmark), bench_model.json,
 # kernels_summary.json (every kernel figure), step_profile.txt (stage 5),
@@ -49,6 +51,18 @@ if ! python -c "import sslam_kernels, sslam_fast" >> "$LOGS/install.log" 2>&1; t
     echo "the editable install does not import (see install.log); using PYTHONPATH=$PYTHONPATH"
 fi
 python -c "import sslam_kernels; print('sslam_kernels from', sslam_kernels.__file__)"
+
+if [ "${SSLAM_CHECK:-}" = compiled ]; then
+    # the second call: stage 1 and 2 fast steps with train.compile's whole-step graph (minutes of
+    # compiling), the same figures as the model_bench stage, in bench_model_compiled.json
+    stage model_bench_compiled 420 env SSLAM_BENCH_COMPILE=1 SSLAM_BENCH_JSON="$OUT/bench_model_compiled.json" \
+        python -m pytest benchmarks/bench_model.py -k "test_pretraining_step and fast" -q -rs -p no:cacheprovider \
+        --benchmark-columns=median,rounds
+    printf '%s\n' "${STATUS[@]}" > "$LOGS/stages.log"
+    for f in "$LOGS"/*.log; do echo "=== $f"; cat "$f"; done > "$OUT/logs.txt"
+    cat "$OUT/bench_model_compiled.json" 2>/dev/null
+    exit 0
+fi
 
 stage gpu_tests 80 python -m pytest tests -m gpu -x -q -p no:cacheprovider
 stage kernel_tests 70 python -m pytest tests/test_kernels_ema.py tests/test_kernels_masking.py \
@@ -96,7 +110,8 @@ for dt in ("fp32", "bf16"):
               and e.get("student_dtype") == dt), None)
     if e and copy_gbs:
         summary["ratios"][f"ema_{dt}: triton GB/s / copy GB/s (goal >= 0.8)"] = e["gb_per_s"] / copy_gbs
-for op in ("mask+gather", "gather fwd+bwd", "decoder scatter", "layer target"):
+for op in ("mask+gather", "gather fwd+bwd", "decoder scatter", "layer target", "add+layernorm", "bias+gelu",
+           "norm+gelu+residual"):
     ratio(f"{op}: torch / triton" + (" (goal >= 3)" if op == "mask+gather" else ""), (op, "torch", None), (op, "triton", None))
 json.dump(summary, open(os.path.join(out, "kernels_summary.json"), "w"), indent=1)
 

@@ -289,7 +289,7 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: Op
         s = x + residual
         weight = None if weight is None else weight.to(s.dtype)
         bias = None if bias is None else bias.to(s.dtype)
-        return F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+        return F.layer_norm(s, (int(s.shape[-1]),), weight, bias, eps)
 
 
 BLOCK_RL = 4
