@@ -249,7 +249,7 @@ def count_compiled(stage: int, clips: int = 2) -> dict:
                                    host_generator=torch.Generator().manual_seed(1))
                 keep = sslam_kernels.keep_index_from_mask(draws.masks,
                                                           sslam_kernels.mask_counts(draws.masks.shape[1])[1])
-            out = compiled(fbank, draws, keep, None, teacher, stats=False)
+            out = compiled(fbank, model.step_draws(draws), keep, None, teacher, stats=False)
         out["loss"].backward()
         model.zero_grad(set_to_none=True)
 

@@ -36,7 +36,7 @@ def partial_mixture(fbank: torch.Tensor, windows: Tuple[int, int], window: int =
     """Mixture of clip i with clip i-1 (a roll by one over the batch): the element-wise max of the
     two normalised fbanks, except inside the two windows where the mixture is clip i itself.
 
-    fbank: [B, 1, T, F] -> [B, 1, T, F].
+    fbank: [B, 1, T, F] -> [B, 1, T, F]; windows: python ints or an int64 [2] tensor on fbank's device.
     """
     partner = torch.roll(fbank, shifts=1, dims=0)
     outside = mixed_frames(fbank.shape[-2], windows, window, fbank.device)
@@ -44,7 +44,8 @@ def partial_mixture(fbank: torch.Tensor, windows: Tuple[int, int], window: int =
 
 
 def mixed_frames(num_frames: int, windows: Tuple[int, int], window: int, device=None) -> torch.Tensor:
-    """[num_frames] bool, True where the partner is mixed in (outside both windows)."""
+    """[num_frames] bool, True where the partner is mixed in (outside both windows); ``windows``:
+    python ints or an int64 [2] tensor on ``device``."""
     t = torch.arange(num_frames, device=device)
     inside = torch.zeros(num_frames, dtype=torch.bool, device=device)
     for w in windows:
@@ -62,8 +63,13 @@ def mixed_row_index(num_time_patches: int, windows: Tuple[int, int], window: int
                     device=None) -> torch.Tensor:
     """int64 [num_time_patches - 2 * window // patch_size]: the mixed patch rows ascending (the
     ``True`` rows of ``mixed_rows``), computed on ``device`` from the python windows: a static
-    shape, no bool indexing, no host-to-device copy."""
-    w1, w2 = sorted(int(w) // patch_size for w in windows)
+    shape, no bool indexing, no host-to-device copy. ``windows``: python ints, or an int64 [2]
+    tensor on ``device`` (what a compiled step takes: new windows need no new graph)."""
+    if isinstance(windows, torch.Tensor):
+        w = windows // patch_size
+        w1, w2 = w.min(), w.max()
+    else:
+        w1, w2 = sorted(int(w) // patch_size for w in windows)
     width = window // patch_size
     j = torch.arange(num_time_patches - 2 * width, device=device)
     return j + width * (j >= w1) + width * (j >= w2 - width)

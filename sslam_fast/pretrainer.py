@@ -1,5 +1,6 @@
 """One SSLAM / EAT pretraining step as a pure function of (weights, batch, draws): docs/method.md §4-7."""
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -24,7 +25,8 @@ class Draws:
 
     masks: BoolTensor[V, P], True = masked. V views are ordered [clip0 x clone, clip1 x clone,
         ..., then (stage 2) the mixtures in the same order]; P patches, time-major.
-    mix_windows: (w1, w2), the two unmixed windows in frames (stage 2).
+    mix_windows: (w1, w2), the two unmixed windows in frames (stage 2); ``SSLAMPretrainer.step``
+        also takes them as an int64 [2] tensor (``SSLAMPretrainer.step_draws``).
     decoder_noise: Tensor[V, P, D], the decoder's input at masked positions (values at visible
         positions are ignored).
     """
@@ -178,7 +180,20 @@ class SSLAMPretrainer(nn.Module):
         else:
             num_keep = sslam_kernels.mask_counts(draws.masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
             keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
-        return {**self.step(fbank, draws, keep, mixture, self.forward_teacher(), stats), "draws": draws}
+        return {**self.step(fbank, self.step_draws(draws), keep, mixture, self.forward_teacher(), stats),
+                "draws": draws}
+
+    def step_draws(self, draws: Draws) -> Draws:
+        """``draws`` as ``step`` takes them: with the static-shape implementations the stage-2 mix
+        windows become an int64 [2] tensor on the masks' device (a pinned, asynchronous copy: no
+        host sync). Python ints would enter a compiled step as constants, or once they change as
+        symbolic ints, one recompile and, under CUDA graphs, one recording per pair of windows."""
+        if draws.mix_windows is None or not self.ops.static_shapes or isinstance(draws.mix_windows, torch.Tensor):
+            return draws
+        windows = torch.tensor(draws.mix_windows, dtype=torch.int64)
+        if draws.masks.is_cuda:
+            windows = windows.pin_memory()
+        return dataclasses.replace(draws, mix_windows=windows.to(draws.masks.device, non_blocking=True))
 
     def step(self, fbank: torch.Tensor, draws: Draws, keep: torch.Tensor,
              mixture: Optional[torch.Tensor] = None, teacher: Optional[nn.Module] = None,
@@ -186,7 +201,8 @@ class SSLAMPretrainer(nn.Module):
         """The step on drawn ``draws`` whose views keep the patches ``keep`` [V, K] (ascending):
         predict, teacher targets (run by ``teacher``, default ``self.teacher``; ``forward``
         passes ``forward_teacher()``), losses. With the static-shape implementations it has no
-        host sync and no data-dependent shape (it compiles with ``torch.compile(fullgraph=True)``)."""
+        host sync and no data-dependent shape (it compiles with ``torch.compile(fullgraph=True)``;
+        give it ``step_draws(draws)``, whose mix windows are a tensor, so new windows reuse the graph)."""
         c = self.cfg
         B, _, T, _ = fbank.shape
         grid = (T // c.patch_size, c.freq_patches)

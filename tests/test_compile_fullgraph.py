@@ -1,6 +1,7 @@
 """The static-shape step compiles as one graph: ``torch.compile(fullgraph=True)`` raises on any
 graph break (a host sync such as .item() / nonzero / bool indexing, or an op dynamo cannot trace),
-for stage 1 and 2, forward and backward, with the reference ops and with the sslam_kernels custom
+for stage 1 and 2, forward and backward, over steps with new draws (new masks; in stage 2 new mix
+windows, which must not recompile the step every time), with the reference ops and with the sslam_kernels custom
 ops (their Triton paths, through the interpreter on CPU). The AOT-eager backend traces forward and
 backward the way inductor does, without inductor's slow CPU code generation."""
 import dataclasses
@@ -41,15 +42,25 @@ def test_step_compiles_fullgraph(stage, kernels):
         for module in model.modules():
             if hasattr(module, "ops"):
                 module.ops = ops
+    from torch._dynamo.utils import counters
+
     fbank = fbank_batch(2, 1024 if stage == 2 else 256)
-    draws = model.draw(2, fbank.shape[2], "cpu", torch.Generator().manual_seed(stage))
-    num_keep = sslam_kernels.mask_counts(draws.masks.shape[1])[1]
-    keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
-    want, want_grads = run(model, model.step, fbank, draws, keep)
-    got, grads = run(model, torch.compile(model.step, fullgraph=True, backend="aot_eager"), fbank, draws, keep)
-    for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var"):
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+    compiled = torch.compile(model.step, fullgraph=True, backend="aot_eager")
+    counters.clear()
+    windows = set()
+    steps = 1 if kernels else 2  # the interpreter is slow; the graph does not depend on the ops
+    for seed in range(steps):  # new masks and (stage 2) new mix windows, as in training
+        draws = model.draw(2, fbank.shape[2], "cpu", torch.Generator().manual_seed(seed))
+        windows.add(draws.mix_windows)
+        num_keep = sslam_kernels.mask_counts(draws.masks.shape[1])[1]
+        keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
+        want, want_grads = run(model, model.step, fbank, draws, keep)
+        got, grads = run(model, compiled, fbank, model.step_draws(draws), keep)  # as forward passes them
+        for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+    assert len(windows) == (steps if stage == 2 else 1)  # stage 1 has none
+    assert counters["stats"]["unique_graphs"] == 1  # the windows are a tensor input: one graph for all
 
 
 def test_a_host_sync_breaks_the_graph():
