@@ -101,17 +101,13 @@ def set_implementation(model: nn.Module, name: str) -> nn.Module:
     if isinstance(model, SSLAMPretrainer):
         model.__dict__.pop("step", None)  # a compiled step of an earlier "compiled"
         if name == "compiled":
-            model.step = torch.compile(model.step, fullgraph=True)
+            compiled = torch.compile(model.step, fullgraph=True)
+
+            def step(fbank, draws, *args, **kwargs):  # mix windows as a tensor: one graph for all draws
+                return compiled(fbank, model.step_draws(draws), *args, **kwargs)
+            model.step = step
     elif name == "compiled":
         for module in model.modules():
             if isinstance(module, Block):
                 module.compile()
     return model
-
-
-def follow_implementation(copy: nn.Module, source: nn.Module) -> nn.Module:
-    """Run ``copy`` (a deep copy of ``source``, module for module) with ``source``'s ops."""
-    for mine, theirs in zip(copy.modules(), source.modules()):
-        if hasattr(theirs, "ops"):
-            mine.ops = theirs.ops
-    return copy

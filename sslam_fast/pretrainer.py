@@ -11,7 +11,7 @@ import torch.nn as nn
 import sslam_kernels
 
 from .config import SSLAMConfig
-from .implementation import FUSED, follow_implementation
+from .implementation import FUSED
 from .masking import visible_index
 from .mixing import check_windows, draw_mix_windows, partial_mixture
 from .model import CNNDecoder, Encoder, as_fbank_batch
@@ -115,7 +115,10 @@ class SSLAMPretrainer(nn.Module):
             for p in shadow.parameters():
                 p.data = p.data.to(dtype)
             self._shadow = ((dtype, self._teacher_version()), shadow)
-        return follow_implementation(shadow, self.teacher)
+        for mine, theirs in zip(shadow.modules(), self.teacher.modules()):  # follow the implementation
+            if hasattr(theirs, "ops"):
+                mine.ops = theirs.ops
+        return shadow
 
     # ----------------------------------------------------------------------- draws
     def draw(self, batch_size: int, num_frames: int, device, generator: Optional[torch.Generator] = None,
@@ -180,14 +183,14 @@ class SSLAMPretrainer(nn.Module):
         else:
             num_keep = sslam_kernels.mask_counts(draws.masks.shape[1], c.mask_prob, c.mask_length, c.mask_prob_adjust)[1]
             keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
-        return {**self.step(fbank, self.step_draws(draws), keep, mixture, self.forward_teacher(), stats),
-                "draws": draws}
+        return {**self.step(fbank, draws, keep, mixture, self.forward_teacher(), stats), "draws": draws}
 
     def step_draws(self, draws: Draws) -> Draws:
-        """``draws`` as ``step`` takes them: with the static-shape implementations the stage-2 mix
-        windows become an int64 [2] tensor on the masks' device (a pinned, asynchronous copy: no
-        host sync). Python ints would enter a compiled step as constants, or once they change as
-        symbolic ints, one recompile and, under CUDA graphs, one recording per pair of windows."""
+        """``draws`` as a compiled ``step`` takes them (the "compiled" implementation passes them
+        so): with the static-shape implementations the stage-2 mix windows become an int64 [2]
+        tensor on the masks' device (a pinned, asynchronous copy: no host sync). Python ints would
+        enter the compiled step as constants, or once they change as symbolic ints: one recompile
+        and, under CUDA graphs, one recording per pair of windows. Eager steps keep the ints."""
         if draws.mix_windows is None or not self.ops.static_shapes or isinstance(draws.mix_windows, torch.Tensor):
             return draws
         windows = torch.tensor(draws.mix_windows, dtype=torch.int64)
@@ -202,7 +205,8 @@ class SSLAMPretrainer(nn.Module):
         predict, teacher targets (run by ``teacher``, default ``self.teacher``; ``forward``
         passes ``forward_teacher()``), losses. With the static-shape implementations it has no
         host sync and no data-dependent shape (it compiles with ``torch.compile(fullgraph=True)``;
-        give it ``step_draws(draws)``, whose mix windows are a tensor, so new windows reuse the graph)."""
+        compiled, give it ``step_draws(draws)``, whose mix windows are a tensor, so new windows
+        reuse the graph)."""
         c = self.cfg
         B, _, T, _ = fbank.shape
         grid = (T // c.patch_size, c.freq_patches)

@@ -55,7 +55,7 @@ def test_step_compiles_fullgraph(stage, kernels):
         num_keep = sslam_kernels.mask_counts(draws.masks.shape[1])[1]
         keep = sslam_kernels.keep_index_from_mask(draws.masks, num_keep)
         want, want_grads = run(model, model.step, fbank, draws, keep)
-        got, grads = run(model, compiled, fbank, model.step_draws(draws), keep)  # as forward passes them
+        got, grads = run(model, compiled, fbank, model.step_draws(draws), keep)  # as "compiled" passes them
         for key in ("loss", "patch_loss", "cls_loss", "srl_loss", "target_var", "pred_var"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-6)

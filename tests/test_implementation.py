@@ -175,7 +175,8 @@ def test_teacher_shadow_under_autocast_gives_the_cast_teacher_values(stage):
 def test_compiled_pretrainer_runs_its_step_as_one_graph():
     """"compiled" compiles the pretrainer's static-shape step whole (fullgraph=True: a graph break
     raises), teacher passes on the bf16 shadow included; its losses under bf16 autocast are as
-    close to the fp32 step's as the eager bf16 step's. Another implementation drops it again."""
+    close to the fp32 step's as the eager bf16 step's; a step with new mix windows reuses the
+    graph. Another implementation drops it again."""
     eager = tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1)
     compiled = set_implementation(tiny_model(stage=2, depth=1, average_top_k_layers=1, decoder_layers=1), "compiled")
     compiled.load_state_dict(eager.state_dict())
@@ -192,6 +193,14 @@ def test_compiled_pretrainer_runs_its_step_as_one_graph():
         assert err <= 2 * eager_err + 1e-3 * exact[key].abs(), (key, float(err), float(eager_err))
     got["loss"].backward()
     assert all(p.grad is not None for p in compiled.student.parameters())
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    other = eager.draw(2, 1024, "cpu", torch.Generator().manual_seed(1))
+    assert other.mix_windows != draws.mix_windows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x, draws=other)
+    assert counters["stats"]["unique_graphs"] == 0  # new windows, same graph (a tensor input)
     assert "step" not in copy.deepcopy(compiled).__dict__  # it is bound to the original
     assert "step" not in set_implementation(compiled, "fused").__dict__
 
