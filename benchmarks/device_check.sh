@@ -45,7 +45,7 @@ pip install --no-build-isolation --no-deps -q -e . > "$LOGS/install.log" 2>&1
 if ! python -c "import sslam_kernels, sslam_fast" >> "$LOGS/install.log" 2>&1; then
     # no network there: fall back to exposing the package directories by name
     mkdir -p /tmp/sslam_pkgs
-    ln -sfn "$PWD/kernels" /tmp/sslam_pkgs/sslam_kernels
+    ln -sfn "$PWD/kernels/sslam_kernels" /tmp/sslam_pkgs/sslam_kernels
     ln -sfn "$PWD/sslam_fast" /tmp/sslam_pkgs/sslam_fast
     export PYTHONPATH="/tmp/sslam_pkgs${PYTHONPATH:+:$PYTHONPATH}"
     echo "the editable install does not import (see install.log); using PYTHONPATH=$PYTHONPATH"

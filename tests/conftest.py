@@ -15,9 +15,9 @@ except ImportError:
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# sslam_kernels is this tree's kernels/, also where an editable install of another checkout (a
-# second worktree, say) would provide its own.
-_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+# sslam_kernels is this tree's kernels/sslam_kernels/, also where an editable install of another
+# checkout (a second worktree, say) would provide its own.
+_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "sslam_kernels")
 if "sslam_kernels" not in sys.modules:
     _spec = importlib.util.spec_from_file_location("sslam_kernels", os.path.join(_KERNELS, "__init__.py"),
                                                    submodule_search_locations=[_KERNELS])

@@ -10,7 +10,7 @@ The mutation is caught when those tests fail. A copy of the unmutated tree is ch
 tests must pass, or nothing is concluded. Prints caught / survived per mutation; exits 1 if any
 survived (or the baseline failed).
 
-Not collected by pytest (no test_ prefix). sslam_kernels is imported from the copy's kernels/ (an
+Not collected by pytest (no test_ prefix). sslam_kernels is imported from the copy's kernels/sslam_kernels/ (an
 editable install elsewhere would otherwise provide it).
 """
 import argparse
@@ -99,7 +99,7 @@ MUTATIONS = [
     Mutation("mixture_max", "sslam_fast/mixing.py", "torch.maximum(fbank, partner)", "torch.minimum(fbank, partner)",
              ("tests/test_mixing.py",)),
     # the fused add + LayerNorm's weight gradient
-    Mutation("add_layer_norm_dw", "kernels/norm_act.py", "dw += tl.sum(g * z, axis=0)", "dw += tl.sum(g, axis=0)",
+    Mutation("add_layer_norm_dw", "kernels/sslam_kernels/norm_act.py", "dw += tl.sum(g * z, axis=0)", "dw += tl.sum(g, axis=0)",
              ("tests/test_kernels_norm_act.py",)),
 ]
 
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         tree, pkgs = os.path.join(tmp, "tree"), os.path.join(tmp, "pkgs")
         copy_tree(tree)
         os.makedirs(pkgs)
-        os.symlink(os.path.join(tree, "kernels"), os.path.join(pkgs, "sslam_kernels"))
+        os.symlink(os.path.join(tree, "kernels", "sslam_kernels"), os.path.join(pkgs, "sslam_kernels"))
         env = environment(tree, pkgs)
         where = subprocess.run([sys.executable, "-c", "import sslam_fast, sslam_kernels; "
                                 "print(sslam_fast.__file__); print(sslam_kernels.__file__)"],

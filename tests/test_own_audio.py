@@ -47,7 +47,7 @@ def test_readme_own_audio_commands_run_on_debian_recordings(tmp_path):
     # `sslam-fast` is `python -m sslam_fast.cli` (the console script), here from this checkout
     script = "\n".join([f'sslam-fast() {{ "{sys.executable}" -m sslam_fast.cli "$@"; }}', "set -e",
                         *commands[:2], commands[2] + "".join(f" --set {s}" for s in TINY)])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.path.join(REPO, "kernels"), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     manifest = [line.split("\t") for line in open(tmp_path / "my_audio.tsv").read().splitlines()[1:]]

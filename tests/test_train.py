@@ -36,8 +36,8 @@ TINY = [
 
 
 def python_path() -> str:
-    """This checkout first, then whatever the caller had on PYTHONPATH."""
-    return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    """This checkout's sslam_fast and sslam_kernels first, then whatever the caller had on PYTHONPATH."""
+    return os.pathsep.join(p for p in (REPO, os.path.join(REPO, "kernels"), os.environ.get("PYTHONPATH")) if p)
 
 
 def free_port() -> int:

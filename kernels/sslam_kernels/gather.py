@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import tl, triton, triton_available
+from ._triton import tl, triton, triton_available, use_triton_for
 
 _empty = torch.empty  # every kernel output is allocated here (tests poison it)
 
@@ -347,8 +347,7 @@ def embed_mask_gather(patches: torch.Tensor, pos: Optional[torch.Tensor],
     (sums in fp32, rounded once). Differentiable w.r.t. patches, cls and (if it requires grad) pos.
     """
     _check_gather_args(patches, pos, cls, keep_index, clone)
-    if use_triton is None:
-        use_triton = patches.is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, patches, "embed_mask_gather")
     if not use_triton:
         return embed_mask_gather_reference(patches, pos, cls, keep_index, clone, out_dtype)
     return _embed_mask_gather_op(patches, pos, _prefix_2d(cls, patches.shape[2]), keep_index, clone,
@@ -369,8 +368,7 @@ def decoder_input_scatter(visible: torch.Tensor, keep_index: torch.Tensor, noise
     if keep_index.shape != (V, K) or noise.shape[0] != V or noise.shape[2] != D:
         raise ValueError(f"visible {tuple(visible.shape)}, keep_index {tuple(keep_index.shape)} "
                          f"and noise {tuple(noise.shape)} do not match")
-    if use_triton is None:
-        use_triton = visible.is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, visible, "decoder_input_scatter")
     if not use_triton:
         return decoder_input_scatter_reference(visible, keep_index, noise)
     return _decoder_input_scatter_op(visible, keep_index, noise)
@@ -400,8 +398,7 @@ def decoder_input_gather(x: torch.Tensor, ids_restore: torch.Tensor, mask_tokens
     if ids_restore.shape[0] != V or mask_tokens.shape != (V, ids_restore.shape[1] - L + num_extra, D):
         raise ValueError(f"x {tuple(x.shape)}, ids_restore {tuple(ids_restore.shape)} and mask_tokens "
                          f"{tuple(mask_tokens.shape)} do not match")
-    if use_triton is None:
-        use_triton = x.is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, x, "decoder_input_gather")
     if not use_triton:
         return decoder_input_gather_reference(x, ids_restore, mask_tokens, num_extra)
     return _decoder_input_gather_op(x, ids_restore, mask_tokens, num_extra)

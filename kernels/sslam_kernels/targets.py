@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, triton_available
+from ._triton import tl, triton, triton_available, use_triton_for
 
 _MAX_TILE = 8192  # elements of the [T, BLOCK_D] strip held per program
 _empty = torch.empty  # every kernel output is allocated here (tests poison it)
@@ -110,8 +110,7 @@ def layer_averaged_target(layers: Sequence[torch.Tensor], eps_instance: float = 
     layers = list(layers)
     if not layers:
         raise ValueError("layer_averaged_target needs at least one layer")
-    if use_triton is None:
-        use_triton = layers[0].is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, layers[0], "layer_averaged_target")
     if not (use_triton and _fits_kernel(layers)):
         return layer_averaged_target_reference(layers, eps_instance, eps_layer)
     y = instance_norm_average_triton(layers, eps_instance)

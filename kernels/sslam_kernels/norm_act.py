@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, triton_available
+from ._triton import tl, triton, triton_available, use_triton_for
 
 _empty = torch.empty  # every kernel output is allocated here (tests poison it)
 BLOCK_R = 4
@@ -175,8 +175,7 @@ def norm_gelu_residual(y: torch.Tensor, h: torch.Tensor, eps: float = 1e-5,
     """
     if y.shape != h.shape:
         raise ValueError(f"y {tuple(y.shape)} and h {tuple(h.shape)} must have the same shape")
-    if use_triton is None:
-        use_triton = y.is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, y, "norm_gelu_residual")
     if not use_triton:
         return norm_gelu_residual_reference(y, h, eps)
     return _norm_gelu_residual_op(y, h, eps)[0]
@@ -274,8 +273,7 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor, use_triton: Optional[bool] = 
     """
     if bias.shape != h.shape[-1:]:
         raise ValueError(f"bias {tuple(bias.shape)} does not match h {tuple(h.shape)}")
-    if use_triton is None:
-        use_triton = h.is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, h, "bias_gelu")
     if not use_triton:
         return bias_gelu_reference(h, bias)
     return _bias_gelu_op(h, bias)
@@ -457,8 +455,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != x.shape[-1:]:
             raise ValueError(f"{name} {tuple(p.shape)} does not match the last dim of x {tuple(x.shape)}")
-    if use_triton is None:
-        use_triton = x.is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, x, "add_layer_norm")
     if not use_triton:
         return add_layer_norm_reference(x, residual, weight, bias, eps)
     save_sum = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))

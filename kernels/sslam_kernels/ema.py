@@ -80,6 +80,7 @@ if triton_available:
             tl.store(sh_ptr + offs, t.to(SHADOW_DTYPE, fp_downcast_rounding="rtne"), mask=m)
 
 
+STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # both paths; Triton's names below
 _TL_DTYPES = {}
 if triton_available:
     _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -138,8 +139,8 @@ def _storage_key(pairs: Sequence[EMAPair]) -> Tuple[int, ...]:
 def _check_pair(p: EMAPair) -> None:
     if p.teacher.dtype != torch.float32:
         raise TypeError(f"EMA teacher must be fp32, got {p.teacher.dtype}")
-    if p.student.dtype not in _TL_DTYPES:
-        raise TypeError(f"EMA student must be fp32/bf16/fp16, got {p.student.dtype}")
+    if p.student.dtype not in STUDENT_DTYPES:
+        raise TypeError(f"EMA student must be torch.float32, torch.bfloat16 or torch.float16, got {p.student.dtype}")
     if not (p.teacher.is_contiguous() and p.student.is_contiguous()):
         raise ValueError("EMA tensors must be contiguous")
     if p.teacher.device != p.student.device:
@@ -172,6 +173,9 @@ def ema_update_pairs(pairs: Sequence[EMAPair], decay: float, plan: Optional[EMAP
     Returns the plan so callers can pass it back (it is rebuilt if any storage moved)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown EMA backend {backend!r}")
+    if backend == "triton" and not triton_available:
+        raise RuntimeError("EMA backend 'triton' needs the triton package, which is not installed (pip install triton); "
+                           "backend 'auto' or 'torch' runs the PyTorch path without it")
     for p in copies:
         t, s, sh = _flat_slices(p)
         t.copy_(s)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._triton import tl, triton, triton_available
+from ._triton import tl, triton, triton_available, use_triton_for
 
 _empty = torch.empty  # every kernel output is allocated here (tests poison it)
 
@@ -49,8 +49,7 @@ def masked_regression(pred: torch.Tensor, target: torch.Tensor, weights: torch.T
     if V % clone or target.shape != (V // clone, P, D) or weights.shape != (V, P):
         raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)}, weights "
                          f"{tuple(weights.shape)} and clone {clone} do not match")
-    if use_triton is None:
-        use_triton = pred.is_cuda and triton_available
+    use_triton = use_triton_for(use_triton, pred, "masked_regression")
     if not use_triton:
         return masked_regression_reference(pred, target, weights, clone, shift)
     shift = torch.zeros(D, dtype=torch.float32, device=pred.device) if shift is None else shift.detach().float()
