@@ -218,10 +218,14 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _demo_run(args: argparse.Namespace) -> int:
     import logging
 
-    from .evaluation.demo import run_demo, summary
+    from .evaluation.demo import DemoError, run_demo, summary
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = run_demo(args.out, quick=args.quick, seed=args.seed)
+    try:
+        results = run_demo(args.out, quick=args.quick, seed=args.seed)
+    except DemoError as e:
+        print(f"sslam-fast demo: error: {e}", file=sys.stderr)
+        return 1
     print("\n".join(summary(results)))
     return 0
 

@@ -32,3 +32,41 @@ def test_demo_quick_writes_results_and_png(tmp_path):
     assert results["machine"]["cpus"] >= 1 and results["date"]
     png = out / "demo.png"
     assert png.is_file() and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_demo_says_what_to_install_before_any_work(tmp_path):
+    """Without matplotlib (or deepspeed) the demo stops at once with one line, writing nothing."""
+    code = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'matplotlib':\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from sslam_fast.cli import main\n"
+        f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'demo')!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("sslam-fast demo: error: the demo needs matplotlib, which is not installed: "
+                                   "pip install matplotlib (both are dependencies of `pip install sslam-fast`)")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_results_are_written_before_the_plot(tmp_path, monkeypatch):
+    """A failure while drawing loses nothing: results.json is complete when the plot starts."""
+    from sslam_fast.evaluation import demo
+
+    tiny = demo.DemoSize(1.0, 96, 2, 1, 8, 4, 4, (16, 16, 64))
+    monkeypatch.setattr(demo, "QUICK", tiny)
+    seen = {}
+
+    def plot(results, path):
+        with open(tmp_path / "results.json") as f:
+            seen.update(json.load(f))
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(demo, "_plot", plot)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        demo.run_demo(str(tmp_path), quick=True)
+    assert set(seen["scores"]) == {"random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)"}
+    assert seen["pretraining"]["stage1"]["updates"] == 4

@@ -19,6 +19,7 @@ The numbers are whatever this run gives: nothing is tuned for stage 2 to win.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -76,7 +77,8 @@ def _pretrain(run_dir: str, manifest: str, size: DemoSize, norm: tuple, stage: i
         f"optim.lr={PEAK_LR if stage == 1 else PEAK_LR / 10}", f"optim.warmup_steps={max(1, updates // 10)}",
         f"optim.cosine_steps={updates}",
         f"checkpoint.dir={run_dir}", f"checkpoint.every_steps={updates}", "checkpoint.keep_last=1",
-        f"logging.every_steps={max(1, updates // 60)}", "logging.tensorboard=true", "logging.progress_bar=true",
+        f"logging.every_steps={max(1, updates // 60)}", "logging.progress_bar=true",
+        f"logging.tensorboard={str(_importable('tensorboard')).lower()}",
     ]
     if init_from:
         values.append(f"train.init_from={init_from}")
@@ -153,7 +155,30 @@ def format_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class DemoError(RuntimeError):
+    """The demo cannot run here (a package it needs is missing); says what to install."""
+
+
+NEEDS = {"deepspeed": "deepspeed", "matplotlib": "matplotlib"}  # import name -> distribution
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+def check_needs() -> None:
+    """Every package the demo uses imports, before any work is done (the demo's last step draws)."""
+    missing = [dist for name, dist in NEEDS.items() if not _importable(name)]
+    if missing:
+        raise DemoError(f"the demo needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                        f"installed: pip install {' '.join(missing)} (both are dependencies of `pip install sslam-fast`)")
+
+
 def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> Dict[str, Any]:
+    check_needs()
     size = QUICK if quick else FULL
     started = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
@@ -219,9 +244,9 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> Dict[str, Any]
                     "total": finished - started},
         "png": os.path.join(out_dir, "demo.png"),
     }
-    _plot(results, results["png"])
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f, indent=1)  # before the plot: a failure there loses no result
+    _plot(results, results["png"])
     return results
 
 
