@@ -18,6 +18,8 @@ from sslam_fast.data import ManifestError
 from sslam_fast.evaluation.finetune import load_finetune_config, run_finetune
 from sslam_fast.serialization import CheckpointError
 from sslam_fast.trainer.engine import init_distributed
+from sslam_fast.trainer.optim import plan_batch
+from sslam_fast.trainer.preflight import launch_rank_and_world
 
 logger = logging.getLogger("sslam_fast.finetune")
 
@@ -32,17 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world = launch_rank_and_world()
     try:
         cfg = load_finetune_config(args.config, args.set)
+        plan_batch(cfg.train.global_batch, world, cfg.train.max_micro_batch)  # decided before the rendezvous
         return run_finetune(cfg, init_distributed(args.local_rank))
-    except ConfigError as e:
-        logger.error("config error: %s", e)
-        return 1
-    except CheckpointError as e:
-        logger.error("checkpoint error: %s", e)
-        return 1
-    except (ManifestError, FileNotFoundError) as e:
-        logger.error("data error: %s", e)
+    except (ConfigError, CheckpointError, ManifestError, FileNotFoundError) as e:
+        if rank == 0:  # every rank stops with the same status; one says why
+            kind = {ConfigError: "config", CheckpointError: "checkpoint"}.get(type(e), "data")
+            logger.error("%s error: %s", kind, e)
         return 1
 
 

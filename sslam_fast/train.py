@@ -17,6 +17,7 @@ from sslam_fast.serialization import CheckpointError
 from sslam_fast.trainer.config import load_config
 from sslam_fast.trainer.engine import init_distributed
 from sslam_fast.trainer.loop import Trainer
+from sslam_fast.trainer.preflight import check_launch, launch_rank_and_world
 
 logger = logging.getLogger("sslam_fast.train")
 
@@ -30,11 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world = launch_rank_and_world()
     try:
         cfg = load_config(args.config, args.set)
+        check_launch(cfg, world)  # every rank decides alone, before the rendezvous
         trainer = Trainer(cfg, init_distributed(args.local_rank))
     except (ConfigError, CheckpointError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
+        if rank == 0:  # every rank stops with the same status; one says why
             logger.error("%s error: %s", "config" if isinstance(e, ConfigError) else "checkpoint", e)
         return 1
     return trainer.run()

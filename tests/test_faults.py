@@ -147,6 +147,13 @@ def test_bad_inputs_are_one_clear_error_and_nothing_is_written(tmp_path, monkeyp
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no run directory, no file
 
 
+def _cpu_burners(count=2):
+    """Processes that keep the CPU busy, so rank start-up times drift apart as on a loaded machine."""
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
 def test_indivisible_global_batch_on_two_ranks_says_so_once(tmp_path):
     """Two processes under torchrun: the error is printed once (rank 0), the run writes nothing."""
     import subprocess
@@ -164,3 +171,38 @@ def test_indivisible_global_batch_on_two_ranks_says_so_once(tmp_path):
     assert out.count("train.global_batch=5 is not divisible by the 2 processes") == 1, out[-3000:]
     assert not re.search(r'File "[^"]*sslam_fast/', out), out[-3000:]  # torchrun reports the exit, no frame of ours
     assert not run_dir.exists()
+
+
+def test_preflight_verdict_is_the_same_on_every_rank_under_load(tmp_path):
+    """The ranks started apart in time on a loaded CPU (as any launcher may start them), 10 times:
+    each decides alone, before the rendezvous, so each exits 1; rank 0 prints the one line, rank 1
+    nothing; no traceback, whichever rank gets there first."""
+    import subprocess
+
+    from test_train import REPO, free_port, python_path, sets
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=python_path(), OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    burners = _cpu_burners()
+    try:
+        for launch in range(10):
+            run_dir = tmp_path / f"run{launch}"
+            cmd = [sys.executable, os.path.join(REPO, "sslam_fast", "train.py"), *sets(run_dir, "train.global_batch=5")]
+            port = str(free_port())
+            ranks = []
+            for rank in (1, 0) if launch % 2 else (0, 1):  # either rank may be first
+                ranks.append((rank, subprocess.Popen(cmd, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), MASTER_PORT=port),
+                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+            outputs = {rank: (p.wait(timeout=300), p.stdout.read() + p.stderr.read()) for rank, p in ranks}
+            for rank, p in ranks:
+                p.stdout.close()
+                p.stderr.close()
+            assert outputs[0][0] == outputs[1][0] == 1, (launch, outputs)
+            assert outputs[0][1].count("train.global_batch=5 is not divisible by the 2 processes") == 1, (launch, outputs)
+            assert outputs[1][1] == "", (launch, outputs)
+            assert "Traceback" not in outputs[0][1], (launch, outputs)
+            assert not run_dir.exists()
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()

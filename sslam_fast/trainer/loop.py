@@ -29,8 +29,7 @@ from ..implementation import set_implementation
 from ..pretrainer import SSLAMPretrainer
 from ..data.loader import resharded_state
 from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
-from . import preflight
-from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save, latest_checkpoint,
+from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save,
                           list_checkpoints, read_resume_state, reject, remove_stale_temps, restore_rng_state,
                           rng_state, train_checkpoint_file, verify_checkpoint)
 from .config import TrainConfig
@@ -55,13 +54,8 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.run_dir = cfg.checkpoint.dir
+        # the launch's own problems were checked before the rendezvous (preflight.check_launch)
         self.plan = plan_batch(cfg.train.global_batch, self.world, cfg.train.max_micro_batch)
-        problems = [None] * self.world
-        dist.all_gather_object(problems, preflight.problem(cfg))
-        if any(problems):
-            raise ConfigError(next(p for p in problems if p))
-        if not cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
-            raise ConfigError(f"checkpoint.dir={self.run_dir} holds checkpoints and checkpoint.resume is false")
         resume_from, resume_files = self._choose_checkpoint() if cfg.checkpoint.resume else (None, None)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -69,11 +63,6 @@ class Trainer:
         if cfg.train.init_from and resume_from is None:
             self._init_weights(cfg.train.init_from)
         self.model.to(device)
-        if cfg.train.cuda_graph and device.type != "cuda":
-            raise ConfigError("train.cuda_graph: CUDA graphs need a CUDA device; this run is on the CPU")
-        if cfg.train.dtype == "fp16" and device.type != "cuda":
-            raise ConfigError("train.precision: the original execution's fp16 needs a CUDA device (DeepSpeed runs no "
-                              "fp16 on a CPU); set train.precision=fp32 to run its model side here")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: the decoder's convolutions pick their fastest kernels
         if cfg.train.cuda_graph:

@@ -1,15 +1,28 @@
-"""What a run checks before it writes anything: its data files and its checkpoint directory.
+"""What a run checks before it writes anything or joins its peers: the batch split over the
+processes, the device, its data files and its checkpoint directory.
 
-Each problem is a ``ConfigError`` whose message names the key and the file; the trainer gathers
-them from every rank, raises the first on all of them, and only rank 0 prints it.
+Each problem is a ``ConfigError`` whose message names the key and the file. Every rank runs these
+checks on its own, from the launch environment and the files it sees, before the process group's
+rendezvous: so every rank reaches the same verdict and exits with the same status, and no rank's
+exit can break a peer's rendezvous into a traceback (launch.py prints the error on rank 0 only).
 """
 import os
 import tempfile
-from typing import Optional
+from typing import Tuple
+
+import torch
 
 from ..config import ConfigError
 from ..data.manifest import ManifestError, load_manifest
+from .checkpoints import latest_checkpoint
 from .config import TrainConfig
+from .optim import plan_batch
+
+
+def launch_rank_and_world() -> Tuple[int, int]:
+    """This process's rank and the number of processes, as the launcher (deepspeed, torchrun) set
+    them in the environment; one process when started plainly."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_data(cfg: TrainConfig) -> None:
@@ -49,11 +62,16 @@ def check_writable(directory: str) -> None:
         raise ConfigError(f"checkpoint.dir={directory} is not writable ({e.strerror or e})") from None
 
 
-def problem(cfg: TrainConfig) -> Optional[str]:
-    """The first problem of this rank's inputs, or None."""
-    try:
-        check_data(cfg)
-        check_writable(cfg.checkpoint.dir)
-    except ConfigError as e:
-        return str(e)
-    return None
+def check_launch(cfg: TrainConfig, world_size: int) -> None:
+    """Everything a pretraining run can check before the rendezvous; raises the first problem."""
+    plan_batch(cfg.train.global_batch, world_size, cfg.train.max_micro_batch)
+    cuda = torch.cuda.is_available()
+    if cfg.train.cuda_graph and not cuda:
+        raise ConfigError("train.cuda_graph: CUDA graphs need a CUDA device; this run is on the CPU")
+    if cfg.train.dtype == "fp16" and not cuda:
+        raise ConfigError("train.precision: the original execution's fp16 needs a CUDA device (DeepSpeed runs no "
+                          "fp16 on a CPU); set train.precision=fp32 to run its model side here")
+    check_data(cfg)
+    check_writable(cfg.checkpoint.dir)
+    if not cfg.checkpoint.resume and latest_checkpoint(cfg.checkpoint.dir):
+        raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} holds checkpoints and checkpoint.resume is false")
