@@ -11,7 +11,6 @@ views point into the optimizer's own fp32 masters: no second copy is kept and no
 """
 import atexit
 import os
-import socket
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,28 +32,25 @@ def init_distributed(local_rank: int = -1) -> torch.device:
     import deepspeed
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    alone = os.environ["WORLD_SIZE"] == "1"
     if local_rank >= 0:
         os.environ["LOCAL_RANK"] = str(local_rank)
     cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
     if not cuda:
         # DeepSpeed JIT-compiles a shared-memory all-reduce for CPUs (minutes); gloo does the job here.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        if alone:  # a one-process group in memory: no TCP port to pick, so no race with other programs for one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend)  # joins the group made above, or the launcher's
         atexit.register(dist.destroy_process_group)
     if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StudentAndDecoder(nn.Module):
