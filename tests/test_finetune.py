@@ -142,7 +142,7 @@ def test_drop_path_is_off_by_default_and_scales_kept_samples():
 def test_layer_decay_groups_follow_the_original():
     cfg = ft.FinetuneModelSection(encoder=dict(ENCODER, depth=3, average_top_k_layers=3))
     model = ft.build_classifier(cfg, 5)
-    groups = ft.layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    groups = ft.layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5, decay_exclusions=True)
     scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert len(scale_of) == len(named)
@@ -157,6 +157,63 @@ def test_layer_decay_groups_follow_the_original():
     frozen = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER, freeze_encoder=True), 5)
     kept = [p for g in ft.layer_decay_groups(frozen, 1.0, 0.05, 0.65) for p in g["params"]]
     assert {id(p) for p in kept} == {id(p) for p in list(frozen.head.parameters()) + list(frozen.head_norm.parameters())}
+
+
+def original_group_lr(step, peak, min_lr=1e-6, warmup=4000, total=40_000):
+    """fairseq's cosine scheduler of one composite-optimizer group, as the original configures it
+    (warmup_init_lr unset, so it starts at min_lr); groups whose peak is below min_lr stay flat."""
+    if peak <= min_lr:
+        return peak
+    if step < warmup:
+        return min_lr + step * (peak - min_lr) / warmup
+    t = (step - warmup) / (total - warmup)
+    return min_lr + 0.5 * (peak - min_lr) * (1 + np.cos(np.pi * t))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_each_layer_decay_group_runs_the_original_schedule():
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=dict(ENCODER, depth=12, average_top_k_layers=12)), 5)
+    o = ft.FinetuneOptimSection(lr=5e-5, min_lr=1e-6, warmup_steps=4000)
+    groups = ft.layer_decay_groups(model, o.lr, o.weight_decay, 0.65)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(groups), ft.group_lr_lambdas(groups, o, 40_000))
+    peaks = sorted({g["initial_lr"] for g in groups})
+    assert len(peaks) == 13 and peaks[0] == pytest.approx(2.844e-7, rel=1e-3) and peaks[-1] == 5e-5
+    flat = [p for p in peaks if p < 1e-6]
+    assert flat == pytest.approx([5e-5 * 0.65 ** k for k in (12, 11, 10)])  # blocks 0-2, flat in the published log
+    done = 0
+    for step in (0, 1, 2000, 3999, 4000, 4001, 22_000, 39_999, 40_000):
+        for _ in range(step - done):
+            scheduler.step()
+        done = step
+        for g in groups:
+            assert g["lr"] == pytest.approx(original_group_lr(step, g["initial_lr"]), rel=1e-9, abs=0), (step, g["initial_lr"])
+    assert sorted({g["lr"] for g in groups}) == pytest.approx(flat + [1e-6])  # the floor is absolute
+    scaled = ft.group_lr_lambdas(groups, ft.FinetuneOptimSection(lr=5e-5, lr_floor="scaled", warmup_steps=4000), 40_000)
+    assert [f(0) for f in scaled] == [0.0] * len(groups) and scaled[0](40_000) == pytest.approx(1e-6 / 5e-5)
+
+
+def test_recipe_weight_decay_reaches_every_parameter():
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER), 5)
+    groups = ft.layer_decay_groups(model, 1e-2, 0.05, 0.65)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own step is 0: what moves is the decoupled decay
+    ft.SkipNonFiniteAdamW(groups, lr=1e-2, weight_decay=0.05).step()
+    scale = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, before[name] * (1 - scale[id(p)] * 0.05), rtol=1e-6, atol=0), name
+        assert not torch.equal(p, before[name]) or not before[name].any(), name
+    excluded = ft.layer_decay_groups(model, 1e-2, 0.05, 0.65, decay_exclusions=True)
+    assert {g["weight_decay"] for g in excluded} == {0.0, 0.05}
+
+
+def test_recipe_fidelity_refuses_deviations_and_custom_names_them():
+    ft.load_finetune_config(None, ["data.dir=x"])
+    for override in ("optim.lr_floor=scaled", "optim.decay_exclusions=true", "data.min_samples=0"):
+        with pytest.raises(ft.ConfigError, match="fidelity"):
+            ft.load_finetune_config(None, ["data.dir=x", override])
+        cfg = ft.load_finetune_config(None, ["data.dir=x", override, "fidelity=custom"])
+        assert len(cfg.deviations()) == 1 and override.split("=")[0] in cfg.deviations()[0]
 
 
 def test_augmentations():
@@ -184,7 +241,7 @@ def test_augmentations():
 
 def test_balanced_loader_draws_by_the_weights(toy):
     d = ft.FinetuneDataSection(dir=toy, task="multiclass", target_length=96)
-    manifest, labels, classes = ft.read_split(d, "train")
+    manifest, labels, classes, _ = ft.read_split(d, "train")
     weights = np.where(np.array([c[0] for c in labels]) == 3, 10.0, 0.0)
     dataset = ft.LabelledClips(manifest, labels, classes, d, None, seed=0)
     loader = ft.FinetuneLoader(dataset, 4, seed=0, weights=weights, samples_per_epoch=8)
@@ -193,6 +250,37 @@ def test_balanced_loader_draws_by_the_weights(toy):
     first = next(batches)
     assert (first["target"].argmax(1) == 3).all() and loader.state_dict()["position"] == 4
     assert not np.array_equal(loader.order(1), ft.FinetuneLoader(dataset, 4, seed=0, weights=weights, samples_per_epoch=8).order(0))
+
+
+def with_short_entries(toy, root, every=3):
+    """The toy task with every ``every``-th manifest entry of both splits declared 9,999 samples long."""
+    os.makedirs(root)
+    for name in os.listdir(toy):
+        if not name.endswith(".tsv"):
+            os.symlink(os.path.join(toy, name), os.path.join(root, name))
+            continue
+        head, *rows = open(os.path.join(toy, name)).read().splitlines()
+        rows = [r.replace("\t16000", "\t9999") if i % every == 0 else r for i, r in enumerate(rows)]
+        with open(os.path.join(root, name), "w") as f:
+            f.write("\n".join([head, *rows]) + "\n")
+    return root
+
+
+def test_entries_under_10000_samples_leave_both_splits(toy, tmp_path, monkeypatch):
+    task = with_short_entries(toy, str(tmp_path / "task"))
+    d = ft.FinetuneDataSection(dir=task, task="multiclass", target_length=96)
+    for split, n in (("train", 48), ("eval", 16)):
+        manifest, labels, _, kept = ft.read_split(d, split)
+        assert len(kept) == n and kept.sum() == len(manifest) == len(labels) == n - len(range(0, n, 3))
+        assert all(size >= 10_000 for size in manifest.sizes) and not kept[::3].any()
+        full = ft.read_split(ft.FinetuneDataSection(dir=toy, task="multiclass", min_samples=0), split)
+        assert labels == [full[1][i] for i in np.flatnonzero(kept)]
+    weights = str(tmp_path / "weights.csv")
+    np.savetxt(weights, np.arange(1.0, 49.0))  # one per manifest line, as the original's file
+    run_dir = str(tmp_path / "run")
+    assert run_in_process(monkeypatch, task, run_dir, "train.max_steps=1", f"data.weights_file={weights}",
+                          "data.samples_per_epoch=16", "checkpoint.every_steps=100") == 0
+    assert eval_lines(run_dir)[-1]["eval_clips"] == 16 - 6
 
 
 # ----------------------------------------------------------------------------------------------

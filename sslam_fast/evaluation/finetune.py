@@ -11,12 +11,18 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
   std 0.02, zero bias). Drop path rises linearly from 0 in the first block to ``model.drop_path``
   in the last. ``model.freeze_encoder`` is linear evaluation: the encoder gets no gradient (it
   still runs in training mode, drop path included, as the original's linear evaluation does).
-- Optimizer: AdamW (betas 0.9/0.95, wd 0.05 on weights, none on biases and 1-D parameters), linear
-  warmup then cosine to ``optim.min_lr``. Layer decay as in the original for this model family:
-  block i of L gets the LR times ``layer_decay ** (L - i)`` (the last block 0.65, the first
-  0.65^12 for ViT-B); the patch embedding, CLS token, input LayerNorm and the head keep the full LR.
+- Optimizer: AdamW (betas 0.9/0.95, wd 0.05 on every parameter: the original's model asks for none
+  on biases and 1-D parameters, but its fairseq composite optimizer never applies that, so the
+  published runs decayed them all; ``optim.decay_exclusions`` is the exclusion, a deviation).
+  Layer decay as in the original for this model family: block i of L gets the LR times
+  ``layer_decay ** (L - i)`` (the last block 0.65, the first 0.65^12 for ViT-B); the patch
+  embedding, CLS token, input LayerNorm and the head keep the full LR. Each of those groups runs
+  the original's own fairseq cosine schedule (``group_learning_rate``): linear warmup from
+  ``optim.min_lr`` to its peak, cosine down to ``optim.min_lr`` itself; a group whose peak is below
+  ``min_lr`` stays at its peak (``optim.lr_floor = "scaled"``, one multiplier for all, is a deviation).
 - Data: a fairseq task directory (``data.dir``: ``<split>.tsv``, ``<split>.lbl``,
-  ``label_descriptors.csv``). Per clip in training: roll augmentation (the waveform rolled by a
+  ``label_descriptors.csv``); entries the manifest lists under ``data.min_samples`` (10,000)
+  samples are left out of both splits, as the original's datasets do. Per clip in training: roll augmentation (the waveform rolled by a
   random offset and scaled by Beta(10, 10) + 0.5), optionally the SPC-2 noise (uniform noise on the
   fbank, a time shift of up to 10 frames). ``data.weights_file`` switches to balanced sampling: each
   epoch draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those
@@ -33,6 +39,9 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
 - Evaluation on ``data.eval_split`` every ``train.eval_every_steps`` and at the end: mAP
   (multi-label) or accuracy (multi-class), into metrics.jsonl, TensorBoard and ``final.json``.
 
+``fidelity = "recipe"`` (the default) refuses every setting ``FinetuneConfig.deviations`` names;
+``"custom"`` runs them and logs them.
+
 Every random draw is reproducible: the epoch order from (seed, epoch), per-clip augmentation from
 (seed, epoch, position, clip), per-batch augmentation from (seed, rank, step, micro step), drop path from
 torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
@@ -48,7 +57,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +84,9 @@ from .sampling import AS2M_SAMPLES_PER_EPOCH, BalancedSampler, read_weights
 logger = logging.getLogger("sslam_fast.finetune")
 FINETUNE_FORMAT = "sslam-fast/finetune"
 TASKS = ("multilabel", "multiclass")
+LR_FLOORS = ("absolute", "scaled")
+FIDELITIES = ("recipe", "custom")
+ORIGINAL_MIN_SAMPLES = 10_000  # the original datasets' min_sample_size
 
 
 # ============================================================================== config
@@ -126,6 +138,7 @@ class FinetuneDataSection:
     target_length: int = 1024
     norm_mean: float = -4.268
     norm_std: float = 4.569
+    min_samples: int = ORIGINAL_MIN_SAMPLES  # shorter manifest entries are left out of both splits, as the original does
     num_workers: int = 8
     prefetch: int = 2
 
@@ -136,6 +149,8 @@ class FinetuneDataSection:
             raise ConfigError(f"{where}.task: must be one of {TASKS}, got {self.task!r}")
         if self.target_length % 16 or self.target_length <= 0:
             raise ConfigError(f"{where}.target_length: must be a positive multiple of 16")
+        if self.min_samples < 0:
+            raise ConfigError(f"{where}.min_samples: must be >= 0")
         if self.prefetch < 1 or self.samples_per_epoch < 1:
             raise ConfigError(f"{where}.prefetch: prefetch and samples_per_epoch must be at least 1")
 
@@ -177,6 +192,15 @@ class FinetuneOptimSection(OptimConfig):
     min_lr: float = 1e-6
     warmup_steps: int = 4000
     clip_grad: float = 1e6  # the original does not clip; DeepSpeed's fp32 ZeRO checks gradients only when clipping
+    # "absolute": each layer-decay group warms up from min_lr and decays to min_lr itself (the original's
+    # per-group fairseq schedulers); "scaled": one multiplier for all groups, each ending at min_lr * its scale
+    lr_floor: str = "absolute"
+    decay_exclusions: bool = False  # no weight decay on biases and 1-D parameters: asked for, never applied by the original
+
+    def validate(self, where: str = "optim") -> None:
+        super().validate(where)
+        if self.lr_floor not in LR_FLOORS:
+            raise ConfigError(f"{where}.lr_floor: must be one of {LR_FLOORS}, got {self.lr_floor!r}")
 
 
 @dataclass
@@ -206,12 +230,30 @@ class FinetuneConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     runs: List[str] = field(default_factory=list)
     target: TargetSection = field(default_factory=TargetSection)
+    # "recipe": what the published runs did, every setting of deviations() refused; "custom": allowed, and logged
+    fidelity: str = "recipe"
 
     def validate(self, where: str = "config") -> None:
         for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed"):
             getattr(self, name).validate(f"{where}.{name}")
         if len(set(self.runs)) != len(self.runs):
             raise ConfigError(f"{where}.runs: listed twice")
+        if self.fidelity not in FIDELITIES:
+            raise ConfigError(f"{where}.fidelity: must be one of {FIDELITIES}, got {self.fidelity!r}")
+        if self.fidelity == "recipe" and self.deviations():
+            raise ConfigError(f"{where}.fidelity: 'recipe' runs what the published runs did, but "
+                              f"{'; '.join(self.deviations())}; set fidelity to 'custom' to run it anyway")
+
+    def deviations(self) -> List[str]:
+        """The settings that depart from what the original code did in the published runs."""
+        out = []
+        if self.optim.lr_floor != "absolute":
+            out.append(f"optim.lr_floor={self.optim.lr_floor!r} (the original: 'absolute')")
+        if self.optim.decay_exclusions:
+            out.append("optim.decay_exclusions=true (the original decays every parameter)")
+        if self.data.min_samples != ORIGINAL_MIN_SAMPLES:
+            out.append(f"data.min_samples={self.data.min_samples} (the original: {ORIGINAL_MIN_SAMPLES})")
+        return out
 
     def for_run(self, run: str) -> "FinetuneConfig":
         """The config of one entry of ``runs``: ``{run}`` substituted, its own checkpoint directory."""
@@ -260,9 +302,11 @@ def build_classifier(cfg: FinetuneModelSection, num_classes: int) -> Classifier:
     return Classifier(encoder, num_classes, cfg.drop_path, cfg.head_norm_eps, cfg.freeze_encoder)
 
 
-def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
-    """AdamW parameter groups: block i of L at ``lr * layer_decay ** (L - i)``, the rest at ``lr``;
-    no weight decay on biases and 1-D parameters. Frozen parameters are left out."""
+def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float,
+                       decay_exclusions: bool = False) -> List[Dict[str, Any]]:
+    """AdamW parameter groups: block i of L at ``lr * layer_decay ** (L - i)``, the rest at ``lr``.
+    Weight decay on every parameter, as the published runs had it; ``decay_exclusions``: none on
+    biases and 1-D parameters. Frozen parameters are left out."""
     depth = len(model.encoder.blocks)
     groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
     for name, p in model.named_parameters():
@@ -271,10 +315,35 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_
         scale = 1.0
         if name.startswith("encoder.blocks."):
             scale = layer_decay ** (depth - int(name.split(".")[2]))
-        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else weight_decay
+        wd = 0.0 if decay_exclusions and (p.ndim <= 1 or name.endswith(".bias")) else weight_decay
         group = groups.setdefault((scale, wd), {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale})
         group["params"].append(p)
     return list(groups.values())
+
+
+def group_learning_rate(step: int, peak: float, floor: float, warmup: int, total: int) -> float:
+    """One layer-decay group's LR after ``step`` updates, as the original's per-group fairseq cosine
+    scheduler computes it: linear from ``floor`` to ``peak`` over ``warmup`` updates, then a cosine
+    from ``peak`` to ``floor`` at ``total``. A group whose peak is not above the floor keeps its peak
+    (the published AS-20K log: blocks 0-2 flat at 5e-5 * 0.65^12 ... 0.65^10)."""
+    if peak <= floor:
+        return peak
+    if step < warmup:
+        return floor + step * (peak - floor) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def group_lr_lambdas(groups: List[Dict[str, Any]], o: "FinetuneOptimSection", total: int) -> List[Callable[[int], float]]:
+    """LambdaLR multipliers, one per group (of its initial ``lr``), for ``o.lr_floor``."""
+    if o.lr_floor == "scaled":
+        shared = CosineWithWarmup(o.lr, o.min_lr, o.warmup_steps, total)
+        return [lambda step: shared(step)] * len(groups)
+
+    def relative(peak: float) -> Callable[[int], float]:
+        return lambda step: group_learning_rate(step, peak, o.min_lr, o.warmup_steps, total) / peak if peak > 0 else 1.0
+
+    return [relative(g["lr"]) for g in groups]
 
 
 # ============================================================================== augmentation
@@ -436,8 +505,10 @@ class FinetuneLoader:
             self.epoch, self.position = self.epoch + 1, 0
 
 
-def read_split(d: FinetuneDataSection, split: str, num_classes: int = 0) -> Tuple[_data.Manifest, List[List[int]], int]:
-    """(manifest, class indices per clip, number of classes) of ``<dir>/<split>.tsv`` and ``.lbl``."""
+def read_split(d: FinetuneDataSection, split: str,
+               num_classes: int = 0) -> Tuple[_data.Manifest, List[List[int]], int, np.ndarray]:
+    """(manifest, class indices per clip, number of classes, kept) of ``<dir>/<split>.tsv`` and
+    ``.lbl`` without the entries under ``d.min_samples`` samples; kept: [manifest lines] bool."""
     manifest = _data.read_manifest(os.path.join(d.dir, f"{split}.tsv"))
     table = _data.read_label_descriptors(os.path.join(d.dir, "label_descriptors.csv"))
     labels = _data.read_labels(os.path.join(d.dir, f"{split}.lbl"), table, manifest)
@@ -446,7 +517,14 @@ def read_split(d: FinetuneDataSection, split: str, num_classes: int = 0) -> Tupl
         for line, clip in enumerate(labels, start=1):
             if len(clip) != 1:
                 raise ConfigError(f"{d.dir}/{split}.lbl:{line}: data.task is multiclass but the clip has {len(clip)} labels")
-    return manifest, labels, classes
+    kept = np.array(manifest.sizes, dtype=np.int64) >= d.min_samples
+    if not kept.all():
+        logger.info("%s: %d of %d entries have fewer than %d samples and are left out", manifest.source,
+                    int((~kept).sum()), len(manifest), d.min_samples)
+        index = np.flatnonzero(kept)
+        manifest = replace(manifest, paths=[manifest.paths[i] for i in index], sizes=[manifest.sizes[i] for i in index])
+        labels = [labels[i] for i in index]
+    return manifest, labels, classes, kept
 
 
 # ============================================================================== the run
@@ -484,8 +562,8 @@ class FinetuneTrainer:
         self.run_dir = cfg.checkpoint.dir
         d, t = cfg.data, cfg.train
         self.plan = plan_batch(t.global_batch, self.world, t.max_micro_batch)
-        train_manifest, train_labels, self.num_classes = read_split(d, d.train_split, cfg.model.num_classes)
-        self.eval_split = read_split(d, d.eval_split, self.num_classes)
+        train_manifest, train_labels, self.num_classes, train_kept = read_split(d, d.train_split, cfg.model.num_classes)
+        self.eval_split = read_split(d, d.eval_split, self.num_classes)[:2]
         self.max_steps = len(train_manifest) * t.epochs // t.global_batch if t.epochs > 0 else t.max_steps
         if self.max_steps < 1:
             raise ConfigError(f"train.epochs={t.epochs} of {len(train_manifest)} clips is less than one update")
@@ -499,10 +577,9 @@ class FinetuneTrainer:
         self.module = _Engine(self.classifier, self.loss, d.task, cfg.augment.label_smoothing,
                               torch.bfloat16 if t.precision == "bf16" else None)
         o = cfg.optim
-        groups = layer_decay_groups(self.classifier, o.lr, o.weight_decay, cfg.model.layer_decay)
+        groups = layer_decay_groups(self.classifier, o.lr, o.weight_decay, cfg.model.layer_decay, o.decay_exclusions)
         optimizer = SkipNonFiniteAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        schedule = CosineWithWarmup(o.lr, o.min_lr, o.warmup_steps, o.cosine_steps or self.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_lambdas(groups, o, o.cosine_steps or self.max_steps))
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.plan))
@@ -512,8 +589,9 @@ class FinetuneTrainer:
         weights = None
         if d.weights_file:
             weights = read_weights(d.weights_file)
-            if len(weights) != len(train_manifest):
-                raise ConfigError(f"{d.weights_file}: {len(weights)} weights for {len(train_manifest)} train clips")
+            if len(weights) != len(train_kept):
+                raise ConfigError(f"{d.weights_file}: {len(weights)} weights for {len(train_kept)} train clips")
+            weights = weights[train_kept]
         dataset = LabelledClips(train_manifest, train_labels, self.num_classes, d, cfg.augment, t.seed)
         self.loader = FinetuneLoader(dataset, self.plan.micro_batch, t.seed, self.rank, self.world, d.num_workers,
                                      weights=weights, samples_per_epoch=d.samples_per_epoch)
@@ -538,6 +616,8 @@ class FinetuneTrainer:
             f"{' (balanced sampling)' if weights is not None else ''}, {self.world} processes x "
             f"{self.plan.accumulation} accumulation x {self.plan.micro_batch} clips, {t.precision}, "
             f"{'linear evaluation' if cfg.model.freeze_encoder else 'fine-tuning'}")
+        if cfg.deviations():
+            self.log.message(f"deviations from the published recipe: {'; '.join(cfg.deviations())}", warning=True)
 
     @property
     def metric(self) -> str:
@@ -579,7 +659,7 @@ class FinetuneTrainer:
         """The metric on the eval split (rank 0 computes it; the others wait)."""
         result: Dict[str, float] = {}
         if self.is_main:
-            manifest, labels, _ = self.eval_split
+            manifest, labels = self.eval_split
             dataset = LabelledClips(manifest, labels, self.num_classes, self.cfg.data, None, self.cfg.train.seed)
             loader = FinetuneLoader(dataset, self.cfg.train.eval_batch, self.cfg.train.seed,
                                     num_workers=self.cfg.data.num_workers, infinite=False)
