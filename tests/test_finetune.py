@@ -356,6 +356,22 @@ def test_two_process_bf16_zero2_run(toy_multilabel, tmp_path):
     assert json.load(open(os.path.join(run_dir, "final.json")))["metric"] == "mAP"
 
 
+def test_mixup_and_loss_normaliser_span_the_global_batch(toy_multilabel, tmp_path, monkeypatch):
+    """One update is a function of the global batch, however it is split: 2 micro batches of 4 clips
+    log the losses and mixup lambdas of 1 micro batch of 8 (one lambda, the batch reversed as a
+    whole, the summed loss divided by the sum of the targets of all 8 clips)."""
+    logged = {}
+    for micro in (4, 8):
+        run_dir = str(tmp_path / str(micro))
+        assert run_in_process(monkeypatch, toy_multilabel, run_dir, "data.task=multilabel", "train.max_steps=3",
+                              f"train.max_micro_batch={micro}", "augment.mixup_prob=1.0", "model.drop_path=0",
+                              "checkpoint.every_steps=100") == 0
+        logged[micro] = [line for line in lines(run_dir) if "loss" in line]
+    assert [line["mixup_lambda"] for line in logged[4]] == [line["mixup_lambda"] for line in logged[8]]
+    assert all(0 < line["mixup_lambda"] < 1 for line in logged[4])
+    assert [line["loss"] for line in logged[4]] == pytest.approx([line["loss"] for line in logged[8]], rel=1e-5)
+
+
 def test_linear_evaluation_trains_only_the_head(toy, pretrained, tmp_path, monkeypatch):
     run_dir = str(tmp_path)
     assert run_in_process(monkeypatch, toy, run_dir, "train.max_steps=3", "model.freeze_encoder=true",

@@ -28,14 +28,16 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
   epoch draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those
   weights without replacement
   (``sslam_fast.evaluation.sampling``; ``sslam-fast balanced-weights`` writes the file).
-- Per micro batch in training: mixup (lambda ~ Beta(a, a) with a = ``augment.mixup``, applied with
-  probability ``augment.mixup_prob``, each clip mixed with the batch reversed, targets likewise),
-  then SpecAugment-style masking: one frequency band of up to ``mask_ratio * 128`` bins and one
-  time span of up to ``mask_ratio * target_length`` frames per clip, set to 0.
-- Loss: multi-label (``data.task = "multilabel"``): BCE with logits summed over classes and clips,
-  divided by the sum of the targets (the original's sample size). Multi-class: cross entropy (soft
-  targets when mixup is on; ``augment.label_smoothing`` otherwise), or with ``train.loss = "bce"``
-  BCE summed over classes, divided by the clips (the original's Speech Commands recipe).
+- Per global batch in training, as the original's single-GPU forward of the whole batch: mixup
+  (one lambda ~ Beta(a, a) with a = ``augment.mixup``, applied with probability
+  ``augment.mixup_prob``, each clip mixed with its rank's share of the batch reversed, targets
+  likewise), then SpecAugment-style masking: one frequency band of up to ``mask_ratio * 128``
+  bins and one time span of up to ``mask_ratio * target_length`` frames per clip, set to 0.
+- Loss, summed over the clips of the global batch and divided by its normaliser: multi-label
+  (``data.task = "multilabel"``): BCE with logits summed over classes, divided by the sum of the
+  targets (the original's sample size). Multi-class: cross entropy (soft targets when mixup is on;
+  ``augment.label_smoothing`` otherwise), or with ``train.loss = "bce"`` BCE summed over classes
+  (the original's Speech Commands recipe), divided by the clips.
 - Evaluation on ``data.eval_split`` every ``train.eval_every_steps`` and at the end: mAP
   (multi-label) or accuracy (multi-class), into metrics.jsonl, TensorBoard and ``final.json``.
 
@@ -43,8 +45,8 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
 ``"custom"`` runs them and logs them.
 
 Every random draw is reproducible: the epoch order from (seed, epoch), per-clip augmentation from
-(seed, epoch, position, clip), per-batch augmentation from (seed, rank, step, micro step), drop path from
-torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
+(seed, epoch, position, clip), the mixup lambda from (seed, step), the masks from (seed, rank, step),
+drop path from torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
 exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
 ``{run}`` in ``data.dir`` and ``data.weights_file`` is replaced by each entry and each run
 writes under ``<checkpoint.dir>/<run>``; ``summary.json`` in ``checkpoint.dir`` has them all.
@@ -538,18 +540,24 @@ class _Engine(nn.Module):
         self.loss, self.task, self.label_smoothing, self.autocast = loss, task, label_smoothing, autocast
 
     def forward(self, fbank: torch.Tensor, target: torch.Tensor, soft: bool) -> Dict[str, torch.Tensor]:
+        """The loss summed over the clips (``loss_normaliser`` of the global batch divides it)."""
         with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.classifier(fbank)
         logits = torch.nan_to_num(logits.float())
         if self.loss == "bce":
             total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-            size = target.sum() if self.task == "multilabel" else torch.tensor(float(len(target)), device=target.device)
-            loss = total / size.clamp_min(1e-8)
         elif soft:
-            loss = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            total = -(target * F.log_softmax(logits, dim=-1)).sum()
         else:
-            loss = F.cross_entropy(logits, target.argmax(dim=-1), label_smoothing=self.label_smoothing)
-        return {"loss": loss, "logits": logits.detach()}
+            total = F.cross_entropy(logits, target.argmax(dim=-1), label_smoothing=self.label_smoothing, reduction="sum")
+        return {"loss_sum": total, "logits": logits.detach()}
+
+    def loss_normaliser(self, target: torch.Tensor) -> torch.Tensor:
+        """What the summed loss of these clips is divided by: the sum of the targets for multi-label
+        BCE (the original's sample size), the number of clips otherwise."""
+        if self.loss == "bce" and self.task == "multilabel":
+            return target.sum(dtype=torch.float64)
+        return torch.tensor(float(len(target)), dtype=torch.float64, device=target.device)
 
 
 class FinetuneTrainer:
@@ -625,28 +633,35 @@ class FinetuneTrainer:
 
     # ------------------------------------------------------------------------------ one update
     def train_step(self) -> Dict[str, float]:
+        """One update over the global batch, as the original's one forward of the whole batch: one
+        mixup lambda for all of it (each clip mixed with the reversed batch of its rank: the batch is
+        a random draw, so this pairs clips as the whole batch reversed would, without moving fbanks
+        between ranks), masks drawn per clip, and the loss of every micro batch divided by the
+        normaliser of the global batch."""
         a, t = self.cfg.augment, self.cfg.train
-        sums = torch.zeros(4, dtype=torch.float64)
         lr = max(self.scheduler.get_last_lr())
-        data_s = 0.0
-        for micro in range(self.plan.accumulation):
-            start = time.perf_counter()
-            batch = self.data.next()
-            data_s += time.perf_counter() - start
-            rng = _step_rng(t.seed, 2, self.rank, self.step, micro)
-            fbank, target, lam = mixup(batch["fbank"], batch["target"], a.mixup, a.mixup_prob, rng)
-            fbank = spec_mask(fbank, a.mask_ratio, rng)
-            out = self.engine(fbank, target, soft=a.mixup > 0)
-            self.engine.backward(out["loss"])
+        start = time.perf_counter()
+        batches = [self.data.next() for _ in range(self.plan.accumulation)]
+        data_s = time.perf_counter() - start
+        sizes = [len(b["target"]) for b in batches]
+        fbank, target, lam = mixup(torch.cat([b["fbank"] for b in batches]), torch.cat([b["target"] for b in batches]),
+                                   a.mixup, a.mixup_prob, _step_rng(t.seed, 2, self.step))
+        fbank = spec_mask(fbank, a.mask_ratio, _step_rng(t.seed, 3, self.rank, self.step))
+        normaliser = self.module.loss_normaliser(target)
+        dist.all_reduce(normaliser)
+        # DeepSpeed divides the gradient by the accumulation steps and averages it over the ranks
+        scale = self.world * self.plan.accumulation / float(normaliser.clamp_min(1e-8))
+        loss_sum = 0.0
+        for fb, tg in zip(fbank.split(sizes), target.split(sizes)):
+            out = self.engine(fb, tg, soft=a.mixup > 0)
+            self.engine.backward(out["loss_sum"] * scale)
             self.engine.step()
-            sums[0] += float(out["loss"].detach())
-            sums[1] += lam
-        sums[2] = float(not self.engine.was_step_applied())
-        sums[3] = float(self.stop_signal is not None)
+            loss_sum += float(out["loss_sum"].detach())
+        sums = torch.tensor([loss_sum, float(not self.engine.was_step_applied()), float(self.stop_signal is not None)],
+                            dtype=torch.float64)
         dist.all_reduce(sums)
-        n = self.world * self.plan.accumulation
-        m = {"loss": float(sums[0]) / n, "mixup_lambda": float(sums[1]) / n, "skipped": float(sums[2] > 0),
-             "stop": float(sums[3] > 0), "data_s": data_s, "lr": lr}
+        m = {"loss": float(sums[0]) / float(normaliser.clamp_min(1e-8)), "mixup_lambda": lam,
+             "skipped": float(sums[1] > 0), "stop": float(sums[2] > 0), "data_s": data_s, "lr": lr}
         if not m["skipped"]:
             self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
