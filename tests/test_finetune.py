@@ -300,6 +300,17 @@ def test_finetune_learns_a_separable_toy_task(toy, tmp_path, monkeypatch):
     assert [e["step"] for e in final["evals"]] == [20, 40]
 
 
+def test_evaluation_after_every_epoch_reports_best_and_last(toy, tmp_path, monkeypatch):
+    run_dir = str(tmp_path)
+    assert run_in_process(monkeypatch, toy, run_dir, "train.max_steps=13", "train.eval_every_epochs=1",
+                          "target.reported=last", "checkpoint.every_steps=100") == 0
+    final = json.load(open(os.path.join(run_dir, "final.json")))
+    assert [e["step"] for e in final["evals"]] == [6, 12, 13]  # 48 clips of 8 per update: 6 updates an epoch
+    scores = [e["eval_accuracy"] for e in final["evals"]]
+    assert final["last"] == final["value"] == scores[-1] and final["reported"] == "last"
+    assert final["best"] == max(scores) and final["best_step"] == final["evals"][scores.index(max(scores))]["step"]
+
+
 def sigterm_at(monkeypatch, n):
     original = ft._Engine.forward
     calls = [0]
@@ -399,7 +410,11 @@ def test_runs_repeat_the_recipe_and_summarise(toy, tmp_path, monkeypatch):
                           "target.published={\"mean\": 96.2}", "target.metric=accuracy") == 0
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert sorted(summary["runs"]) == ["1", "2"] and summary["published"] == {"mean": 96.2}
+    finals = [json.load(open(os.path.join(run_dir, fold, "final.json"))) for fold in ("1", "2")]
+    assert summary["reported"] == "best" and [f["value"] for f in finals] == [f["best"] for f in finals]
     assert summary["mean"] == pytest.approx(np.mean(list(summary["runs"].values())))
+    assert summary["mean"] == summary["mean_best"] == pytest.approx(np.mean([f["best"] for f in finals]))
+    assert summary["mean_last"] == pytest.approx(np.mean([f["last"] for f in finals]))
 
 
 def test_config_errors(toy, tmp_path, monkeypatch, caplog):
@@ -452,6 +467,9 @@ def test_shipped_configs_load_and_name_their_published_score(name):
     metric, published = CONFIGS[name]
     assert cfg.target.metric == metric and cfg.target.published == published and cfg.target.source
     assert cfg.data.task == ("multilabel" if metric == "mAP" else "multiclass")
+    assert cfg.fidelity == "recipe" and not cfg.deviations() and cfg.data.min_samples == 10_000
+    assert (cfg.train.eval_every_epochs, cfg.train.eval_every_steps) == (1, 0)  # the original's cadence
+    assert cfg.target.reported == ("last" if name == "linear_spass.json" else "best") and "log" in cfg.target.source
     if name == "finetune_esc50.json":
         assert cfg.runs == ["1", "2", "3", "4", "5"] and "{run}" in cfg.data.dir
     if name == "linear_spass.json":

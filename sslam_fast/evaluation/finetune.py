@@ -38,8 +38,10 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
   targets (the original's sample size). Multi-class: cross entropy (soft targets when mixup is on;
   ``augment.label_smoothing`` otherwise), or with ``train.loss = "bce"`` BCE summed over classes
   (the original's Speech Commands recipe), divided by the clips.
-- Evaluation on ``data.eval_split`` every ``train.eval_every_steps`` and at the end: mAP
-  (multi-label) or accuracy (multi-class), into metrics.jsonl, TensorBoard and ``final.json``.
+- Evaluation on ``data.eval_split`` after every epoch as the original (``train.eval_every_epochs``;
+  or every ``train.eval_every_steps``) and at the end: mAP (multi-label) or accuracy (multi-class),
+  into metrics.jsonl and TensorBoard. ``final.json`` has the last and the best evaluation and, as
+  ``value``, the one ``target.reported`` says the published score is.
 
 ``fidelity = "recipe"`` (the default) refuses every setting ``FinetuneConfig.deviations`` names;
 ``"custom"`` runs them and logs them.
@@ -49,7 +51,8 @@ Every random draw is reproducible: the epoch order from (seed, epoch), per-clip 
 drop path from torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
 exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
 ``{run}`` in ``data.dir`` and ``data.weights_file`` is replaced by each entry and each run
-writes under ``<checkpoint.dir>/<run>``; ``summary.json`` in ``checkpoint.dir`` has them all.
+writes under ``<checkpoint.dir>/<run>``; ``summary.json`` in ``checkpoint.dir`` has them all and
+their means (of the reported values, of the last and of the best evaluations).
 """
 from __future__ import annotations
 
@@ -166,7 +169,8 @@ class FinetuneTrainSection:
     precision: str = "bf16"
     seed: int = 1
     loss: str = "auto"  # "auto" (BCE for multilabel, CE for multiclass), "bce" or "ce"
-    eval_every_steps: int = 0  # 0: only at the end
+    eval_every_steps: int = 0  # 0: only at the end (and eval_every_epochs)
+    eval_every_epochs: int = 0  # the original evaluates after every epoch (1); an epoch = its clips // global_batch updates
     eval_batch: int = 32
     max_bad_steps: int = 20
 
@@ -177,6 +181,8 @@ class FinetuneTrainSection:
             raise ConfigError(f"{where}.precision: must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.loss not in ("auto", "bce", "ce"):
             raise ConfigError(f"{where}.loss: must be 'auto', 'bce' or 'ce', got {self.loss!r}")
+        if self.eval_every_steps < 0 or self.eval_every_epochs < 0:
+            raise ConfigError(f"{where}.eval_every_steps: eval_every_steps and eval_every_epochs must be >= 0")
         if self.max_steps < 1 and self.epochs < 1:
             raise ConfigError(f"{where}.max_steps: set max_steps or epochs")
 
@@ -217,7 +223,12 @@ class TargetSection:
 
     metric: str = ""  # "mAP" or "accuracy", in percent
     published: Dict[str, float] = field(default_factory=dict)  # "mean" or run name -> score
+    reported: str = "best"  # the evaluation the published score is: "best" of the run's or the "last"
     source: str = ""
+
+    def validate(self, where: str = "target") -> None:
+        if self.reported not in ("best", "last"):
+            raise ConfigError(f"{where}.reported: must be 'best' or 'last', got {self.reported!r}")
 
 
 @dataclass
@@ -236,7 +247,7 @@ class FinetuneConfig:
     fidelity: str = "recipe"
 
     def validate(self, where: str = "config") -> None:
-        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed"):
+        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed", "target"):
             getattr(self, name).validate(f"{where}.{name}")
         if len(set(self.runs)) != len(self.runs):
             raise ConfigError(f"{where}.runs: listed twice")
@@ -600,6 +611,8 @@ class FinetuneTrainer:
             if len(weights) != len(train_kept):
                 raise ConfigError(f"{d.weights_file}: {len(weights)} weights for {len(train_kept)} train clips")
             weights = weights[train_kept]
+        epoch_clips = len(train_manifest) if weights is None else min(d.samples_per_epoch, int((weights > 0).sum()))
+        self.epoch_updates = max(1, epoch_clips // t.global_batch)
         dataset = LabelledClips(train_manifest, train_labels, self.num_classes, d, cfg.augment, t.seed)
         self.loader = FinetuneLoader(dataset, self.plan.micro_batch, t.seed, self.rank, self.world, d.num_workers,
                                      weights=weights, samples_per_epoch=d.samples_per_epoch)
@@ -630,6 +643,12 @@ class FinetuneTrainer:
     @property
     def metric(self) -> str:
         return "mAP" if self.cfg.data.task == "multilabel" else "accuracy"
+
+    def eval_due(self, step: int) -> bool:
+        """Whether ``train.eval_every_steps`` or ``train.eval_every_epochs`` asks for an evaluation after ``step``."""
+        t = self.cfg.train
+        by_epochs = t.eval_every_epochs * self.epoch_updates
+        return bool(t.eval_every_steps and step % t.eval_every_steps == 0 or by_epochs and step % by_epochs == 0)
 
     # ------------------------------------------------------------------------------ one update
     def train_step(self) -> Dict[str, float]:
@@ -747,7 +766,7 @@ class FinetuneTrainer:
             self.bad_in_row = 0
 
     def run(self) -> int:
-        cfg, every = self.cfg, self.cfg.train.eval_every_steps
+        cfg = self.cfg
         reason, status, finished = f"reached {self.max_steps} updates", 0, False
         try:
             with run_session(self):
@@ -759,7 +778,7 @@ class FinetuneTrainer:
                     self._guard(m)
                     m["bad_steps"] = self.bad_total
                     self.log.step(self.step, m, data_s, time.perf_counter() - start - data_s)
-                    if every and self.step % every == 0 and self.step < self.max_steps and not m["skipped"]:
+                    if self.eval_due(self.step) and self.step < self.max_steps and not m["skipped"]:
                         self.evaluate()
                     if stop:
                         reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
@@ -782,7 +801,10 @@ class FinetuneTrainer:
 
     def _write_final(self) -> None:
         key = f"eval_{self.metric}"
-        final = {"metric": self.metric, "value": self.evals[-1][key], "best": max(e[key] for e in self.evals),
+        best = max(self.evals, key=lambda e: e[key])
+        reported = self.cfg.target.reported
+        final = {"metric": self.metric, "last": self.evals[-1][key], "best": best[key], "best_step": best["step"],
+                 "reported": reported, "value": best[key] if reported == "best" else self.evals[-1][key],
                  "step": self.step, "evals": self.evals, "checkpoint": self.last_checkpoint}
         with open(os.path.join(self.run_dir, "final.json"), "w", encoding="utf-8") as f:
             json.dump(final, f, indent=1)
@@ -808,9 +830,12 @@ def run_finetune(cfg: FinetuneConfig, device: torch.device) -> int:
             return status
         results[run] = read_final(one.checkpoint.dir)
     if dist.get_rank() == 0 and all(results.values()):
-        values = [r["value"] for r in results.values()]
-        summary = {"metric": results[cfg.runs[0]]["metric"], "runs": {k: v["value"] for k, v in results.items()},
-                   "mean": float(np.mean(values)), "published": cfg.target.published, "source": cfg.target.source}
+        summary = {"metric": results[cfg.runs[0]]["metric"], "reported": cfg.target.reported,
+                   "runs": {k: v["value"] for k, v in results.items()},
+                   "mean": float(np.mean([r["value"] for r in results.values()])),
+                   "mean_last": float(np.mean([r["last"] for r in results.values()])),
+                   "mean_best": float(np.mean([r["best"] for r in results.values()])),
+                   "published": cfg.target.published, "source": cfg.target.source}
         with open(os.path.join(cfg.checkpoint.dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         logger.info("summary: %s", json.dumps(summary))
