@@ -170,6 +170,17 @@ def original_group_lr(step, peak, min_lr=1e-6, warmup=4000, total=40_000):
     return min_lr + 0.5 * (peak - min_lr) * (1 + np.cos(np.pi * t))
 
 
+# The SSLAM AS-20K fine-tuning log (tb/train_inner of SSLAM_Finetune/SSLAM_Ft_AS20K in ta012/SSLAM):
+# LR of the group at 5e-5 * 0.65 ** k after an update, as logged (float32)
+PUBLISHED_AS20K_LR = {
+    12: [(200, 2.844004427515756e-07), (22000, 2.844004427515756e-07), (39800, 2.844004427515756e-07)],
+    9: [(200, 1.0017797649197746e-06), (10000, 1.0332112196920207e-06), (39800, 1.000002725959348e-06)],
+    4: [(200, 1.3962655884824926e-06), (2000, 4.96265647598193e-06), (10000, 8.394416909141e-06)],
+    0: [(200, 3.4499998946557753e-06), (2000, 2.5499999537714757e-05), (10000, 4.671762144425884e-05),
+        (39800, 1.0037314268629416e-06)],
+}
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of")
 def test_each_layer_decay_group_runs_the_original_schedule():
     model = ft.build_classifier(ft.FinetuneModelSection(encoder=dict(ENCODER, depth=12, average_top_k_layers=12)), 5)
@@ -188,6 +199,10 @@ def test_each_layer_decay_group_runs_the_original_schedule():
         for g in groups:
             assert g["lr"] == pytest.approx(original_group_lr(step, g["initial_lr"]), rel=1e-9, abs=0), (step, g["initial_lr"])
     assert sorted({g["lr"] for g in groups}) == pytest.approx(flat + [1e-6])  # the floor is absolute
+    lambdas = dict(zip((g["initial_lr"] for g in groups), ft.group_lr_lambdas(groups, o, 40_000)))
+    for k, logged in PUBLISHED_AS20K_LR.items():
+        peak = next(p for p in lambdas if p == pytest.approx(5e-5 * 0.65 ** k))
+        assert [peak * lambdas[peak](step) for step, _ in logged] == pytest.approx([lr for _, lr in logged], rel=1e-6)
     scaled = ft.group_lr_lambdas(groups, ft.FinetuneOptimSection(lr=5e-5, lr_floor="scaled", warmup_steps=4000), 40_000)
     assert [f(0) for f in scaled] == [0.0] * len(groups) and scaled[0](40_000) == pytest.approx(1e-6 / 5e-5)
 

@@ -356,7 +356,7 @@ def group_lr_lambdas(groups: List[Dict[str, Any]], o: "FinetuneOptimSection", to
     def relative(peak: float) -> Callable[[int], float]:
         return lambda step: group_learning_rate(step, peak, o.min_lr, o.warmup_steps, total) / peak if peak > 0 else 1.0
 
-    return [relative(g["lr"]) for g in groups]
+    return [relative(o.lr * g["lr_scale"]) for g in groups]
 
 
 # ============================================================================== augmentation
