@@ -231,6 +231,61 @@ def test_recipe_fidelity_refuses_deviations_and_custom_names_them():
         assert len(cfg.deviations()) == 1 and override.split("=")[0] in cfg.deviations()[0]
 
 
+def test_classifier_reads_the_cls_token():
+    torch.manual_seed(0)
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER, drop_path=0.0), 5).eval()
+    with torch.no_grad():
+        model.head_norm.weight.uniform_(0.5, 1.5)
+        fbank = torch.randn(3, 1, 96, 128)
+        tokens = model.encoder(fbank)
+        logits = model(fbank)
+        assert torch.allclose(logits, model.head(model.head_norm(tokens[:, 0])), atol=1e-6)
+        assert not torch.allclose(logits, model.head(model.head_norm(tokens[:, 1:].mean(1))), atol=1e-3)
+
+
+def test_the_defaults_are_the_published_recipe():
+    cfg = ft.FinetuneConfig()
+    m, a, o = cfg.model, cfg.augment, cfg.optim
+    assert (m.layer_decay, m.drop_path, m.head_norm_eps) == (0.65, 0.1, 1e-6)
+    assert (a.mixup, a.mixup_prob, a.mask_ratio, a.roll) == (0.8, 0.9, 0.2, True)
+    assert (o.lr, o.min_lr, tuple(o.betas), o.weight_decay, o.lr_floor, o.decay_exclusions) == (
+        5e-5, 1e-6, (0.9, 0.95), 0.05, "absolute", False)
+    assert (cfg.data.min_samples, cfg.fidelity) == (10_000, "recipe")
+
+
+@pytest.mark.parametrize("loss,task", [("bce", "multilabel"), ("bce", "multiclass"), ("ce", "multiclass")])
+def test_losses_and_their_normalisers_follow_the_original(loss, task):
+    torch.manual_seed(0)
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER, drop_path=0.0), 4).eval()
+    engine = ft._Engine(model, loss, task, label_smoothing=0.1, autocast=None)
+    fbank = torch.randn(6, 1, 96, 128)
+    target = torch.eye(4)[[0, 1, 2, 3, 0, 1]]
+    if task == "multilabel":
+        target[[0, 2], 3] = 1.0
+    with torch.no_grad():
+        logits = model(fbank)
+        if loss == "bce":
+            expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        else:
+            expected = 6 * torch.nn.functional.cross_entropy(logits, target.argmax(1), label_smoothing=0.1)
+        soft = -(target * torch.log_softmax(logits, -1)).sum()
+        assert float(engine(fbank, target, soft=False)["loss_sum"]) == pytest.approx(float(expected), rel=1e-5)
+        if loss == "ce":
+            assert float(engine(fbank, target, soft=True)["loss_sum"]) == pytest.approx(float(soft), rel=1e-5)
+    assert float(engine.loss_normaliser(target)) == (8.0 if task == "multilabel" else 6.0)  # the targets' sum, or clips
+
+
+def test_roll_augmentation_gain_is_beta_10_10_plus_half():
+    wave = torch.arange(1.0, 101.0)
+    for seed in range(5):
+        draws = np.random.default_rng(seed)
+        shift, gain = int(draws.integers(100)), draws.beta(10, 10) + 0.5
+        assert torch.allclose(ft.roll_waveform(wave, np.random.default_rng(seed)), torch.roll(wave, shift) * gain)
+    rng = np.random.default_rng(0)
+    gains = [float(ft.roll_waveform(torch.ones(8), rng)[0]) for _ in range(4000)]
+    assert 0.5 < min(gains) and max(gains) < 1.5 and abs(np.mean(gains) - 1.0) < 0.01  # Beta(10, 10) has mean 0.5
+
+
 def test_augmentations():
     rng = np.random.default_rng(0)
     x = torch.ones(16, 1, 96, 128)
