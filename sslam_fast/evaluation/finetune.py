@@ -18,16 +18,18 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
   ``layer_decay ** (L - i)`` (the last block 0.65, the first 0.65^12 for ViT-B); the patch
   embedding, CLS token, input LayerNorm and the head keep the full LR. Each of those groups runs
   the original's own fairseq cosine schedule (``group_learning_rate``): linear warmup from
-  ``optim.min_lr`` to its peak, cosine down to ``optim.min_lr`` itself; a group whose peak is below
-  ``min_lr`` stays at its peak (``optim.lr_floor = "scaled"``, one multiplier for all, is a deviation).
+  ``optim.min_lr`` to its peak, cosine down to ``optim.min_lr`` itself; a group whose peak is
+  below ``min_lr`` stays at its peak (``optim.lr_floor = "scaled"``, one multiplier for all, is a
+  deviation).
 - Data: a fairseq task directory (``data.dir``: ``<split>.tsv``, ``<split>.lbl``,
   ``label_descriptors.csv``); entries the manifest lists under ``data.min_samples`` (10,000)
-  samples are left out of both splits, as the original's datasets do. Per clip in training: roll augmentation (the waveform rolled by a
-  random offset and scaled by Beta(10, 10) + 0.5), optionally the SPC-2 noise (uniform noise on the
-  fbank, a time shift of up to 10 frames). ``data.weights_file`` switches to balanced sampling: each
-  epoch draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those
-  weights without replacement
-  (``sslam_fast.evaluation.sampling``; ``sslam-fast balanced-weights`` writes the file).
+  samples are left out of both splits, as the original's datasets do. Per clip in training: roll
+  augmentation (the waveform rolled by a random offset and scaled by Beta(10, 10) + 0.5),
+  optionally the SPC-2 noise (uniform noise on the fbank, a time shift of up to 10 frames).
+  ``data.weights_file`` (one weight per manifest line) switches to balanced sampling: each epoch
+  draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those weights
+  without replacement (``sslam_fast.evaluation.sampling``; ``sslam-fast balanced-weights`` writes
+  the file).
 - Per global batch in training, as the original's single-GPU forward of the whole batch: mixup
   (one lambda ~ Beta(a, a) with a = ``augment.mixup``, applied with probability
   ``augment.mixup_prob``, each clip mixed with its rank's share of the batch reversed, targets
@@ -47,9 +49,9 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
 ``"custom"`` runs them and logs them.
 
 Every random draw is reproducible: the epoch order from (seed, epoch), per-clip augmentation from
-(seed, epoch, position, clip), the mixup lambda from (seed, step), the masks from (seed, rank, step),
-drop path from torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
-exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
+(seed, epoch, position, clip), the mixup lambda from (seed, step), the masks from (seed, rank,
+step), drop path from torch's global generator, which is checkpointed. A resumed run repeats the
+uninterrupted one exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
 ``{run}`` in ``data.dir`` and ``data.weights_file`` is replaced by each entry and each run
 writes under ``<checkpoint.dir>/<run>``; ``summary.json`` in ``checkpoint.dir`` has them all and
 their means (of the reported values, of the last and of the best evaluations).
