@@ -105,6 +105,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for one .npy per input, or a .npz file for all")
     p.add_argument("--batch-size", type=int, default=8, help="1024-frame windows per forward")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
 
 
 def _report_bad(bad) -> None:
@@ -116,7 +117,7 @@ def _extract_run(args: argparse.Namespace) -> int:
     from .released.tools import extract_files
 
     written, bad = extract_files(args.checkpoint, args.inputs, args.output, args.granularity, args.which,
-                                 args.batch_size, args.device)
+                                 args.batch_size, args.device, max_seconds=args.max_seconds)
     _report_bad(bad)
     print(f"wrote features of {len(written)} files to {args.output}; {len(bad)} skipped")
     return 1 if bad else 0
@@ -129,6 +130,7 @@ def _tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
 
 
 def _tag_run(args: argparse.Namespace) -> int:
@@ -136,7 +138,7 @@ def _tag_run(args: argparse.Namespace) -> int:
 
     from .released.tools import tag_files
 
-    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device)
+    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device, max_seconds=args.max_seconds)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -8,9 +8,12 @@ checked against arrays that the real torchaudio produced (tests/fixtures/golden/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import re
+import stat
 from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
@@ -28,6 +31,13 @@ PREEMPHASIS = 0.97
 LOW_FREQ = 20.0
 # The longest clip we agree to decode (samples at the file's own rate): one hour at 48 kHz.
 MAX_SAMPLES = 48000 * 3600
+# The longest clip the loader, check-data, extract, tag and HEAR accept by default.
+MAX_SECONDS = 600.0
+# Sample rates a file may declare; outside this range a header is broken or hostile.
+MIN_RATE, MAX_RATE = 1000, 384000
+# Largest |sample| accepted after resampling. Audio is scaled to [-1, 1]; below this bound the fbank
+# (power <= (512 * 1e4)^2) stays finite in float32, above it a float file's samples are not audio.
+MAX_AMPLITUDE = 1e4
 
 PathOrFile = Union[str, os.PathLike, BinaryIO]
 
@@ -50,37 +60,75 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
     """Read wav/flac/ogg/mp3 and average channels: returns (float32 [N] mono, sample rate).
 
     Raises AudioError for a missing, unreadable, empty, non-finite or too long file (more than
-    `max_samples` samples, or more than `max_seconds` at the file's own rate when given). The file
-    is opened once; 16-bit PCM is read as int16 and scaled by 2**-15 here, which gives exactly
+    `max_samples` samples, or more than `max_seconds` at the file's own rate when given), for
+    anything but a regular file, a sample rate outside MIN_RATE..MAX_RATE and samples beyond
+    +-MAX_AMPLITUDE (whose features would overflow to Inf/NaN). The file is opened once; 16-bit PCM is read as int16 and scaled by 2**-15 here, which gives exactly
     libsndfile's float32 samples at a third of its cost.
     """
-    import soundfile as sf
-
     try:
-        with sf.SoundFile(path) as f:
-            rate = int(f.samplerate)
+        with _regular_file(path) as f:
+            rate = _check_rate(path, f.samplerate)
             _check_limit(path, f.frames, rate, max_samples, max_seconds)
             pcm16 = f.subtype == "PCM_16"
             data = f.read(dtype="int16" if pcm16 else "float32", always_2d=True)
     except AudioError:
         raise
     except Exception as err:  # libsndfile reports missing, truncated and foreign files alike
-        raise AudioError(path, f"cannot decode: {err}") from err
+        raise AudioError(path, _reason(err)) from err
     if data.shape[0] == 0:
         raise AudioError(path, "no samples")
     if pcm16:
         data = data.astype(np.float32)
         data *= np.float32(1.0 / 32768.0)
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not pcm16 and not np.isfinite(mono).all():
-        raise AudioError(path, "NaN or Inf samples")
+    if not pcm16:
+        peak = float(np.abs(mono).max())
+        if not np.isfinite(peak):
+            raise AudioError(path, "NaN or Inf samples")
+        if peak > MAX_AMPLITUDE:
+            raise AudioError(path, f"samples up to {peak:.3g}, beyond +-{MAX_AMPLITUDE:g}: not audio scaled to [-1, 1]")
     return np.ascontiguousarray(mono), rate
+
+
+@contextlib.contextmanager
+def _regular_file(source: PathOrFile):
+    """An open libsndfile handle of `source`, which must be a regular file when given by path.
+    The descriptor is opened without blocking and checked itself: a FIFO or a device named in a
+    manifest would otherwise block or stream for ever."""
+    import soundfile as sf
+
+    if not isinstance(source, (str, os.PathLike)):
+        with sf.SoundFile(source) as f:
+            yield f
+        return
+    try:
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise AudioError(source, f"cannot open: {err.strerror}") from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AudioError(source, "not a regular file")
+        with sf.SoundFile(fd, closefd=False) as f:
+            yield f
+    finally:
+        os.close(fd)
+
+
+def _reason(err: Exception) -> str:
+    """libsndfile's own message, without the file descriptor or file object it was opened from."""
+    return f"cannot decode: {getattr(err, 'error_string', err)}"
+
+
+def _check_rate(path, rate) -> int:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(path, f"sample rate {rate} Hz outside the supported {MIN_RATE}-{MAX_RATE} Hz")
+    return int(rate)
 
 
 def _check_limit(path, frames: int, rate: int, max_samples: int, max_seconds: Optional[float]) -> None:
     limit = max_samples if max_seconds is None else min(max_samples, int(max_seconds * rate))
     if frames > limit:
-        raise AudioError(path, f"{frames} samples, more than the limit {limit}")
+        raise AudioError(path, f"{frames / rate:.1f} s ({frames} samples at {rate} Hz), longer than the limit of {limit / rate:.1f} s")
 
 
 def check_length_16k(path, length: int) -> None:
@@ -97,24 +145,26 @@ def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_sec
     no samples, is over the length limits of `decode`, or is shorter than one frame at 16 kHz.
     Truncated data and NaN/Inf samples only show when decoding.
     """
-    import soundfile as sf
-
     path = source if path is None else path
     try:
-        info = sf.info(source)
-    except Exception as err:  # libsndfile names a file object by its repr; name the file
-        raise AudioError(path, f"cannot decode: {str(err).replace(repr(source), str(path))}") from err
-    rate = int(info.samplerate)
-    if info.frames <= 0:
+        with _regular_file(source) as f:
+            frames, rate, container = f.frames, f.samplerate, f.format
+    except AudioError as err:
+        raise AudioError(path, err.reason) from err
+    except Exception as err:
+        raise AudioError(path, _reason(err)) from err
+    rate = _check_rate(path, rate)
+    if frames <= 0:
         raise AudioError(path, "no samples")
-    _check_limit(path, info.frames, rate, max_samples, max_seconds)
-    check_length_16k(path, resampled_length(info.frames, rate, SAMPLE_RATE))
-    return int(info.frames), rate, str(info.format)
+    _check_limit(path, frames, rate, max_samples, max_seconds)
+    check_length_16k(path, resampled_length(frames, rate, SAMPLE_RATE))
+    return int(frames), rate, str(container)
 
 
-def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """File -> mono float32 waveform [N] at `sample_rate` (channels averaged first, then resampled)."""
-    mono, rate = decode(path)
+def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[float] = None) -> torch.Tensor:
+    """File -> mono float32 waveform [N] at `sample_rate` (channels averaged first, then resampled);
+    a file longer than `max_seconds` is an AudioError."""
+    mono, rate = decode(path, max_seconds=max_seconds)
     return resample(torch.from_numpy(mono), rate, sample_rate)
 
 
@@ -123,7 +173,16 @@ def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
+# The polyphase kernels hold about new * orig taps for the reduced ratio orig / new (a 16,001 Hz file
+# has orig = 16001, new = 16000): above this many taps a rate is resampled by `_resample_direct`.
+MAX_KERNEL_TAPS = 1 << 20
+
+
+def _kernel_taps(orig: int, new: int, width_taps: int, rolloff: float) -> int:
+    return new * (2 * math.ceil(width_taps * orig / (min(orig, new) * rolloff)) + orig)
+
+
+@functools.lru_cache(maxsize=16)
 def _sinc_kernel(orig: int, new: int, width_taps: int, rolloff: float, device: str, dtype: torch.dtype):
     """Polyphase Hann-windowed sinc kernel [new, 1, 2*width + orig], built in the waveform's dtype as
     torchaudio builds it, so that even its rounding matches."""
@@ -140,7 +199,7 @@ def _sinc_kernel(orig: int, new: int, width_taps: int, rolloff: float, device: s
     return kernel, width
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _block_kernel(orig: int, new: int, width_taps: int, rolloff: float, dtype: torch.dtype):
     """The polyphase kernel as one banded matrix [R, P * new] for the CPU: a row of R input samples
     (starting at a multiple of P * orig) times it gives P consecutive output blocks of `new` samples.
@@ -177,6 +236,31 @@ def _conv1d_fp32(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> torch.Te
         return F.conv1d(x, kernel, stride=stride)
 
 
+def _resample_direct(flat: torch.Tensor, orig: int, new: int, width_taps: int, rolloff: float, n_out: int) -> torch.Tensor:
+    """The same windowed sinc as `_sinc_kernel`, evaluated at each output's own position instead of
+    tabulated per phase: output k sits at input sample k * orig / new (split exactly into an integer
+    and a fraction) and takes 2 * width + 2 neighbours. Memory and time grow with the number of
+    outputs and taps, never with the reduced ratio's numerator. Equal to the polyphase path up to
+    float rounding."""
+    base = min(orig, new) * rolloff
+    width = math.ceil(width_taps * orig / base)
+    device = flat.device
+    offsets = torch.arange(-width, width + 2, dtype=torch.float64, device=device)
+    padded = F.pad(flat, (width, width + 2))
+    out = flat.new_empty(flat.shape[0], n_out)
+    step = max(1, (1 << 16) // (len(offsets) * flat.shape[0]))  # temporaries of 512 kB stay in the cache and the heap
+    for start in range(0, n_out, step):
+        k = torch.arange(start, min(start + step, n_out), dtype=torch.int64, device=device) * orig
+        first, fraction = torch.div(k, new, rounding_mode="floor"), (k % new).to(torch.float64) / new
+        t = ((offsets[None] - fraction[:, None]) * (base / orig)).float().clamp_(-width_taps, width_taps)
+        window = torch.cos(t * (math.pi / width_taps / 2)) ** 2
+        t *= math.pi
+        weights = torch.where(t == 0, torch.ones_like(t), t.sin() / t) * window * (base / orig)
+        index = first[:, None] + torch.arange(len(offsets), device=device)[None]
+        out[:, start : start + len(k)] = (padded[:, index] * weights.to(flat.dtype)).sum(-1)
+    return out
+
+
 def resampled_length(length: int, orig_freq: int, new_freq: int) -> int:
     """Samples after resampling `length` samples from orig_freq to new_freq (ceil, as torchaudio)."""
     g = math.gcd(int(orig_freq), int(new_freq))
@@ -207,7 +291,9 @@ def resample(
     shape = waveform.shape
     flat = waveform.reshape(-1, shape[-1])
     n_out = resampled_length(shape[-1], orig, new)
-    if _use_block_kernel(waveform, orig, new, lowpass_filter_width, rolloff):
+    if _kernel_taps(orig, new, lowpass_filter_width, rolloff) > MAX_KERNEL_TAPS:
+        out = _resample_direct(flat, orig, new, lowpass_filter_width, rolloff, n_out)
+    elif _use_block_kernel(waveform, orig, new, lowpass_filter_width, rolloff):
         matrix, blocks, width = _block_kernel(orig, new, lowpass_filter_width, rolloff, waveform.dtype)
         rows = max(1, -(-n_out // (blocks * new)))  # output rows of `blocks` blocks each
         length = (rows - 1) * blocks * orig + matrix.shape[0]

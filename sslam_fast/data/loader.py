@@ -32,7 +32,7 @@ from . import audio
 from .manifest import Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
-MAX_SECONDS = 600.0
+MAX_SECONDS = audio.MAX_SECONDS
 
 
 # ----------------------------------------------------------------------------------------------

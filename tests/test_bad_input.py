@@ -1,0 +1,179 @@
+"""Bad input, as a careless user or a hostile file gives it: every case states its outcome (skipped
+and counted, a one-line error naming the file or key, or accepted) and runs under a time limit, so
+that a hang fails the test instead of the CI."""
+
+import contextlib
+import math
+import os
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import write_float_wav
+from sslam_fast.data import audio
+from sslam_fast.data.loader import read_clip
+from sslam_fast.data.tools import check_manifest
+
+sf = pytest.importorskip("soundfile", reason="the loader reads files with soundfile")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Fail with TimeoutError (instead of hanging) when the body runs longer than `seconds`; SIGALRM
+    also interrupts a blocking open() of a FIFO."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tone(rate: int, seconds: float, amplitude: float = 0.5, freq: float = 1000.0) -> np.ndarray:
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- audio files
+
+
+def _truncated(path):
+    write_float_wav(path, tone(16000, 1.0), 16000)
+    with open(path, "r+b") as f:
+        f.truncate(30)
+
+
+def _device(path):
+    os.symlink("/dev/zero", path)
+
+
+# name -> (how to make it, None when accepted or the reason's expected text when skipped)
+AUDIO_CASES = {
+    "good_16k.wav": (lambda p: write_float_wav(p, tone(16000, 1.0), 16000), None),
+    "good_prime_16001.wav": (lambda p: write_float_wav(p, tone(16001, 1.0), 16001), None),
+    "good_1khz.wav": (lambda p: write_float_wav(p, tone(1000, 1.0, freq=200.0), 1000), None),
+    "header_999983hz.wav": (lambda p: write_float_wav(p, tone(16000, 1.0), 999983), "sample rate 999983 Hz outside the supported 1000-384000 Hz"),
+    "header_1hz.wav": (lambda p: write_float_wav(p, np.zeros(1000, np.float32), 1), "sample rate 1 Hz outside"),
+    "huge_float.wav": (lambda p: write_float_wav(p, np.full(16000, 3e37, np.float32), 16000), "samples up to 3e+37, beyond +-10000: not audio scaled to [-1, 1]"),
+    "nan.wav": (lambda p: write_float_wav(p, np.array([0.1, np.nan] * 8000, np.float32), 16000), "NaN or Inf samples"),
+    "inf.wav": (lambda p: write_float_wav(p, np.array([0.1, np.inf] * 8000, np.float32), 16000), "NaN or Inf samples"),
+    "empty.wav": (lambda p: sf.write(p, np.zeros(0, np.float32), 16000), "no samples"),
+    "short.wav": (lambda p: write_float_wav(p, np.zeros(100, np.float32), 16000), "shorter than one 25 ms frame"),
+    "too_long.wav": (lambda p: write_float_wav(p, np.zeros(16000 * 5, np.float32), 16000), "5.0 s (80000 samples at 16000 Hz), longer than the limit of 4.0 s"),
+    "truncated.wav": (_truncated, "cannot decode"),
+    "text.wav": (lambda p: open(p, "w").write("not audio\n" * 100), "cannot decode: Format not recognised"),
+    "fifo.wav": (os.mkfifo, "not a regular file"),
+    "device.wav": (_device, "not a regular file"),
+    "folder.wav": (os.mkdir, "not a regular file"),
+    "missing.wav": (lambda p: None, "cannot open: No such file or directory"),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_audio")
+    for name, (make, _) in AUDIO_CASES.items():
+        make(str(root / name))
+    manifest = root / "all.tsv"
+    manifest.write_text(f"{root}\n" + "".join(f"{name}\t0\n" for name in AUDIO_CASES))
+    return root, manifest
+
+
+@pytest.mark.parametrize("name", sorted(AUDIO_CASES))
+def test_every_broken_file_is_an_audio_error_or_accepted(corpus, name):
+    """The loader's read_clip: one AudioError naming the file and why, within seconds (a FIFO or a
+    device never blocks; an odd rate never allocates gigabytes), or a finite 16 kHz clip."""
+    root, _ = corpus
+    path = str(root / name)
+    expected = AUDIO_CASES[name][1]
+    with time_limit(20):
+        if expected is None:
+            wave = read_clip(path, max_seconds=4.0)
+            assert wave.shape == (16000,) and torch.isfinite(wave).all()
+            assert torch.isfinite(audio.kaldi_fbank(wave)).all()
+        else:
+            with pytest.raises(audio.AudioError) as caught:
+                read_clip(path, max_seconds=4.0)
+            assert caught.value.path == path and expected in caught.value.reason
+            if name not in ("nan.wav", "inf.wav", "huge_float.wav", "truncated.wav"):  # these show only when decoding
+                with pytest.raises(audio.AudioError, match=re.escape(expected)):
+                    audio.probe(path, max_seconds=4.0)
+
+
+def test_check_data_lists_and_counts_every_broken_file(corpus):
+    """check-data's pass (the loader's read_clip in order): each bad entry listed once with its reason,
+    the good ones not, under a time limit."""
+    _, manifest = corpus
+    with time_limit(60):
+        checked, bad = check_manifest(str(manifest), num_workers=0, max_seconds=4.0)
+    reasons = {checked.paths[index]: reason for index, reason in bad}
+    want = {name: expected for name, (_, expected) in AUDIO_CASES.items() if expected is not None}
+    assert sorted(reasons) == sorted(want)
+    for name, expected in want.items():
+        assert expected in reasons[name], (name, reasons[name])
+
+
+# ---------------------------------------------------------------------------------------------- resampler
+
+
+def _peak_rss_bytes(fn) -> int:
+    """Peak resident memory that `fn()` added to this process (Linux: VmHWM reset through clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+# 1 kHz to 384 kHz: the usual rates, primes next to 1 kHz, 16 kHz and 384 kHz, the issue's 16,001 Hz
+ODD_AND_USUAL_RATES = [1000, 1009, 8000, 11025, 15991, 16001, 16007, 22050, 44100, 48000, 96000, 192000, 383987, 384000]
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_resampler_memory_and_time_are_bounded_at_every_rate():
+    """1 s of audio at each rate: the resampler's peak memory stays under 64 MB (before: 4.4 GB and
+    20 s for 1 s at 16,001 Hz, 64 GB at 999,983 Hz) and the kernel cache holds no rate whose
+    tabulated kernel would be large."""
+    peaks = {}
+    for rate in ODD_AND_USUAL_RATES:
+        x = torch.from_numpy(tone(rate, 1.0))
+        start = time.perf_counter()
+        with time_limit(30):
+            peaks[rate] = _peak_rss_bytes(lambda: audio.resample(x, rate, 16000))
+        assert time.perf_counter() - start < 30
+    assert max(peaks.values()) < 64 << 20, {r: f"{p / 2**20:.1f} MB" for r, p in peaks.items()}
+    largest_cached = audio.MAX_KERNEL_TAPS * 4 * audio._sinc_kernel.cache_info().maxsize
+    assert largest_cached <= 64 << 20
+
+
+@pytest.mark.parametrize("rate", [11025, 22050, 44100])
+def test_direct_resampler_equals_the_polyphase_kernel(rate):
+    """The path for large reduced ratios evaluates the same windowed sinc: within float rounding of the
+    polyphase path computed in float64 (torchaudio's float32 kernel itself is 1e-4 off it)."""
+    x = torch.from_numpy(np.random.default_rng(rate).uniform(-1, 1, (2, 3 * rate + 7)))
+    g = math.gcd(rate, 16000)
+    want = audio.resample(x, rate, 16000)
+    got = audio._resample_direct(x.float(), rate // g, 16000 // g, 6, 0.99, want.shape[-1])
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("rate", [1009, 15991, 16001, 383987])
+def test_prime_rates_resample_a_tone_faithfully(rate):
+    """A 1 kHz tone at a prime rate comes out as the 1 kHz tone at 16 kHz (away from the edges)."""
+    got = audio.resample(torch.from_numpy(tone(rate, 1.0, freq=200.0 if rate < 2000 else 1000.0)), rate, 16000)
+    want = torch.from_numpy(tone(16000, 1.0, freq=200.0 if rate < 2000 else 1000.0))
+    assert got.shape[0] == audio.resampled_length(rate, rate, 16000)
+    torch.testing.assert_close(got[400:-400], want[400 : got.shape[0] - 400], rtol=0, atol=2e-3)
