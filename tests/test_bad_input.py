@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import torch
 
 from helpers import write_float_wav
 from sslam_fast.data import audio
-from sslam_fast.data.loader import read_clip
+from sslam_fast.data import ManifestError, build_loader, epoch_order, load_manifest
+from sslam_fast.data.loader import LOGGED_SKIPS, NoClipsError, read_clip
 from sslam_fast.data.tools import check_manifest
 
 sf = pytest.importorskip("soundfile", reason="the loader reads files with soundfile")
@@ -177,3 +179,65 @@ def test_prime_rates_resample_a_tone_faithfully(rate):
     want = torch.from_numpy(tone(16000, 1.0, freq=200.0 if rate < 2000 else 1000.0))
     assert got.shape[0] == audio.resampled_length(rate, rate, 16000)
     torch.testing.assert_close(got[400:-400], want[400 : got.shape[0] - 400], rtol=0, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------- manifests and the loader
+
+
+def _missing_manifest(tmp_path, entries: int, good: Sequence[int] = ()):
+    """A manifest of `entries` files under an existing root, of which only those in `good` exist."""
+    for i in good:
+        write_float_wav(str(tmp_path / f"{i}.wav"), tone(16000, 0.5), 16000)
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{tmp_path}\n" + "".join(f"{i}.wav\t8000\n" for i in range(entries)))
+    return str(manifest)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_stops_when_no_entry_gives_a_clip(tmp_path, caplog, num_workers):
+    """Every entry missing (the root exists, so preflight passes): one NoClipsError naming the
+    manifest and the first failures after one pass, not an endless skip loop; the log holds the first
+    LOGGED_SKIPS paths and no more."""
+    manifest = _missing_manifest(tmp_path, 50)
+    loader = build_loader(manifest, batch_size=2, backend="torch", num_workers=num_workers)
+    with time_limit(60), pytest.raises(NoClipsError) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    assert message.startswith(f"{manifest}: none of 50 entries in a row gave a clip (rank 0)")
+    assert "cannot open: No such file or directory" in message and message.count(".wav") == 3
+    assert loader.num_skipped == 50
+    assert 0 < len([r for r in caplog.records if r.name == "sslam_fast.data.loader"]) <= LOGGED_SKIPS
+
+
+def test_loader_stops_after_max_skips_in_a_row_and_accepts_shorter_runs(tmp_path):
+    """`max_skips_in_a_row` bad entries in a row stop the loader even though good ones follow; runs of
+    bad entries shorter than that are skipped and counted."""
+    manifest = _missing_manifest(tmp_path, 40, good=epoch_order(40, seed=0, epoch=0)[::4])  # 3 bad between good ones
+    loader = build_loader(manifest, batch_size=2, backend="torch", num_workers=0, infinite=False, max_skips_in_a_row=4)
+    with time_limit(60):
+        batches = list(loader)
+    assert len(batches) == 5 and loader.num_skipped == 30
+    strict = build_loader(manifest, batch_size=2, backend="torch", num_workers=0, max_skips_in_a_row=2)
+    with time_limit(60), pytest.raises(NoClipsError, match="none of 2 entries in a row"):
+        take = iter(strict)
+        for _ in range(10):
+            next(take)
+
+
+def test_loader_refuses_a_manifest_smaller_than_the_ranks(tmp_path):
+    manifest = _missing_manifest(tmp_path, 1, good=[0])
+    loader = build_loader(manifest, batch_size=1, rank=1, world_size=2, backend="torch", num_workers=0)
+    with time_limit(20), pytest.raises(NoClipsError, match="1 entries for 2 ranks"):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_manifest_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    """A FIFO would block the reader for ever and /dev/zero fill the memory (17 GB before)."""
+    path = str(tmp_path / "train.tsv")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+    with time_limit(10), pytest.raises(ManifestError, match=f"^{re.escape(path)}: not a regular file$"):
+        load_manifest(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -43,8 +44,11 @@ class Manifest:
 
 
 def read_manifest(path: str) -> Manifest:
-    """Parse a fairseq manifest. Raises ManifestError naming file and line for a malformed line."""
-    with open(path, "r", encoding="utf-8") as f:
+    """Parse a fairseq manifest. Raises ManifestError naming file and line for a malformed line, and
+    for anything but a regular file (a FIFO would block, /dev/zero would fill the memory)."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "r", encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ManifestError(f"{path}: not a regular file")
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()

@@ -23,6 +23,7 @@ class DataConfig:
     backend: str = "auto"  # "torch", "dali", or "auto" (DALI where installed)
     num_workers: int = 8
     prefetch: int = 2  # batches read ahead by a background thread while the step computes
+    max_skips_in_a_row: int = 1000  # unreadable entries in a row (or a whole epoch) that stop the run
 
     def validate(self, where: str = "data") -> None:
         if self.prefetch < 1:
