@@ -241,3 +241,85 @@ def test_manifest_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
         os.symlink("/dev/zero", path)
     with time_limit(10), pytest.raises(ManifestError, match=f"^{re.escape(path)}: not a regular file$"):
         load_manifest(path)
+
+
+# ---------------------------------------------------------------------------------------------- configs and metadata
+
+DEMO = "configs/demo.json"
+# --set assignment -> the exact error (None: accepted). Each value passed the old validation and
+# failed later (ZeroDivisionError, NaN, an endless loop, a 10^9-layer model), after the run directory was written.
+CONFIG_CASES = {
+    "logging.every_steps=0": f"{DEMO}.logging.every_steps: 0 is outside [1, inf)",
+    "optim.lr=NaN": f"{DEMO}.optim.lr: expected a finite number, got nan",
+    "optim.lr=0": f"{DEMO}.optim.lr: 0.0 is outside (0, 10]",
+    "optim.min_lr=0.01": f"{DEMO}.optim.min_lr: 0.01 is above {DEMO}.optim.lr=0.0005",
+    "optim.betas=[0.9,1.5]": f"{DEMO}.optim.betas: (0.9, 1.5) is outside [0, 1)",
+    "data.num_workers=-1": f"{DEMO}.data.num_workers: -1 is outside [0, 256]",
+    "data.target_length=0": f"{DEMO}.data.target_length: 0 is outside [1, 65536]",
+    "data.target_length=8": f"{DEMO}.data.target_length: 8 frames, fewer than one patch ({DEMO}.model.patch_size=16)",
+    "data.backend=bogus": f"{DEMO}.data.backend: must be 'auto', 'torch' or 'dali', got 'bogus'",
+    "model.mask_prob=2.5": f"{DEMO}.model.mask_prob: 2.5 is outside [0, 1)",
+    "model.depth=1000000000": f"{DEMO}.model.depth: 1000000000 is outside [1, 256]",
+    "model.num_heads=0": f"{DEMO}.model.num_heads: 0 is outside [1, 1024]",
+    "model.patch_size=0": f"{DEMO}.model.patch_size: 0 is outside [1, 1024]",
+    "model.norm_eps=-1e-6": f"{DEMO}.model.norm_eps: -1e-06 is outside (0, 1]",
+    "model.norm_eps=Infinity": f"{DEMO}.model.norm_eps: expected a finite number, got inf",
+    "train.seed=-1": f"{DEMO}.train.seed: -1 is outside [0, 4294967295]",
+    "train.max_steps=0": f"{DEMO}.train.max_steps: 0 is outside [1, inf)",
+    "checkpoint.keep_last=0": f"{DEMO}.checkpoint.keep_last: 0 is outside [1, inf)",
+    "model.mask_prob=0.5": None,
+    "data.num_workers=0": None,
+}
+
+
+@pytest.mark.parametrize("assignment", sorted(CONFIG_CASES))
+def test_config_values_are_checked_for_range_and_finiteness(assignment):
+    from sslam_fast.config import ConfigError
+    from sslam_fast.trainer.config import load_config
+
+    expected = CONFIG_CASES[assignment]
+    if expected is None:
+        load_config(DEMO, [assignment]).validate()
+        return
+    with pytest.raises(ConfigError) as caught:
+        cfg = load_config(DEMO, [assignment])
+        cfg.validate()  # what the run does next, before it writes anything
+    assert str(caught.value) == expected
+
+
+def _model_config(**changes):
+    values = dict(embed_dim=32, depth=2, num_heads=4, average_top_k_layers=2, decoder_groups=16)
+    values.update(changes)
+    return values
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_heads": 0}, "config.num_heads: 0 is outside [1, 1024]"),
+    ({"patch_size": 0}, "config.patch_size: 0 is outside [1, 1024]"),
+    ({"norm_eps": float("nan")}, "config.norm_eps: expected a finite number, got nan"),
+    ({"norm_eps": -1.0}, "config.norm_eps: -1.0 is outside (0, 1]"),
+])
+def test_released_metadata_is_checked_like_a_config(tmp_path, changes, message):
+    """The model config read from an exported safetensors file's metadata and from a Hugging Face
+    config.json: a bad value is a ConfigError naming the file and the key, not a ZeroDivisionError or
+    a model with non-finite outputs."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sslam_fast.config import ConfigError
+    from sslam_fast.released.formats import SAFETENSORS_FORMAT, read_weights
+
+    own = str(tmp_path / "model.x.safetensors")
+    save_file({"student.cls_token": torch.zeros(1, 1, 32)}, own,
+              metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(_model_config(**changes))})
+    with pytest.raises(ConfigError) as caught:
+        read_weights(own)
+    assert str(caught.value) == f"{own}: {message}"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"model.cls_token": torch.zeros(1, 1, 32)}, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps({"sslam_fast": {"config": _model_config(**changes)}}))
+    with pytest.raises(ConfigError) as caught:
+        read_weights(str(hf))
+    assert str(caught.value) == f"{hf / 'config.json'}: sslam_fast.{message}"

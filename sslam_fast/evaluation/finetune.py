@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import data as _data
-from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
+from ..config import AT_LEAST_0, AT_LEAST_1, EPS, POSITIVE, ConfigError, Range, SSLAMConfig, check_ranges, from_dict, to_dict
 from ..data import audio as _audio
 from ..model import Encoder
 from ..serialization import atomic_save
@@ -87,6 +87,8 @@ class FinetuneModelSection:
     layer_decay: float = 0.65
     head_norm_eps: float = 1e-6
     freeze_encoder: bool = False  # linear evaluation
+
+    RANGES = {"num_classes": AT_LEAST_0, "head_norm_eps": EPS}
 
     def validate(self, where: str = "model") -> None:
         if not 0.0 <= self.drop_path < 1.0:
@@ -129,6 +131,8 @@ class FinetuneDataSection:
     num_workers: int = 8
     prefetch: int = 2
 
+    RANGES = {"norm_std": POSITIVE, "num_workers": Range(0, 256), "prefetch": Range(1, 64)}
+
     def validate(self, where: str = "data") -> None:
         if not self.dir:
             raise ConfigError(f"{where}.dir: set the task directory (train.tsv, train.lbl, eval.tsv, ...)")
@@ -152,6 +156,8 @@ class FinetuneTrainSection:
     eval_every_steps: int = 0  # 0: only at the end
     eval_batch: int = 32
     max_bad_steps: int = 20
+
+    RANGES = {"epochs": AT_LEAST_0, "seed": Range(0, 2**32 - 1), "eval_every_steps": AT_LEAST_0, "max_bad_steps": AT_LEAST_1}
 
     def validate(self, where: str = "train") -> None:
         if self.global_batch < 1 or self.max_micro_batch < 1 or self.eval_batch < 1:
@@ -208,8 +214,11 @@ class FinetuneConfig:
     target: TargetSection = field(default_factory=TargetSection)
 
     def validate(self, where: str = "config") -> None:
-        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed"):
-            getattr(self, name).validate(f"{where}.{name}")
+        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "logging", "deepspeed"):
+            section = getattr(self, name)
+            check_ranges(section, f"{where}.{name}")
+            if hasattr(section, "validate"):
+                section.validate(f"{where}.{name}")
         if len(set(self.runs)) != len(self.runs):
             raise ConfigError(f"{where}.runs: listed twice")
 
