@@ -2,7 +2,8 @@
 extract, tag, export, ...).
 
 A subcommand is registered with `register(name, help, add_arguments, run)`; `run(args)` returns the
-exit status.
+exit status. A project error (bad config, checkpoint, audio, manifest, a missing file) is one line
+`sslam-fast: error: ...` and exit status 1; `--debug` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -244,13 +245,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslam-fast", description="Fast SSLAM / EAT audio self-supervised pretraining")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help, description=help))
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return parser
+
+
+def _project_error(e: BaseException) -> bool:
+    from .config import ConfigError
+    from .data.audio import AudioError
+    from .data.manifest import ManifestError
+    from .serialization import CheckpointError
+
+    return isinstance(e, (ConfigError, CheckpointError, AudioError, ManifestError, OSError))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return SUBCOMMANDS[args.command][2](args)
+    try:
+        return SUBCOMMANDS[args.command][2](args)
+    except Exception as e:
+        if args.debug or not _project_error(e):
+            raise
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"sslam-fast: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -323,3 +323,79 @@ def test_released_metadata_is_checked_like_a_config(tmp_path, changes, message):
     with pytest.raises(ConfigError) as caught:
         read_weights(str(hf))
     assert str(caught.value) == f"{hf / 'config.json'}: sslam_fast.{message}"
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+def run_cli(capsys, *argv):
+    """cli.main in this process, under a time limit: (status, stdout, stderr)."""
+    from sslam_fast import cli
+
+    with time_limit(120):
+        status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, corpus):
+    """Each project error as the user sees it: exactly `sslam-fast: error: ...`, status 1, no
+    traceback and nothing written; --debug raises it instead."""
+    from sslam_fast.data.manifest import ManifestError
+
+    root, _ = corpus
+    missing_dir, out = str(tmp_path / "no_such_dir"), str(tmp_path / "x.tsv")
+    assert run_cli(capsys, "manifest", missing_dir, "-o", out) == (1, "", f"sslam-fast: error: {missing_dir}: no such directory\n")
+    assert not os.path.exists(out)
+    missing = str(tmp_path / "missing.tsv")
+    assert run_cli(capsys, "norm-stats", missing) == (1, "", f"sslam-fast: error: {missing}: no such manifest file or folder\n")
+    fifo = str(root / "fifo.wav")
+    assert run_cli(capsys, "check-data", fifo) == (1, "", f"sslam-fast: error: {fifo}: not a regular file\n")
+    checkpoint = str(tmp_path / "missing.safetensors")
+    assert run_cli(capsys, "export", checkpoint, "--format", "hf", "-o", str(tmp_path / "hf")) == (
+        1, "", f"sslam-fast: error: {checkpoint}: no such checkpoint file\n")
+    with pytest.raises(ManifestError, match="no such manifest file or folder"):
+        run_cli(capsys, "norm-stats", missing, "--debug")
+
+
+def test_train_with_a_bad_value_stops_before_writing(tmp_path, capsys, caplog):
+    run_dir = tmp_path / "run"
+    status, _, _ = run_cli(capsys, "train", "--config", DEMO, "--set", "logging.every_steps=0", "--set", f"checkpoint.dir={run_dir}")
+    assert status == 1 and not run_dir.exists()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"config error: {DEMO}.logging.every_steps: 0 is outside [1, inf)"]
+
+
+def test_extract_skips_broken_files_and_writes_the_good_ones(tmp_path, capsys, corpus):
+    """Before, one 999,983 Hz header stopped extract with a traceback and no features at all."""
+    from helpers import tiny_model
+    from released_builders import original_pretraining
+
+    root, _ = corpus
+    checkpoint = str(tmp_path / "pretrain.pt")
+    torch.save(original_pretraining(tiny_model().eval()), checkpoint)
+    names = ["good_16k.wav", "header_999983hz.wav", "huge_float.wav", "fifo.wav", "too_long.wav", "good_prime_16001.wav"]
+    out = tmp_path / "features"
+    status, stdout, stderr = run_cli(capsys, "extract", *[str(root / n) for n in names], "--checkpoint", checkpoint,
+                                     "-o", str(out), "--device", "cpu", "--max-seconds", "4")
+    assert status == 1 and stdout == f"wrote features of 2 files to {out}; 4 skipped\n"
+    assert sorted(os.listdir(out)) == ["good_16k.npy", "good_prime_16001.npy"]
+    assert all(np.isfinite(np.load(out / f)).all() for f in os.listdir(out))
+    skipped = [line for line in stderr.splitlines() if line.startswith("skipped ")]
+    assert [line.split(":")[0] for line in skipped] == [f"skipped {root / n}" for n in names[1:5]]
+    assert AUDIO_CASES["too_long.wav"][1] in skipped[-1]
+
+
+def test_hear_refuses_long_or_non_finite_audio():
+    from helpers import tiny_config
+
+    from sslam_fast.model import Encoder
+    from sslam_fast.released.encoder import AudioEncoder
+    from sslam_fast.released.hear import HearModel
+
+    model = HearModel(AudioEncoder(Encoder(tiny_config())), max_seconds=2.0)
+    with time_limit(20):
+        with pytest.raises(audio.AudioError, match=r"^<audio>: 3.0 s, longer than max_seconds=2$"):
+            model.features(torch.zeros(1, 48000))
+        with pytest.raises(audio.AudioError, match="NaN or Inf samples"):
+            model.features(torch.full((1, 16000), float("nan")))

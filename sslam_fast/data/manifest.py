@@ -126,6 +126,8 @@ def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AU
     """
     import soundfile as sf
 
+    if not os.path.isdir(directory):
+        raise ManifestError(f"{directory}: no such directory")
     manifest = Manifest(source=out_path, root=os.path.abspath(directory), paths=[], sizes=[])
     bad = []
     for rel in scan_folder(manifest.root, extensions):
@@ -145,6 +147,8 @@ def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AU
 
 def load_manifest(source: str) -> Manifest:
     """A manifest file, or a folder (scanned; sizes unknown are recorded as 0)."""
+    if not os.path.exists(source):
+        raise ManifestError(f"{source}: no such manifest file or folder")
     if os.path.isdir(source):
         paths = scan_folder(source)
         return Manifest(source=source, root=os.path.abspath(source), paths=paths, sizes=[0] * len(paths))

@@ -194,11 +194,13 @@ def load_config(path: Optional[str] = None, overrides: List[str] = (), cls: type
     unknown keys raise ConfigError naming them."""
     data: Dict[str, Any] = {}
     if path:
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     data.pop("_comment", None)
     for assignment in overrides:
         apply_override(data, assignment)
