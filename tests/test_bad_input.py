@@ -399,3 +399,31 @@ def test_hear_refuses_long_or_non_finite_audio():
             model.features(torch.zeros(1, 48000))
         with pytest.raises(audio.AudioError, match="NaN or Inf samples"):
             model.features(torch.full((1, 16000), float("nan")))
+
+
+def _cli_process(*argv, cwd, timeout: float):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.path.join(repo, "kernels"), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "sslam_fast.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_process_prints_one_line_and_exits_1(tmp_path):
+    done = _cli_process("norm-stats", "missing.tsv", cwd=tmp_path, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "sslam-fast: error: missing.tsv: no such manifest file or folder\n")
+
+
+def test_training_on_a_manifest_of_missing_files_stops_with_one_error(tmp_path):
+    """Every entry missing, the root there (preflight passes): before, the loader skipped for ever
+    (~476k log lines a minute, only SIGKILL stopped it); now the run ends, status 2, after one pass."""
+    manifest = _missing_manifest(tmp_path, 30)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = _cli_process("train", "--config", os.path.join(repo, DEMO), "--set", f"data.manifest={manifest}", "--set", "data.demo_clips=0",
+                        "--set", "data.num_workers=0", "--set", f"checkpoint.dir={tmp_path / 'run'}", "--set", "train.max_steps=2",
+                        cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"{manifest}: none of 30 entries in a row gave a clip (rank 0)" in errors[0]
+    assert done.stderr.count("WARNING sslam_fast.data.loader") <= LOGGED_SKIPS
