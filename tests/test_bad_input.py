@@ -427,3 +427,20 @@ def test_training_on_a_manifest_of_missing_files_stops_with_one_error(tmp_path):
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and f"{manifest}: none of 30 entries in a row gave a clip (rank 0)" in errors[0]
     assert done.stderr.count("WARNING sslam_fast.data.loader") <= LOGGED_SKIPS
+
+
+@pytest.mark.parametrize("stored", ["dict", "list", "shape", "dtype"])
+def test_probe_cache_of_the_wrong_kind_is_computed_again(tmp_path, caplog, stored):
+    """A cache file holding something other than float32 [clips, dim] is not returned as features."""
+    from sslam_fast.evaluation.probe import compute_features
+    from sslam_fast.serialization import atomic_save
+
+    inputs = torch.randn(6, 4)
+    encoder = torch.nn.Linear(4, 3)
+    want = compute_features(encoder, inputs, cache_path=str(tmp_path), batch_size=4)
+    (cache,) = [str(tmp_path / f) for f in os.listdir(tmp_path)]
+    bad = {"dict": {"features": want}, "list": [want], "shape": want[:5], "dtype": want.double()}[stored]
+    atomic_save(bad, cache)
+    got = compute_features(encoder, inputs, cache_path=str(tmp_path), batch_size=4)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert any("computing the features again" in r.getMessage() for r in caplog.records)
