@@ -382,8 +382,8 @@ def test_extract_skips_broken_files_and_writes_the_good_ones(tmp_path, capsys, c
     assert sorted(os.listdir(out)) == ["good_16k.npy", "good_prime_16001.npy"]
     assert all(np.isfinite(np.load(out / f)).all() for f in os.listdir(out))
     skipped = [line for line in stderr.splitlines() if line.startswith("skipped ")]
-    assert [line.split(":")[0] for line in skipped] == [f"skipped {root / n}" for n in names[1:5]]
-    assert AUDIO_CASES["too_long.wav"][1] in skipped[-1]
+    assert sorted(line.split(":")[0] for line in skipped) == sorted(f"skipped {root / n}" for n in names[1:5])
+    assert any(AUDIO_CASES["too_long.wav"][1] in line for line in skipped)
 
 
 def test_hear_refuses_long_or_non_finite_audio():

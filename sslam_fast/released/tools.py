@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.audio import MAX_SECONDS, AudioError, load_audio
+from ..data.audio import MAX_SECONDS, AudioError, load_audio, probe
 from ..data.manifest import load_manifest
 from .classes import audioset_classes
 from .encoder import load_classifier, load_encoder
@@ -35,12 +35,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _windows_of(files: List[str], device: str, bad: List[Tuple[str, str]], progress: bool, max_seconds: float):
-    """Yield (file, windows [W, 1024, 128], frames) for each file that decodes (and lasts at most
-    ``max_seconds``)."""
+def _within_limit(files: List[str], max_seconds: float, bad: List[Tuple[str, str]]) -> List[str]:
+    """The files whose header allows decoding them and says at most ``max_seconds``; the others go
+    to ``bad`` with the reason."""
+    kept = []
+    for path in files:
+        try:
+            probe(path, max_seconds=max_seconds)
+        except AudioError as err:
+            bad.append((path, err.reason))
+            continue
+        kept.append(path)
+    return kept
+
+
+def _windows_of(files: List[str], device: str, bad: List[Tuple[str, str]], progress: bool):
+    """Yield (file, windows [W, 1024, 128], frames) for each file that decodes."""
     for path in tqdm(files, desc="files", unit="file", disable=not progress):
         try:
-            wave = load_audio(path, max_seconds=max_seconds)
+            wave = load_audio(path)
             windows, frames = fbank_windows(wave.to(device))
         except AudioError as err:
             bad.append((path, err.reason))
@@ -61,9 +74,9 @@ def _batched(items, batch_size: int):
         yield group
 
 
-def _run(model, files, device, batch_size, progress, bad, max_seconds):
+def _run(model, files, device, batch_size, progress, bad):
     """Yield (file, tokens of its windows [W, ...], frames), encoding windows of several files at once."""
-    for group in _batched(_windows_of(files, device, bad, progress, max_seconds), batch_size):
+    for group in _batched(_windows_of(files, device, bad, progress), batch_size):
         out = encode_windows(model, torch.cat([w for _, w, _ in group]), batch_size)
         start = 0
         for path, windows, frames in group:
@@ -97,7 +110,7 @@ def extract_files(checkpoint: str, inputs: Iterable[str], out: str, granularity:
     to_npz = out.endswith(".npz")
     if not to_npz:
         os.makedirs(out, exist_ok=True)
-    for path, tokens, frames in _run(encoder, files, device, batch_size, progress, bad, max_seconds):
+    for path, tokens, frames in _run(encoder, _within_limit(files, max_seconds, bad), device, batch_size, progress, bad):
         array = pool_clips(encoder, tokens, 1, frames)[granularity][0].cpu().numpy()
         if to_npz:
             archive[path] = array
@@ -131,7 +144,8 @@ def tag_files(checkpoint: str, files: Iterable[str], top_k: int = 5, batch_size:
     classifier = load_classifier(checkpoint).to(device)
     mids = [c.mid for c in audioset_classes()] if classifier.num_classes == 527 else [""] * classifier.num_classes
     bad, results = [], []
-    for path, probs, _ in _run(_Probabilities(classifier), expand_inputs(files), device, batch_size, progress, bad, max_seconds):
+    files = _within_limit(expand_inputs(files), max_seconds, bad)
+    for path, probs, _ in _run(_Probabilities(classifier), files, device, batch_size, progress, bad):
         clip = probs.max(dim=0).values
         values, indices = torch.topk(clip, min(top_k, clip.shape[0]))
         results.append({"file": path, "labels": [
