@@ -248,7 +248,7 @@ def _resample_direct(flat: torch.Tensor, orig: int, new: int, width_taps: int, r
     offsets = torch.arange(-width, width + 2, dtype=torch.float64, device=device)
     padded = F.pad(flat, (width, width + 2))
     out = flat.new_empty(flat.shape[0], n_out)
-    step = max(1, (1 << 16) // (len(offsets) * flat.shape[0]))  # temporaries of 512 kB stay in the cache and the heap
+    step = max(1, (1 << 18) // (len(offsets) * flat.shape[0]))  # temporaries of 1-2 MB, reused by the allocator
     for start in range(0, n_out, step):
         k = torch.arange(start, min(start + step, n_out), dtype=torch.int64, device=device) * orig
         first, fraction = torch.div(k, new, rounding_mode="floor"), (k % new).to(torch.float64) / new
