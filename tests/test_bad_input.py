@@ -310,20 +310,47 @@ def test_released_metadata_is_checked_like_a_config(tmp_path, changes, message):
 
     from sslam_fast.config import ConfigError
     from sslam_fast.released.formats import SAFETENSORS_FORMAT, read_weights
+    from sslam_fast.serialization import CheckpointError
 
     own = str(tmp_path / "model.x.safetensors")
     save_file({"student.cls_token": torch.zeros(1, 1, 32)}, own,
               metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(_model_config(**changes))})
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises((ConfigError, CheckpointError)) as caught:
         read_weights(own)
-    assert str(caught.value) == f"{own}: {message}"
+    assert f"{own}: {message}" in str(caught.value)
     hf = tmp_path / "hf"
     hf.mkdir()
     save_file({"model.cls_token": torch.zeros(1, 1, 32)}, str(hf / "model.safetensors"))
     (hf / "config.json").write_text(json.dumps({"sslam_fast": {"config": _model_config(**changes)}}))
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises((ConfigError, CheckpointError)) as caught:
         read_weights(str(hf))
-    assert str(caught.value) == f"{hf / 'config.json'}: sslam_fast.{message}"
+    assert f"{hf / 'config.json'}: sslam_fast.{message}" in str(caught.value)
+
+
+@pytest.mark.parametrize("head,message", [
+    ({"pooling": "bogus"}, "head pooling 'bogus' is not one of 'mean', 'cls', 'lin_softmax'"),
+    ({"fc_norm_eps": -1.0}, "head fc_norm_eps -1.0 is outside (0, 1]"),
+    ({"pooling": "mean"}, None),
+])
+def test_head_settings_of_a_file_are_checked(tmp_path, head, message):
+    """A head's pooling from metadata is an enumeration (before, "bogus" silently became lin_softmax)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sslam_fast.config import ConfigError
+    from sslam_fast.released.formats import SAFETENSORS_FORMAT, read_weights
+    from sslam_fast.serialization import CheckpointError
+
+    path = str(tmp_path / "finetuned.safetensors")
+    tensors = {"student.cls_token": torch.zeros(1, 1, 32), "head.weight": torch.zeros(5, 32), "head.bias": torch.zeros(5)}
+    save_file(tensors, path, metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(_model_config()), "head": json.dumps(head)})
+    if message is None:
+        assert read_weights(path).head.pooling == "mean"
+        return
+    with pytest.raises((ConfigError, CheckpointError)) as caught:
+        read_weights(path)
+    assert f"{path}: {message}" in str(caught.value)
 
 
 # ---------------------------------------------------------------------------------------------- the command line
@@ -445,3 +472,26 @@ def test_probe_cache_of_the_wrong_kind_is_computed_again(tmp_path, caplog, store
     got = compute_features(encoder, inputs, cache_path=str(tmp_path), batch_size=4)
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert any("computing the features again" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_of_an_integer_dtype_are_refused_not_cast(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from helpers import tiny_model
+    from released_builders import original_pretraining
+    from sslam_fast.released.encoder import load_encoder
+    from sslam_fast.released.export import export
+    from sslam_fast.serialization import CheckpointError
+
+    checkpoint, exported = str(tmp_path / "pretrain.pt"), str(tmp_path / "model.safetensors")
+    torch.save(original_pretraining(tiny_model().eval()), checkpoint)
+    export(checkpoint, "safetensors", exported)
+    with safe_open(exported, framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    load_encoder(exported)  # accepted as exported
+    tensors["student.cls_token"] = tensors["student.cls_token"].round().to(torch.int64)
+    save_file(tensors, exported, metadata=metadata)
+    with pytest.raises(CheckpointError) as caught:
+        load_encoder(exported)
+    assert str(caught.value) == f"{exported}: student['cls_token'] is torch.int64, expected floating-point weights"
