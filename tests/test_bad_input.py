@@ -327,6 +327,28 @@ def test_released_metadata_is_checked_like_a_config(tmp_path, changes, message):
     assert f"{hf / 'config.json'}: sslam_fast.{message}" in str(caught.value)
 
 
+
+@pytest.mark.parametrize("key,value,message", [
+    ("num_heads", 0, "model.num_heads: 0 is outside [1, 1024]"),
+    ("norm_eps", float("nan"), "model.norm_eps: expected a finite number, got nan"),
+])
+def test_fairseq_cfg_is_checked_like_a_config(tmp_path, key, value, message):
+    from helpers import tiny_model
+    from released_builders import original_pretraining
+
+    from sslam_fast.config import ConfigError
+    from sslam_fast.released.formats import read_weights
+    from sslam_fast.serialization import CheckpointError
+
+    checkpoint = original_pretraining(tiny_model().eval())
+    checkpoint["cfg"]["model"][key] = value
+    path = str(tmp_path / "original.pt")
+    torch.save(checkpoint, path)
+    with pytest.raises((ConfigError, CheckpointError)) as caught:
+        read_weights(path)
+    assert f"{path}: {message}" in str(caught.value)
+
+
 @pytest.mark.parametrize("head,message", [
     ({"pooling": "bogus"}, "head pooling 'bogus' is not one of 'mean', 'cls', 'lin_softmax'"),
     ({"fc_norm_eps": -1.0}, "head fc_norm_eps -1.0 is outside (0, 1]"),
