@@ -16,7 +16,7 @@ import torch
 
 from helpers import write_float_wav
 from sslam_fast.data import audio
-from sslam_fast.data import ManifestError, build_loader, epoch_order, load_manifest
+from sslam_fast.data import ManifestError, build_loader, epoch_order, load_manifest, read_manifest, write_manifest
 from sslam_fast.data.loader import LOGGED_SKIPS, NoClipsError, read_clip
 from sslam_fast.data.tools import check_manifest
 
@@ -121,6 +121,14 @@ def test_check_data_lists_and_counts_every_broken_file(corpus):
     assert sorted(reasons) == sorted(want)
     for name, expected in want.items():
         assert expected in reasons[name], (name, reasons[name])
+
+
+def test_manifest_of_the_corpus_folder_leaves_out_what_is_not_a_regular_file(corpus, tmp_path):
+    root, _ = corpus
+    with time_limit(60):
+        written, bad = write_manifest(str(root), str(tmp_path / "corpus.tsv"))
+    assert dict(bad)["fifo.wav"] == "not a regular file" and dict(bad)["device.wav"] == "not a regular file"
+    assert "good_16k.wav" in read_manifest(str(tmp_path / "corpus.tsv")).paths
 
 
 # ---------------------------------------------------------------------------------------------- resampler

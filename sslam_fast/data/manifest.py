@@ -131,6 +131,9 @@ def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AU
     manifest = Manifest(source=out_path, root=os.path.abspath(directory), paths=[], sizes=[])
     bad = []
     for rel in scan_folder(manifest.root, extensions):
+        if not os.path.isfile(os.path.join(manifest.root, rel)):  # a FIFO would block the header read
+            bad.append((rel, "not a regular file"))
+            continue
         try:
             frames = sf.info(os.path.join(manifest.root, rel)).frames
         except Exception as err:
