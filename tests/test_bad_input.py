@@ -525,3 +525,14 @@ def test_weights_of_an_integer_dtype_are_refused_not_cast(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         load_encoder(exported)
     assert str(caught.value) == f"{exported}: student['cls_token'] is torch.int64, expected floating-point weights"
+
+
+def test_finetune_loader_stops_when_no_entry_gives_a_clip(tmp_path, caplog):
+    from sslam_fast.evaluation.finetune import FinetuneDataSection, FinetuneLoader, LabelledClips
+
+    manifest = load_manifest(_missing_manifest(tmp_path, 40))
+    clips = LabelledClips(manifest, [[0]] * 40, 2, FinetuneDataSection(dir=str(tmp_path), target_length=64), None, seed=0)
+    loader = FinetuneLoader(clips, batch_size=4, seed=0)
+    with time_limit(60), pytest.raises(NoClipsError, match=r"none of 40 entries in a row gave a clip \(rank 0\)"):
+        next(iter(loader))
+    assert len([r for r in caplog.records if r.name == "sslam_fast.finetune"]) == LOGGED_SKIPS

@@ -405,6 +405,7 @@ class FinetuneLoader:
         self.rank, self.world_size, self.num_workers, self.infinite = rank, world_size, num_workers, infinite
         self.weights, self.samples_per_epoch = weights, samples_per_epoch
         self.epoch = self.position = 0
+        self.num_skipped = 0  # unreadable entries so far: the first LOGGED_SKIPS are logged
         self._orders: Dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -435,10 +436,19 @@ class FinetuneLoader:
             self.dataset, batch_size=None, sampler=_Tags(self), num_workers=self.num_workers,
             generator=torch.Generator(),  # the worker seeds do not draw from torch's global generator
             prefetch_factor=2 if self.num_workers else None)
+        failed: List[Tuple[int, str, str]] = []  # the entries skipped since the last clip read
         for batch in loader:
-            for index, path, reason in batch.pop("skipped"):
-                logger.warning("skipping %s (manifest %s entry %d): %s", path, self.dataset.manifest.source, index, reason)
+            skipped = batch.pop("skipped")
+            for index, path, reason in skipped:
+                self.num_skipped += 1
+                if self.num_skipped <= _data.loader.LOGGED_SKIPS:
+                    logger.warning("skipping %s (manifest %s entry %d): %s", path, self.dataset.manifest.source, index, reason)
             self.epoch, self.position = batch.pop("next")
+            failed = failed + skipped if not len(batch["index"]) else []
+            if len(failed) >= min(_data.loader.MAX_SKIPS_IN_A_ROW, len(self.order(self.epoch))):
+                first = "; ".join(f"{path}: {reason}" for _, path, reason in failed[:3])
+                raise _data.loader.NoClipsError(f"{self.dataset.manifest.source}: none of {len(failed)} entries in a row gave a clip "
+                                   f"(rank {self.rank}), stopping instead of skipping for ever; first: {first}")
             if len(batch["index"]):
                 yield batch
         if not self.infinite:
@@ -681,7 +691,7 @@ class FinetuneTrainer:
                     if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
                         self.save()
                 finished = self.step >= self.max_steps
-        except TrainingStopped as e:
+        except (TrainingStopped, _data.loader.NoClipsError) as e:
             reason, status = str(e), 2
             logger.error(reason)
         if finished and (not self.evals or self.evals[-1]["step"] != self.step):
