@@ -12,7 +12,6 @@ import contextlib
 import functools
 import math
 import os
-import re
 import stat
 from typing import BinaryIO, Optional, Tuple, Union
 
@@ -35,8 +34,8 @@ MAX_SAMPLES = 48000 * 3600
 MAX_SECONDS = 600.0
 # Sample rates a file may declare; outside this range a header is broken or hostile.
 MIN_RATE, MAX_RATE = 1000, 384000
-# Largest |sample| accepted after resampling. Audio is scaled to [-1, 1]; below this bound the fbank
-# (power <= (512 * 1e4)^2) stays finite in float32, above it a float file's samples are not audio.
+# Largest |sample| a float file may hold. Audio is scaled to [-1, 1]; below this bound the fbank
+# (power <= (512 * 1e4)^2, the resampler's gain near 1) stays finite in float32.
 MAX_AMPLITUDE = 1e4
 
 PathOrFile = Union[str, os.PathLike, BinaryIO]
@@ -62,8 +61,9 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
     Raises AudioError for a missing, unreadable, empty, non-finite or too long file (more than
     `max_samples` samples, or more than `max_seconds` at the file's own rate when given), for
     anything but a regular file, a sample rate outside MIN_RATE..MAX_RATE and samples beyond
-    +-MAX_AMPLITUDE (whose features would overflow to Inf/NaN). The file is opened once; 16-bit PCM is read as int16 and scaled by 2**-15 here, which gives exactly
-    libsndfile's float32 samples at a third of its cost.
+    +-MAX_AMPLITUDE (whose features would overflow to Inf/NaN). The file is opened once; 16-bit
+    PCM is read as int16 and scaled by 2**-15 here, which gives exactly libsndfile's float32
+    samples at a third of its cost.
     """
     try:
         with _regular_file(path) as f:
@@ -276,7 +276,8 @@ def resample(
     rolloff: float = 0.99,
 ) -> torch.Tensor:
     """Band-limited resampling of [..., N] (float) from orig_freq to new_freq, equal to
-    torchaudio.functional.resample with the same arguments. Returns [..., ceil(N * new / orig)].
+    torchaudio.functional.resample with the same arguments (up to float rounding for the ratios
+    that `_resample_direct` takes). Returns [..., ceil(N * new / orig)].
 
     Zero padding at the end of a clip inside a batch does not change that clip's first
     `resampled_length(len, orig, new)` outputs, so padded batches of one source rate can be resampled
