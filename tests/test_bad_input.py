@@ -65,6 +65,7 @@ AUDIO_CASES = {
     "header_999983hz.wav": (lambda p: write_float_wav(p, tone(16000, 1.0), 999983), "sample rate 999983 Hz outside the supported 1000-384000 Hz"),
     "header_1hz.wav": (lambda p: write_float_wav(p, np.zeros(1000, np.float32), 1), "sample rate 1 Hz outside"),
     "huge_float.wav": (lambda p: write_float_wav(p, np.full(16000, 3e37, np.float32), 16000), "samples up to 3e+37, beyond +-10000: not audio scaled to [-1, 1]"),
+    "channels_64.wav": (lambda p: write_float_wav(p, np.zeros((16000, 64), np.float32), 16000), "64 channels, more than 32"),
     "nan.wav": (lambda p: write_float_wav(p, np.array([0.1, np.nan] * 8000, np.float32), 16000), "NaN or Inf samples"),
     "inf.wav": (lambda p: write_float_wav(p, np.array([0.1, np.inf] * 8000, np.float32), 16000), "NaN or Inf samples"),
     "empty.wav": (lambda p: sf.write(p, np.zeros(0, np.float32), 16000), "no samples"),

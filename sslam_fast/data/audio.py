@@ -34,6 +34,8 @@ MAX_SAMPLES = 48000 * 3600
 MAX_SECONDS = 600.0
 # Sample rates a file may declare; outside this range a header is broken or hostile.
 MIN_RATE, MAX_RATE = 1000, 384000
+# The most channels a file may declare (the samples of all channels are read before the mixdown).
+MAX_CHANNELS = 32
 # Largest |sample| a float file may hold. Audio is scaled to [-1, 1]; below this bound the fbank
 # (power <= (512 * 1e4)^2, the resampler's gain near 1) stays finite in float32.
 MAX_AMPLITUDE = 1e4
@@ -67,7 +69,7 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
     """
     try:
         with _regular_file(path) as f:
-            rate = _check_rate(path, f.samplerate)
+            rate = _check_rate(path, f.samplerate, f.channels)
             _check_limit(path, f.frames, rate, max_samples, max_seconds)
             pcm16 = f.subtype == "PCM_16"
             data = f.read(dtype="int16" if pcm16 else "float32", always_2d=True)
@@ -119,9 +121,12 @@ def _reason(err: Exception) -> str:
     return f"cannot decode: {getattr(err, 'error_string', err)}"
 
 
-def _check_rate(path, rate) -> int:
+def _check_rate(path, rate, channels: int) -> int:
+    """The header's sample rate, checked with its channel count."""
     if not MIN_RATE <= rate <= MAX_RATE:
         raise AudioError(path, f"sample rate {rate} Hz outside the supported {MIN_RATE}-{MAX_RATE} Hz")
+    if channels > MAX_CHANNELS:
+        raise AudioError(path, f"{channels} channels, more than {MAX_CHANNELS}")
     return int(rate)
 
 
@@ -148,12 +153,12 @@ def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_sec
     path = source if path is None else path
     try:
         with _regular_file(source) as f:
-            frames, rate, container = f.frames, f.samplerate, f.format
+            frames, rate, channels, container = f.frames, f.samplerate, f.channels, f.format
     except AudioError as err:
         raise AudioError(path, err.reason) from err
     except Exception as err:
         raise AudioError(path, _reason(err)) from err
-    rate = _check_rate(path, rate)
+    rate = _check_rate(path, rate, channels)
     if frames <= 0:
         raise AudioError(path, "no samples")
     _check_limit(path, frames, rate, max_samples, max_seconds)
