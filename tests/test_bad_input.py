@@ -417,6 +417,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys, corpus):
         run_cli(capsys, "norm-stats", missing, "--debug")
 
 
+@pytest.mark.parametrize("content,message", [
+    (None, "--config {path}: cannot be read (No such file or directory)"),
+    ("[1, 2]", "{path}: expected a JSON object of sections, got list"),
+    ('{"model": ', "{path}: not valid JSON (Expecting value: line 1 column 11 (char 10))"),
+    ('{"model": {"depth": NaN}}', "{path}.model.depth: expected an integer, got nan"),
+])
+def test_config_files_that_are_not_configs(tmp_path, content, message):
+    from sslam_fast.config import ConfigError
+    from sslam_fast.trainer.config import load_config
+
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == message.format(path=path)
+
+
 def test_train_with_a_bad_value_stops_before_writing(tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
     status, _, _ = run_cli(capsys, "train", "--config", DEMO, "--set", "logging.every_steps=0", "--set", f"checkpoint.dir={run_dir}")

@@ -201,6 +201,8 @@ def load_config(path: Optional[str] = None, overrides: List[str] = (), cls: type
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--config {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of sections, got {type(data).__name__}")
     data.pop("_comment", None)
     for assignment in overrides:
         apply_override(data, assignment)
