@@ -242,28 +242,40 @@ def _conv1d_fp32(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> torch.Te
 
 
 def _resample_direct(flat: torch.Tensor, orig: int, new: int, width_taps: int, rolloff: float, n_out: int) -> torch.Tensor:
-    """The same windowed sinc as `_sinc_kernel`, evaluated at each output's own position instead of
-    tabulated per phase: output k sits at input sample k * orig / new (split exactly into an integer
-    and a fraction) and takes 2 * width + 2 neighbours. Memory and time grow with the number of
-    outputs and taps, never with the reduced ratio's numerator. Equal to the polyphase path up to
-    float rounding."""
-    base = min(orig, new) * rolloff
-    width = math.ceil(width_taps * orig / base)
-    device = flat.device
-    offsets = torch.arange(-width, width + 2, dtype=torch.float64, device=device)
+    """The same windowed sinc as `_sinc_kernel`, with each output's taps placed at its own input
+    position instead of tabulated per block of `orig` inputs: output k sits at input sample
+    k * orig / new, i.e. after sample floor(k * orig / new) by the fraction (k * orig mod new) / new,
+    and takes the 2 * width + 2 samples around it, weighted by the row of `_phase_table` of that
+    fraction. Memory is the table (new x taps, at most ~22 MB for rates of 1-384 kHz) and chunks
+    of 2^19 products; time grows with outputs x taps, never with the reduced ratio's numerator.
+    Equal to the polyphase path up to float rounding."""
+    width = math.ceil(width_taps * orig / (min(orig, new) * rolloff))
+    table = _phase_table(orig, new, width_taps, rolloff, width, flat.dtype, flat.device)
+    columns = torch.arange(table.shape[1], device=flat.device)
     padded = F.pad(flat, (width, width + 2))
     out = flat.new_empty(flat.shape[0], n_out)
-    step = max(1, (1 << 18) // (len(offsets) * flat.shape[0]))  # temporaries of 1-2 MB, reused by the allocator
+    step = max(1, (1 << 19) // (table.shape[1] * flat.shape[0]))  # few, large ops: each OpenMP region costs on a busy CPU
     for start in range(0, n_out, step):
-        k = torch.arange(start, min(start + step, n_out), dtype=torch.int64, device=device) * orig
-        first, fraction = torch.div(k, new, rounding_mode="floor"), (k % new).to(torch.float64) / new
-        t = ((offsets[None] - fraction[:, None]) * (base / orig)).float().clamp_(-width_taps, width_taps)
+        k = torch.arange(start, min(start + step, n_out), dtype=torch.int64, device=flat.device) * orig
+        first = torch.div(k, new, rounding_mode="floor")
+        out[:, start : start + len(k)] = (padded[:, first[:, None] + columns] * table[k % new]).sum(-1)
+    return out
+
+
+def _phase_table(orig: int, new: int, width_taps: int, rolloff: float, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[new, 2 * width + 2]: row r holds the Hann-windowed sinc taps of an output that lies r / new
+    of a sample after its first tap's anchor; computed in float64, in chunks of rows."""
+    base = min(orig, new) * rolloff
+    offsets = torch.arange(-width, width + 2, dtype=torch.float64, device=device)
+    table = torch.empty(new, len(offsets), dtype=dtype, device=device)
+    step = max(1, (1 << 18) // len(offsets))
+    for start in range(0, new, step):
+        fraction = torch.arange(start, min(start + step, new), dtype=torch.float64, device=device) / new
+        t = ((offsets[None] - fraction[:, None]) * (base / orig)).clamp_(-width_taps, width_taps)
         window = torch.cos(t * (math.pi / width_taps / 2)) ** 2
         t *= math.pi
-        weights = torch.where(t == 0, torch.ones_like(t), t.sin() / t) * window * (base / orig)
-        index = first[:, None] + torch.arange(len(offsets), device=device)[None]
-        out[:, start : start + len(k)] = (padded[:, index] * weights.to(flat.dtype)).sum(-1)
-    return out
+        table[start : start + len(fraction)] = torch.where(t == 0, torch.ones_like(t), t.sin() / t) * window * (base / orig)
+    return table
 
 
 def resampled_length(length: int, orig_freq: int, new_freq: int) -> int:
