@@ -2,7 +2,8 @@
 extract, tag, export, ...).
 
 A subcommand is registered with `register(name, help, add_arguments, run)`; `run(args)` returns the
-exit status.
+exit status. A project error (bad config, checkpoint, audio, manifest, a missing file) is one line
+`sslam-fast: error: ...` and exit status 1; `--debug` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for one .npy per input, or a .npz file for all")
     p.add_argument("--batch-size", type=int, default=8, help="1024-frame windows per forward")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
 
 
 def _report_bad(bad) -> None:
@@ -116,7 +118,7 @@ def _extract_run(args: argparse.Namespace) -> int:
     from .released.tools import extract_files
 
     written, bad = extract_files(args.checkpoint, args.inputs, args.output, args.granularity, args.which,
-                                 args.batch_size, args.device)
+                                 args.batch_size, args.device, max_seconds=args.max_seconds)
     _report_bad(bad)
     print(f"wrote features of {len(written)} files to {args.output}; {len(bad)} skipped")
     return 1 if bad else 0
@@ -129,6 +131,7 @@ def _tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
 
 
 def _tag_run(args: argparse.Namespace) -> int:
@@ -136,7 +139,7 @@ def _tag_run(args: argparse.Namespace) -> int:
 
     from .released.tools import tag_files
 
-    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device)
+    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device, max_seconds=args.max_seconds)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -242,13 +245,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslam-fast", description="Fast SSLAM / EAT audio self-supervised pretraining")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help, description=help))
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return parser
+
+
+def _project_error(e: BaseException) -> bool:
+    from .config import ConfigError
+    from .data.audio import AudioError
+    from .data.manifest import ManifestError
+    from .serialization import CheckpointError
+
+    return isinstance(e, (ConfigError, CheckpointError, AudioError, ManifestError, OSError))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return SUBCOMMANDS[args.command][2](args)
+    try:
+        return SUBCOMMANDS[args.command][2](args)
+    except Exception as e:
+        if args.debug or not _project_error(e):
+            raise
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"sslam-fast: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,13 +1,49 @@
-"""Configuration as data: JSON validated into dataclasses, unknown keys are errors that name them."""
+"""Configuration as data: JSON validated into dataclasses, unknown keys are errors that name them.
+
+Every number must be finite, and each dataclass's ``RANGES`` ({key: Range}) bound its values: a
+value outside is an error naming the key and the source before anything uses it."""
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be accepted; the message names the key."""
+
+
+class Range(NamedTuple):
+    """The values a key accepts: from lo to hi (None: unbounded), each end closed unless said open."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}" if isinstance(self.lo, float) else str(self.lo)
+        hi = "inf" if self.hi is None else f"{self.hi:g}" if isinstance(self.hi, float) else str(self.hi)
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, FRACTION = Range(0), Range(1), Range(0, lo_open=True), Range(0, 1), Range(0, 1, hi_open=True)
+EPS = Range(0, 1, lo_open=True)
+
+
+def check_ranges(obj, where: str) -> None:
+    """Raise ConfigError for the first value of ``obj`` outside its class's ``RANGES``."""
+    for key, allowed in getattr(type(obj), "RANGES", {}).items():
+        value = getattr(obj, key)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and v not in allowed:
+                raise ConfigError(f"{where}.{key}: {value!r} is outside {allowed}")
 
 
 def _convert(tp, value, where: str):
@@ -41,6 +77,8 @@ def _convert(tp, value, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -70,6 +108,7 @@ def from_dict(cls, data: Dict[str, Any], where: str = "config"):
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     obj = cls(**kwargs)
+    check_ranges(obj, where)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate(where)
@@ -129,10 +168,22 @@ class SSLAMConfig:
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 100_000
 
+    RANGES = {
+        "embed_dim": Range(1, 16384), "depth": Range(1, 256), "num_heads": Range(1, 1024), "mlp_ratio": Range(0, 64, lo_open=True),
+        "patch_size": Range(1, 1024), "num_mel_bins": Range(1, 1024), "max_time_patches": Range(1, 65536), "norm_eps": EPS,
+        "mask_prob": FRACTION, "mask_length": Range(1, 65536), "mask_prob_adjust": UNIT, "clone_batch": Range(1, 1024),
+        "decoder_layers": Range(0, 64), "decoder_kernel": Range(1, 63), "decoder_groups": Range(1, 16384), "decoder_norm_eps": EPS,
+        "mask_noise_std": AT_LEAST_0, "average_top_k_layers": AT_LEAST_1, "instance_norm_eps": EPS, "target_norm_eps": EPS,
+        "loss_scale": POSITIVE, "cls_loss_weight": AT_LEAST_0, "patch_loss_weight": AT_LEAST_0, "srl_loss_weight": AT_LEAST_0,
+        "mix_window": AT_LEAST_1, "mix_w1_max": AT_LEAST_0, "mix_w2_max": AT_LEAST_0, "mix_step": AT_LEAST_1,
+        "ema_decay": UNIT, "ema_end_decay": UNIT, "ema_anneal_end_step": AT_LEAST_0,
+    }
+
     def validate(self, where: str = "model") -> None:
         def bad(key, why):
             raise ConfigError(f"{where}.{key}: {why}")
 
+        check_ranges(self, where)  # first: a zero num_heads or patch_size would divide by zero below
         if self.stage not in (1, 2):
             bad("stage", f"must be 1 (EAT) or 2 (SSLAM), got {self.stage}")
         if self.embed_dim % self.num_heads:

@@ -8,9 +8,11 @@ checked against arrays that the real torchaudio produced (tests/fixtures/golden/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import stat
 from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
@@ -28,6 +30,15 @@ PREEMPHASIS = 0.97
 LOW_FREQ = 20.0
 # The longest clip we agree to decode (samples at the file's own rate): one hour at 48 kHz.
 MAX_SAMPLES = 48000 * 3600
+# The longest clip the loader, check-data, extract, tag and HEAR accept by default.
+MAX_SECONDS = 600.0
+# Sample rates a file may declare; outside this range a header is broken or hostile.
+MIN_RATE, MAX_RATE = 1000, 384000
+# The most channels a file may declare (the samples of all channels are read before the mixdown).
+MAX_CHANNELS = 32
+# Largest |sample| a float file may hold. Audio is scaled to [-1, 1]; below this bound the fbank
+# (power <= (512 * 1e4)^2, the resampler's gain near 1) stays finite in float32.
+MAX_AMPLITUDE = 1e4
 
 PathOrFile = Union[str, os.PathLike, BinaryIO]
 
@@ -50,37 +61,79 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
     """Read wav/flac/ogg/mp3 and average channels: returns (float32 [N] mono, sample rate).
 
     Raises AudioError for a missing, unreadable, empty, non-finite or too long file (more than
-    `max_samples` samples, or more than `max_seconds` at the file's own rate when given). The file
-    is opened once; 16-bit PCM is read as int16 and scaled by 2**-15 here, which gives exactly
-    libsndfile's float32 samples at a third of its cost.
+    `max_samples` samples, or more than `max_seconds` at the file's own rate when given), for
+    anything but a regular file, a sample rate outside MIN_RATE..MAX_RATE and samples beyond
+    +-MAX_AMPLITUDE (whose features would overflow to Inf/NaN). The file is opened once; 16-bit
+    PCM is read as int16 and scaled by 2**-15 here, which gives exactly libsndfile's float32
+    samples at a third of its cost.
     """
-    import soundfile as sf
-
     try:
-        with sf.SoundFile(path) as f:
-            rate = int(f.samplerate)
+        with _regular_file(path) as f:
+            rate = _check_rate(path, f.samplerate, f.channels)
             _check_limit(path, f.frames, rate, max_samples, max_seconds)
             pcm16 = f.subtype == "PCM_16"
             data = f.read(dtype="int16" if pcm16 else "float32", always_2d=True)
     except AudioError:
         raise
     except Exception as err:  # libsndfile reports missing, truncated and foreign files alike
-        raise AudioError(path, f"cannot decode: {err}") from err
+        raise AudioError(path, _reason(err)) from err
     if data.shape[0] == 0:
         raise AudioError(path, "no samples")
     if pcm16:
         data = data.astype(np.float32)
         data *= np.float32(1.0 / 32768.0)
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not pcm16 and not np.isfinite(mono).all():
-        raise AudioError(path, "NaN or Inf samples")
+    if not pcm16:
+        peak = float(np.abs(mono).max())
+        if not np.isfinite(peak):
+            raise AudioError(path, "NaN or Inf samples")
+        if peak > MAX_AMPLITUDE:
+            raise AudioError(path, f"samples up to {peak:.3g}, beyond +-{MAX_AMPLITUDE:g}: not audio scaled to [-1, 1]")
     return np.ascontiguousarray(mono), rate
+
+
+@contextlib.contextmanager
+def _regular_file(source: PathOrFile):
+    """An open libsndfile handle of `source`, which must be a regular file when given by path.
+    The descriptor is opened without blocking and checked itself: a FIFO or a device named in a
+    manifest would otherwise block or stream for ever."""
+    import soundfile as sf
+
+    if not isinstance(source, (str, os.PathLike)):
+        with sf.SoundFile(source) as f:
+            yield f
+        return
+    try:
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise AudioError(source, f"cannot open: {err.strerror}") from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AudioError(source, "not a regular file")
+        with sf.SoundFile(fd, closefd=False) as f:
+            yield f
+    finally:
+        os.close(fd)
+
+
+def _reason(err: Exception) -> str:
+    """libsndfile's own message, without the file descriptor or file object it was opened from."""
+    return f"cannot decode: {getattr(err, 'error_string', err)}"
+
+
+def _check_rate(path, rate, channels: int) -> int:
+    """The header's sample rate, checked with its channel count."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(path, f"sample rate {rate} Hz outside the supported {MIN_RATE}-{MAX_RATE} Hz")
+    if channels > MAX_CHANNELS:
+        raise AudioError(path, f"{channels} channels, more than {MAX_CHANNELS}")
+    return int(rate)
 
 
 def _check_limit(path, frames: int, rate: int, max_samples: int, max_seconds: Optional[float]) -> None:
     limit = max_samples if max_seconds is None else min(max_samples, int(max_seconds * rate))
     if frames > limit:
-        raise AudioError(path, f"{frames} samples, more than the limit {limit}")
+        raise AudioError(path, f"{frames / rate:.1f} s ({frames} samples at {rate} Hz), longer than the limit of {limit / rate:.1f} s")
 
 
 def check_length_16k(path, length: int) -> None:
@@ -97,24 +150,26 @@ def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_sec
     no samples, is over the length limits of `decode`, or is shorter than one frame at 16 kHz.
     Truncated data and NaN/Inf samples only show when decoding.
     """
-    import soundfile as sf
-
     path = source if path is None else path
     try:
-        info = sf.info(source)
-    except Exception as err:  # libsndfile names a file object by its repr; name the file
-        raise AudioError(path, f"cannot decode: {str(err).replace(repr(source), str(path))}") from err
-    rate = int(info.samplerate)
-    if info.frames <= 0:
+        with _regular_file(source) as f:
+            frames, rate, channels, container = f.frames, f.samplerate, f.channels, f.format
+    except AudioError as err:
+        raise AudioError(path, err.reason) from err
+    except Exception as err:
+        raise AudioError(path, _reason(err)) from err
+    rate = _check_rate(path, rate, channels)
+    if frames <= 0:
         raise AudioError(path, "no samples")
-    _check_limit(path, info.frames, rate, max_samples, max_seconds)
-    check_length_16k(path, resampled_length(info.frames, rate, SAMPLE_RATE))
-    return int(info.frames), rate, str(info.format)
+    _check_limit(path, frames, rate, max_samples, max_seconds)
+    check_length_16k(path, resampled_length(frames, rate, SAMPLE_RATE))
+    return int(frames), rate, str(container)
 
 
-def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """File -> mono float32 waveform [N] at `sample_rate` (channels averaged first, then resampled)."""
-    mono, rate = decode(path)
+def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[float] = None) -> torch.Tensor:
+    """File -> mono float32 waveform [N] at `sample_rate` (channels averaged first, then resampled);
+    a file longer than `max_seconds` is an AudioError."""
+    mono, rate = decode(path, max_seconds=max_seconds)
     return resample(torch.from_numpy(mono), rate, sample_rate)
 
 
@@ -123,7 +178,16 @@ def load_audio(path: PathOrFile, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
+# The polyphase kernels hold about new * orig taps for the reduced ratio orig / new (a 16,001 Hz file
+# has orig = 16001, new = 16000): above this many taps a rate is resampled by `_resample_direct`.
+MAX_KERNEL_TAPS = 1 << 20
+
+
+def _kernel_taps(orig: int, new: int, width_taps: int, rolloff: float) -> int:
+    return new * (2 * math.ceil(width_taps * orig / (min(orig, new) * rolloff)) + orig)
+
+
+@functools.lru_cache(maxsize=16)
 def _sinc_kernel(orig: int, new: int, width_taps: int, rolloff: float, device: str, dtype: torch.dtype):
     """Polyphase Hann-windowed sinc kernel [new, 1, 2*width + orig], built in the waveform's dtype as
     torchaudio builds it, so that even its rounding matches."""
@@ -140,7 +204,7 @@ def _sinc_kernel(orig: int, new: int, width_taps: int, rolloff: float, device: s
     return kernel, width
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _block_kernel(orig: int, new: int, width_taps: int, rolloff: float, dtype: torch.dtype):
     """The polyphase kernel as one banded matrix [R, P * new] for the CPU: a row of R input samples
     (starting at a multiple of P * orig) times it gives P consecutive output blocks of `new` samples.
@@ -177,6 +241,43 @@ def _conv1d_fp32(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> torch.Te
         return F.conv1d(x, kernel, stride=stride)
 
 
+def _resample_direct(flat: torch.Tensor, orig: int, new: int, width_taps: int, rolloff: float, n_out: int) -> torch.Tensor:
+    """The same windowed sinc as `_sinc_kernel`, with each output's taps placed at its own input
+    position instead of tabulated per block of `orig` inputs: output k sits at input sample
+    k * orig / new, i.e. after sample floor(k * orig / new) by the fraction (k * orig mod new) / new,
+    and takes the 2 * width + 2 samples around it, weighted by the row of `_phase_table` of that
+    fraction. Memory is the table (new x taps, at most ~22 MB for rates of 1-384 kHz) and chunks
+    of 2^19 products; time grows with outputs x taps, never with the reduced ratio's numerator.
+    Equal to the polyphase path up to float rounding."""
+    width = math.ceil(width_taps * orig / (min(orig, new) * rolloff))
+    table = _phase_table(orig, new, width_taps, rolloff, width, flat.dtype, flat.device)
+    columns = torch.arange(table.shape[1], device=flat.device)
+    padded = F.pad(flat, (width, width + 2))
+    out = flat.new_empty(flat.shape[0], n_out)
+    step = max(1, (1 << 19) // (table.shape[1] * flat.shape[0]))  # few, large ops: each OpenMP region costs on a busy CPU
+    for start in range(0, n_out, step):
+        k = torch.arange(start, min(start + step, n_out), dtype=torch.int64, device=flat.device) * orig
+        first = torch.div(k, new, rounding_mode="floor")
+        out[:, start : start + len(k)] = (padded[:, first[:, None] + columns] * table[k % new]).sum(-1)
+    return out
+
+
+def _phase_table(orig: int, new: int, width_taps: int, rolloff: float, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[new, 2 * width + 2]: row r holds the Hann-windowed sinc taps of an output that lies r / new
+    of a sample after its first tap's anchor; computed in float64, in chunks of rows."""
+    base = min(orig, new) * rolloff
+    offsets = torch.arange(-width, width + 2, dtype=torch.float64, device=device)
+    table = torch.empty(new, len(offsets), dtype=dtype, device=device)
+    step = max(1, (1 << 18) // len(offsets))
+    for start in range(0, new, step):
+        fraction = torch.arange(start, min(start + step, new), dtype=torch.float64, device=device) / new
+        t = ((offsets[None] - fraction[:, None]) * (base / orig)).clamp_(-width_taps, width_taps)
+        window = torch.cos(t * (math.pi / width_taps / 2)) ** 2
+        t *= math.pi
+        table[start : start + len(fraction)] = torch.where(t == 0, torch.ones_like(t), t.sin() / t) * window * (base / orig)
+    return table
+
+
 def resampled_length(length: int, orig_freq: int, new_freq: int) -> int:
     """Samples after resampling `length` samples from orig_freq to new_freq (ceil, as torchaudio)."""
     g = math.gcd(int(orig_freq), int(new_freq))
@@ -192,7 +293,8 @@ def resample(
     rolloff: float = 0.99,
 ) -> torch.Tensor:
     """Band-limited resampling of [..., N] (float) from orig_freq to new_freq, equal to
-    torchaudio.functional.resample with the same arguments. Returns [..., ceil(N * new / orig)].
+    torchaudio.functional.resample with the same arguments (up to float rounding for the ratios
+    that `_resample_direct` takes). Returns [..., ceil(N * new / orig)].
 
     Zero padding at the end of a clip inside a batch does not change that clip's first
     `resampled_length(len, orig, new)` outputs, so padded batches of one source rate can be resampled
@@ -207,7 +309,9 @@ def resample(
     shape = waveform.shape
     flat = waveform.reshape(-1, shape[-1])
     n_out = resampled_length(shape[-1], orig, new)
-    if _use_block_kernel(waveform, orig, new, lowpass_filter_width, rolloff):
+    if _kernel_taps(orig, new, lowpass_filter_width, rolloff) > MAX_KERNEL_TAPS:
+        out = _resample_direct(flat, orig, new, lowpass_filter_width, rolloff, n_out)
+    elif _use_block_kernel(waveform, orig, new, lowpass_filter_width, rolloff):
         matrix, blocks, width = _block_kernel(orig, new, lowpass_filter_width, rolloff, waveform.dtype)
         rows = max(1, -(-n_out // (blocks * new)))  # output rows of `blocks` blocks each
         length = (rows - 1) * blocks * orig + matrix.shape[0]

@@ -5,8 +5,12 @@ Loader semantics (`build_loader`):
   world_size-th entry of it after the tail that does not divide evenly is dropped, so shards are
   disjoint and equally long.
 - A file that cannot be read (missing, truncated, not audio, empty, NaN/Inf, shorter than one
-  frame, longer than `max_seconds`) is skipped, logged with its path, recorded in `.skipped`, and
-  the batch is filled from the next entries. A malformed manifest line is a ManifestError.
+  frame, longer than `max_seconds`, not a regular file) is skipped, recorded in `.skipped`, and
+  the batch is filled from the next entries. The first LOGGED_SKIPS are logged with their path,
+  then a count at most once a minute, so a bad manifest cannot flood the log. When
+  `max_skips_in_a_row` entries in a row (or every entry of the rank's epoch, if fewer) yield no
+  clip, the loader stops with a NoClipsError naming the manifest and the first failures, instead
+  of skipping for ever. A malformed manifest line is a ManifestError.
 - `infinite=True` (default): batches run on across epoch boundaries for ever. `infinite=False`:
   one `iter()` is one epoch (the last partial batch dropped when drop_last), the next `iter()`
   is the next epoch.
@@ -22,6 +26,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -29,10 +34,16 @@ import numpy as np
 import torch
 
 from . import audio
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, ManifestError, load_manifest
 
 logger = logging.getLogger(__name__)
-MAX_SECONDS = 600.0
+MAX_SECONDS = audio.MAX_SECONDS
+MAX_SKIPS_IN_A_ROW = 1000
+LOGGED_SKIPS = 20
+
+
+class NoClipsError(ManifestError):
+    """The loader cannot make progress: a run of entries of the manifest gave no clip at all."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +224,7 @@ class AudioLoader:
     mixture: bool = False
     mix_windows: Optional[Tuple[int, int]] = None
     max_seconds: float = MAX_SECONDS
+    max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW
     epoch: int = 0
     position: int = 0
     start_epoch: int = 0  # in epoch start_epoch the shards begin at entry `start` of the permutation
@@ -222,8 +234,11 @@ class AudioLoader:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_skips_in_a_row < 1:
+            raise ValueError(f"max_skips_in_a_row must be >= 1, got {self.max_skips_in_a_row}")
         self._orders: Dict[int, np.ndarray] = {}
         self._dali = None
+        self._counted_at = time.monotonic()
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -286,19 +301,22 @@ class AudioLoader:
         return (result for results in loader for result in results), slots
 
     def __iter__(self) -> Iterator[dict]:
+        if len(self.manifest) < self.world_size:  # every epoch would be empty: the sampler would spin for ever
+            raise NoClipsError(f"{self.manifest.source}: {len(self.manifest)} entries for {self.world_size} ranks")
         epoch_at_start = self.epoch
         items, slots = self._items()
         pending: List[Tuple[Tuple[int, int, int, int], torch.Tensor]] = []
         batch = None
+        in_a_row = 0
         for tagged, data, reason in items:
             epoch, position, index = tagged[:3]
             if not self.infinite and epoch != epoch_at_start:
                 break
             if data is None:
-                path = self.manifest.path(index)
-                self.skipped.append(SkippedClip(index, path, reason, epoch))
-                logger.warning("skipping %s (manifest %s entry %d): %s", path, self.manifest.source, index, reason)
+                in_a_row += 1
+                self._skip(SkippedClip(index, self.manifest.path(index), reason, epoch), in_a_row)
             else:
+                in_a_row = 0
                 if slots is not None:  # copy out of the ring now: the slot is reused after this
                     if batch is None:
                         batch = torch.empty(self.batch_size, 1, self.target_length, audio.NUM_MEL_BINS)
@@ -315,6 +333,22 @@ class AudioLoader:
             if pending and not self.drop_last:
                 yield self._collate(pending, batch)
             self.epoch, self.position = epoch_at_start + 1, 0
+
+    def _skip(self, clip: SkippedClip, in_a_row: int) -> None:
+        """Record a skipped entry; log it (the first LOGGED_SKIPS, then a count at most once a minute);
+        stop when `max_skips_in_a_row` entries, or a whole epoch of this rank's, gave no clip."""
+        self.skipped.append(clip)
+        count = len(self.skipped)
+        if count <= LOGGED_SKIPS:
+            logger.warning("skipping %s (manifest %s entry %d): %s", clip.path, self.manifest.source, clip.index, clip.reason)
+        elif time.monotonic() - self._counted_at >= 60:
+            self._counted_at = time.monotonic()
+            logger.warning("skipped %d unreadable entries of %s so far (loader.skipped lists them)", count, self.manifest.source)
+        start = min(self.start, len(self.manifest)) if clip.epoch == self.start_epoch else 0
+        if in_a_row >= min(self.max_skips_in_a_row, (len(self.manifest) - start) // self.world_size):
+            first = "; ".join(f"{s.path}: {s.reason}" for s in self.skipped[-in_a_row:][:3])
+            raise NoClipsError(f"{self.manifest.source}: none of {in_a_row} entries in a row gave a clip (rank {self.rank}), "
+                               f"stopping instead of skipping for ever; first: {first}")
 
     def _collate(self, items, features: Optional[torch.Tensor] = None) -> dict:
         index = torch.tensor([tagged[2] for tagged, _ in items], dtype=torch.long)
@@ -395,6 +429,7 @@ def build_loader(
     mixture: bool = False,
     mix_windows: Optional[Tuple[int, int]] = None,
     max_seconds: float = MAX_SECONDS,
+    max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW,
 ) -> AudioLoader:
     """The trainer's data entry point: a manifest (or folder) -> AudioLoader (see module docstring).
 
@@ -424,5 +459,6 @@ def build_loader(
         mixture=mixture,
         mix_windows=mix_windows,
         max_seconds=max_seconds,
+        max_skips_in_a_row=max_skips_in_a_row,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -43,8 +44,11 @@ class Manifest:
 
 
 def read_manifest(path: str) -> Manifest:
-    """Parse a fairseq manifest. Raises ManifestError naming file and line for a malformed line."""
-    with open(path, "r", encoding="utf-8") as f:
+    """Parse a fairseq manifest. Raises ManifestError naming file and line for a malformed line, and
+    for anything but a regular file (a FIFO would block, /dev/zero would fill the memory)."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "r", encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ManifestError(f"{path}: not a regular file")
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -122,9 +126,14 @@ def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AU
     """
     import soundfile as sf
 
+    if not os.path.isdir(directory):
+        raise ManifestError(f"{directory}: no such directory")
     manifest = Manifest(source=out_path, root=os.path.abspath(directory), paths=[], sizes=[])
     bad = []
     for rel in scan_folder(manifest.root, extensions):
+        if not os.path.isfile(os.path.join(manifest.root, rel)):  # a FIFO would block the header read
+            bad.append((rel, "not a regular file"))
+            continue
         try:
             frames = sf.info(os.path.join(manifest.root, rel)).frames
         except Exception as err:
@@ -141,6 +150,8 @@ def write_manifest(directory: str, out_path: str, extensions: Sequence[str] = AU
 
 def load_manifest(source: str) -> Manifest:
     """A manifest file, or a folder (scanned; sizes unknown are recorded as 0)."""
+    if not os.path.exists(source):
+        raise ManifestError(f"{source}: no such manifest file or folder")
     if os.path.isdir(source):
         paths = scan_folder(source)
         return Manifest(source=source, root=os.path.abspath(source), paths=paths, sizes=[0] * len(paths))

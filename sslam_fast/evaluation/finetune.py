@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import data as _data
-from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
+from ..config import AT_LEAST_0, AT_LEAST_1, EPS, POSITIVE, ConfigError, Range, SSLAMConfig, check_ranges, from_dict, to_dict
 from ..data import audio as _audio
 from ..model import Encoder
 from ..serialization import atomic_save
@@ -106,6 +106,8 @@ class FinetuneModelSection:
     layer_decay: float = 0.65
     head_norm_eps: float = 1e-6
     freeze_encoder: bool = False  # linear evaluation
+
+    RANGES = {"num_classes": AT_LEAST_0, "head_norm_eps": EPS}
 
     def validate(self, where: str = "model") -> None:
         if not 0.0 <= self.drop_path < 1.0:
@@ -149,6 +151,8 @@ class FinetuneDataSection:
     num_workers: int = 8
     prefetch: int = 2
 
+    RANGES = {"norm_std": POSITIVE, "num_workers": Range(0, 256), "prefetch": Range(1, 64)}
+
     def validate(self, where: str = "data") -> None:
         if not self.dir:
             raise ConfigError(f"{where}.dir: set the task directory (train.tsv, train.lbl, eval.tsv, ...)")
@@ -175,6 +179,8 @@ class FinetuneTrainSection:
     eval_every_epochs: int = 0  # the original evaluates after every epoch (1); an epoch = its clips // global_batch updates
     eval_batch: int = 32
     max_bad_steps: int = 20
+
+    RANGES = {"epochs": AT_LEAST_0, "seed": Range(0, 2**32 - 1), "eval_every_steps": AT_LEAST_0, "max_bad_steps": AT_LEAST_1}
 
     def validate(self, where: str = "train") -> None:
         if self.global_batch < 1 or self.max_micro_batch < 1 or self.eval_batch < 1:
@@ -249,8 +255,11 @@ class FinetuneConfig:
     fidelity: str = "recipe"
 
     def validate(self, where: str = "config") -> None:
-        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed", "target"):
-            getattr(self, name).validate(f"{where}.{name}")
+        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "logging", "deepspeed", "target"):
+            section = getattr(self, name)
+            check_ranges(section, f"{where}.{name}")
+            if hasattr(section, "validate"):
+                section.validate(f"{where}.{name}")
         if len(set(self.runs)) != len(self.runs):
             raise ConfigError(f"{where}.runs: listed twice")
         if self.fidelity not in FIDELITIES:
@@ -480,6 +489,7 @@ class FinetuneLoader:
         self.rank, self.world_size, self.num_workers, self.infinite = rank, world_size, num_workers, infinite
         self.weights, self.samples_per_epoch = weights, samples_per_epoch
         self.epoch = self.position = 0
+        self.num_skipped = 0  # unreadable entries so far: the first LOGGED_SKIPS are logged
         self._orders: Dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -510,10 +520,19 @@ class FinetuneLoader:
             self.dataset, batch_size=None, sampler=_Tags(self), num_workers=self.num_workers,
             generator=torch.Generator(),  # the worker seeds do not draw from torch's global generator
             prefetch_factor=2 if self.num_workers else None)
+        failed: List[Tuple[int, str, str]] = []  # the entries skipped since the last clip read
         for batch in loader:
-            for index, path, reason in batch.pop("skipped"):
-                logger.warning("skipping %s (manifest %s entry %d): %s", path, self.dataset.manifest.source, index, reason)
+            skipped = batch.pop("skipped")
+            for index, path, reason in skipped:
+                self.num_skipped += 1
+                if self.num_skipped <= _data.loader.LOGGED_SKIPS:
+                    logger.warning("skipping %s (manifest %s entry %d): %s", path, self.dataset.manifest.source, index, reason)
             self.epoch, self.position = batch.pop("next")
+            failed = failed + skipped if not len(batch["index"]) else []
+            if len(failed) >= min(_data.loader.MAX_SKIPS_IN_A_ROW, len(self.order(self.epoch))):
+                first = "; ".join(f"{path}: {reason}" for _, path, reason in failed[:3])
+                raise _data.loader.NoClipsError(f"{self.dataset.manifest.source}: none of {len(failed)} entries in a row gave a clip "
+                                   f"(rank {self.rank}), stopping instead of skipping for ever; first: {first}")
             if len(batch["index"]):
                 yield batch
         if not self.infinite:
@@ -788,7 +807,7 @@ class FinetuneTrainer:
                     if self.step % cfg.checkpoint.every_steps == 0 and self.step != self.saved_step:
                         self.save()
                 finished = self.step >= self.max_steps
-        except TrainingStopped as e:
+        except (TrainingStopped, _data.loader.NoClipsError) as e:
             reason, status = str(e), 2
             logger.error(reason)
         if finished and (not self.evals or self.evals[-1]["step"] != self.step):

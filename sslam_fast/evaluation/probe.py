@@ -101,8 +101,12 @@ def compute_features(encoder_fn: Callable[[torch.Tensor], torch.Tensor], inputs:
             except CheckpointError as e:  # a half-written or damaged entry: computed again and replaced
                 logger.warning("%s; computing the features again", e)
             else:
-                logger.info("features from the cache %s", cache_file)
-                return cached
+                clips = sum(batch.shape[0] for batch in batches)
+                if torch.is_tensor(cached) and cached.dtype == torch.float32 and cached.ndim == 2 and cached.shape[0] == clips:
+                    logger.info("features from the cache %s", cache_file)
+                    return cached
+                found = f"{cached.dtype} {tuple(cached.shape)}" if torch.is_tensor(cached) else type(cached).__name__
+                logger.warning("%s holds %s, not float32 features [%d, dim]; computing the features again", cache_file, found, clips)
     was_training = encoder_fn.training if isinstance(encoder_fn, torch.nn.Module) else None
     if was_training:
         encoder_fn.eval()

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..config import SSLAMConfig, from_dict, to_dict
+from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
 from ..model import sincos_table
 from ..pretrainer import SSLAMPretrainer
 from ..serialization import CheckpointError, atomic_save, safe_load
@@ -166,6 +166,8 @@ def _load_strict(path: str, where: str, module: torch.nn.Module, state: Dict[str
             raise CheckpointError(f"{path}: {where} has unexpected key {key!r}")
         if own[key].shape != value.shape:
             raise CheckpointError(f"{path}: {where}[{key!r}] has shape {list(value.shape)}, expected {list(own[key].shape)}")
+        if own[key].is_floating_point() and not value.is_floating_point():  # fp16/bf16 widen exactly; integers are not weights
+            raise CheckpointError(f"{path}: {where}[{key!r}] is {value.dtype}, expected floating-point weights")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
@@ -374,9 +376,19 @@ def _prefixed(tensors: Dict[str, torch.Tensor], prefix: str) -> Optional[Dict[st
     return out or None
 
 
+def _check_head_settings(path: str, settings: Dict[str, Any]) -> None:
+    """The head settings of a file's metadata: a known pooling, a finite fc_norm_eps in (0, 1]."""
+    pooling, eps = settings.get("pooling", "cls"), settings.get("fc_norm_eps", 1e-6)
+    if pooling not in POOLINGS.values():
+        raise ConfigError(f"{path}: head pooling {pooling!r} is not one of {', '.join(map(repr, POOLINGS.values()))}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+        raise ConfigError(f"{path}: head fc_norm_eps {eps!r} is outside (0, 1]")
+
+
 def _head_from(path: str, tensors: Dict[str, torch.Tensor], prefix: str, settings: Dict[str, Any]) -> Optional[HeadWeights]:
     if prefix + "head.weight" not in tensors:
         return None
+    _check_head_settings(path, settings)
     return HeadWeights(tensors[prefix + "head.weight"], tensors[prefix + "head.bias"],
                        tensors.get(prefix + "fc_norm.weight"), tensors.get(prefix + "fc_norm.bias"),
                        float(settings.get("fc_norm_eps", 1e-6)), settings.get("pooling", "cls"))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.audio import SAMPLE_RATE, AudioError, kaldi_fbank, normalise, num_frames, subtract_mean
+from ..data.audio import MAX_SECONDS, SAMPLE_RATE, AudioError, kaldi_fbank, normalise, num_frames, subtract_mean
 from .encoder import AudioEncoder, load_encoder
 
 WINDOW_FRAMES = 1024
@@ -73,16 +73,21 @@ class HearModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: AudioEncoder, batch_size: int = 8):
+    def __init__(self, encoder: AudioEncoder, batch_size: int = 8, max_seconds: float = MAX_SECONDS):
         super().__init__()
         self.encoder = encoder
         self.batch_size = batch_size
+        self.max_seconds = max_seconds
         self.scene_embedding_size = encoder.embed_dim
         self.timestamp_embedding_size = encoder.embed_dim
 
     def features(self, audio: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], int]:
         if audio.dim() != 2:
             raise ValueError(f"audio must be [n_sounds, n_samples] at 16 kHz, got {list(audio.shape)}")
+        if audio.shape[1] > self.max_seconds * SAMPLE_RATE:
+            raise AudioError("<audio>", f"{audio.shape[1] / SAMPLE_RATE:.1f} s, longer than max_seconds={self.max_seconds:g}")
+        if not torch.isfinite(audio).all():
+            raise AudioError("<audio>", "NaN or Inf samples")
         windows, frames = fbank_windows(audio.to(next(self.encoder.parameters()).device))
         tokens = encode_windows(self.encoder, windows, self.batch_size)
         return pool_clips(self.encoder, tokens, audio.shape[0], frames), frames

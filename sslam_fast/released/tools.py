@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.audio import AudioError, load_audio
+from ..data.audio import MAX_SECONDS, AudioError, load_audio, probe
 from ..data.manifest import load_manifest
 from .classes import audioset_classes
 from .encoder import load_classifier, load_encoder
@@ -33,6 +33,20 @@ def expand_inputs(inputs: Iterable[str]) -> List[str]:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _within_limit(files: List[str], max_seconds: float, bad: List[Tuple[str, str]]) -> List[str]:
+    """The files whose header allows decoding them and says at most ``max_seconds``; the others go
+    to ``bad`` with the reason."""
+    kept = []
+    for path in files:
+        try:
+            probe(path, max_seconds=max_seconds)
+        except AudioError as err:
+            bad.append((path, err.reason))
+            continue
+        kept.append(path)
+    return kept
 
 
 def _windows_of(files: List[str], device: str, bad: List[Tuple[str, str]], progress: bool):
@@ -82,11 +96,12 @@ def _output_names(files: List[str]) -> Dict[str, str]:
 
 def extract_files(checkpoint: str, inputs: Iterable[str], out: str, granularity: str = "utterance",
                   which: str = "student", batch_size: int = 8, device: Optional[str] = None,
-                  progress: bool = True) -> Tuple[List[str], List[Tuple[str, str]]]:
+                  progress: bool = True, max_seconds: float = MAX_SECONDS) -> Tuple[List[str], List[Tuple[str, str]]]:
     """Features of each input: "utterance" [D] (mean over windows of the CLS token), "frame"
     [R, 8, D] (patch tokens of the rows inside the clip), "all" [W, 1 + P, D] (each window's
     encoder output). ``out`` ending in ``.npz`` gets one archive keyed by input path, else it is a
-    folder with one ``<stem>.npy`` per input. Returns (files written, [(bad file, reason)])."""
+    folder with one ``<stem>.npy`` per input. A file longer than ``max_seconds`` is refused (a bad
+    file). Returns (files written, [(bad file, reason)])."""
     device = device or default_device()
     files = expand_inputs(inputs)
     encoder = load_encoder(checkpoint, which).to(device)
@@ -95,7 +110,7 @@ def extract_files(checkpoint: str, inputs: Iterable[str], out: str, granularity:
     to_npz = out.endswith(".npz")
     if not to_npz:
         os.makedirs(out, exist_ok=True)
-    for path, tokens, frames in _run(encoder, files, device, batch_size, progress, bad):
+    for path, tokens, frames in _run(encoder, _within_limit(files, max_seconds, bad), device, batch_size, progress, bad):
         array = pool_clips(encoder, tokens, 1, frames)[granularity][0].cpu().numpy()
         if to_npz:
             archive[path] = array
@@ -120,7 +135,8 @@ class _Probabilities(torch.nn.Module):
 
 
 def tag_files(checkpoint: str, files: Iterable[str], top_k: int = 5, batch_size: int = 8,
-              device: Optional[str] = None, progress: bool = False) -> Tuple[List[dict], List[Tuple[str, str]]]:
+              device: Optional[str] = None, progress: bool = False,
+              max_seconds: float = MAX_SECONDS) -> Tuple[List[dict], List[Tuple[str, str]]]:
     """Top-k classes of each file: the sigmoid of the logits of each 1024-frame window, the maximum
     over windows (an event anywhere in the clip counts). Returns ([{"file", "labels": [{"index",
     "mid", "name", "probability"}]}], [(bad file, reason)])."""
@@ -128,7 +144,8 @@ def tag_files(checkpoint: str, files: Iterable[str], top_k: int = 5, batch_size:
     classifier = load_classifier(checkpoint).to(device)
     mids = [c.mid for c in audioset_classes()] if classifier.num_classes == 527 else [""] * classifier.num_classes
     bad, results = [], []
-    for path, probs, _ in _run(_Probabilities(classifier), expand_inputs(files), device, batch_size, progress, bad):
+    files = _within_limit(expand_inputs(files), max_seconds, bad)
+    for path, probs, _ in _run(_Probabilities(classifier), files, device, batch_size, progress, bad):
         clip = probs.max(dim=0).values
         values, indices = torch.topk(clip, min(top_k, clip.shape[0]))
         results.append({"file": path, "labels": [

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import ConfigError, SSLAMConfig, from_dict
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, ConfigError, Range, SSLAMConfig, check_ranges, from_dict
 
 EXECUTIONS = {"fast": ("auto", "bf16", "fp32"), "original": ("auto", "fp16", "fp32")}  # execution -> precisions
 
@@ -23,10 +23,14 @@ class DataConfig:
     backend: str = "auto"  # "torch", "dali", or "auto" (DALI where installed)
     num_workers: int = 8
     prefetch: int = 2  # batches read ahead by a background thread while the step computes
+    max_skips_in_a_row: int = 1000  # unreadable entries in a row (or a whole epoch) that stop the run
+
+    RANGES = {"demo_clips": AT_LEAST_0, "target_length": Range(1, 65536), "norm_std": POSITIVE, "num_workers": Range(0, 256),
+              "prefetch": Range(1, 64), "max_skips_in_a_row": AT_LEAST_1}
 
     def validate(self, where: str = "data") -> None:
-        if self.prefetch < 1:
-            raise ConfigError(f"{where}.prefetch: must be at least 1")
+        if self.backend not in ("auto", "torch", "dali"):
+            raise ConfigError(f"{where}.backend: must be 'auto', 'torch' or 'dali', got {self.backend!r}")
         if not self.manifest and self.demo_clips <= 0:
             raise ConfigError(f"{where}.manifest: set a manifest (or data.demo_clips for synthetic clips)")
         if self.manifest and self.demo_clips > 0:
@@ -57,9 +61,10 @@ class TrainSection:
     collapse_after: int = 5000
     stop_on_collapse: bool = False
 
+    RANGES = {"global_batch": AT_LEAST_1, "max_micro_batch": AT_LEAST_1, "max_steps": AT_LEAST_1, "seed": Range(0, 2**32 - 1),
+              "max_bad_steps": AT_LEAST_1, "min_target_var": AT_LEAST_0, "min_pred_var": AT_LEAST_0, "collapse_after": AT_LEAST_0}
+
     def validate(self, where: str = "train") -> None:
-        if self.global_batch < 1 or self.max_micro_batch < 1:
-            raise ConfigError(f"{where}.global_batch: batch sizes must be positive")
         if self.execution not in EXECUTIONS:
             raise ConfigError(f"{where}.execution: must be 'fast' or 'original', got {self.execution!r}")
         allowed = EXECUTIONS[self.execution]
@@ -73,8 +78,6 @@ class TrainSection:
             raise ConfigError(f"{where}.cuda_graph: CUDA graphs replay the compiled step; set {where}.compile=true")
         if self.ema_from not in ("master", "model"):
             raise ConfigError(f"{where}.ema_from: must be 'master' or 'model', got {self.ema_from!r}")
-        if self.max_steps < 1:
-            raise ConfigError(f"{where}.max_steps: must be at least 1")
 
     @property
     def dtype(self) -> str:
@@ -103,10 +106,13 @@ class OptimConfig:
     weight_decay: float = 0.05  # not on biases, 1-D parameters and the CLS token
     clip_grad: float = 4.0
 
+    # clip_grad positive: DeepSpeed's fp32 ZeRO optimizer only checks for non-finite gradients when clipping
+    RANGES = {"lr": Range(0, 10, lo_open=True), "min_lr": Range(0, 10), "warmup_steps": AT_LEAST_0, "cosine_steps": AT_LEAST_1,
+              "betas": FRACTION, "eps": Range(0, 1, lo_open=True), "weight_decay": AT_LEAST_0, "clip_grad": POSITIVE}
+
     def validate(self, where: str = "optim") -> None:
-        if self.clip_grad <= 0:
-            # DeepSpeed's fp32 ZeRO optimizer only checks for non-finite gradients when clipping.
-            raise ConfigError(f"{where}.clip_grad: must be positive (the recipe uses 4.0)")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{where}.min_lr: {self.min_lr} is above {where}.lr={self.lr}")
 
 
 @dataclass
@@ -116,9 +122,7 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in dir
 
-    def validate(self, where: str = "checkpoint") -> None:
-        if self.keep_last < 1 or self.every_steps < 1:
-            raise ConfigError(f"{where}.keep_last: keep_last and every_steps must be at least 1")
+    RANGES = {"every_steps": AT_LEAST_1, "keep_last": AT_LEAST_1}
 
 
 @dataclass
@@ -126,6 +130,8 @@ class LoggingConfig:
     every_steps: int = 50  # metrics lines (JSON lines + TensorBoard) and progress-bar refresh
     tensorboard: bool = True
     progress_bar: bool = True
+
+    RANGES = {"every_steps": AT_LEAST_1}
 
 
 @dataclass
@@ -150,9 +156,15 @@ class TrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def validate(self, where: str = "config") -> None:
-        """Check every section, including those left at their defaults."""
-        for name in ("model", "data", "train", "optim", "checkpoint", "deepspeed"):
-            getattr(self, name).validate(f"{where}.{name}")
+        """Check every section, including those left at their defaults, and what they say together."""
+        for name in ("model", "data", "train", "optim", "checkpoint", "logging", "deepspeed"):
+            section = getattr(self, name)
+            check_ranges(section, f"{where}.{name}")
+            if hasattr(section, "validate"):
+                section.validate(f"{where}.{name}")
+        if self.data.target_length < self.model.patch_size:
+            raise ConfigError(f"{where}.data.target_length: {self.data.target_length} frames, fewer than one patch "
+                              f"({where}.model.patch_size={self.model.patch_size})")
 
     @property
     def cosine_steps(self) -> int:
@@ -182,11 +194,15 @@ def load_config(path: Optional[str] = None, overrides: List[str] = (), cls: type
     unknown keys raise ConfigError naming them."""
     data: Dict[str, Any] = {}
     if path:
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of sections, got {type(data).__name__}")
     data.pop("_comment", None)
     for assignment in overrides:
         apply_override(data, assignment)

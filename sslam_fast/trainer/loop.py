@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..config import ConfigError, to_dict
 from ..implementation import set_implementation
 from ..pretrainer import SSLAMPretrainer
-from ..data.loader import resharded_state
+from ..data.loader import NoClipsError, resharded_state
 from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
 from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save,
                           list_checkpoints, read_resume_state, reject, remove_stale_temps, restore_rng_state,
@@ -132,7 +132,8 @@ class Trainer:
         return build_loader(manifest, self.plan.micro_batch, rank=self.rank, world_size=self.world,
                             seed=self.cfg.train.seed, target_length=d.target_length, norm_mean=d.norm_mean,
                             norm_std=d.norm_std, backend=d.backend, num_workers=d.num_workers,
-                            device=self.device if self.device.type == "cuda" else None)
+                            device=self.device if self.device.type == "cuda" else None,
+                            max_skips_in_a_row=d.max_skips_in_a_row)
 
     # ------------------------------------------------------------------------------ one update
     def stats_due(self, step: int) -> bool:
@@ -397,7 +398,7 @@ class Trainer:
                     if save:
                         self.save()
                 self.report(pending)
-        except TrainingStopped as e:
+        except (TrainingStopped, NoClipsError) as e:  # NoClipsError: the data gives no clips
             reason, status = str(e), 2
             logger.error(reason)
         if status == 0 and self.step != self.saved_step:
