@@ -61,8 +61,8 @@ from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
 from ..data import audio as _audio
 from ..model import Encoder
 from ..serialization import atomic_save
-from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, read_resume_state,
-                                   remove_stale_temps, restore_rng_state, rng_state)
+from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, load_engine_state,
+                                   read_resume_state, remove_stale_temps, restore_rng_state, rng_state)
 from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, load_config
 from ..trainer.engine import MasterWeights, deepspeed_config
 from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
@@ -630,8 +630,7 @@ class FinetuneTrainer:
         state, own = files["train"], files["rank"]
         if state["world_size"] != self.world:
             raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has {self.world}")
-        self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_engine_state(self.engine, path, files["listing"])
         self.step = self.saved_step = state["step"]
         self.bad_total = state["bad_total"]
         self.evals = json.loads(state["evals"])

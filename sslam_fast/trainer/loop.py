@@ -30,7 +30,7 @@ from ..pretrainer import SSLAMPretrainer
 from ..data.loader import resharded_state
 from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
 from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save,
-                          list_checkpoints, read_resume_state, reject, remove_stale_temps, restore_rng_state,
+                          list_checkpoints, load_engine_state, read_resume_state, reject, remove_stale_temps, restore_rng_state,
                           rng_state, train_checkpoint_file, verify_checkpoint)
 from .config import TrainConfig
 from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
@@ -311,8 +311,7 @@ class Trainer:
         if files["elastic"]:
             self._load_elastic(path, state, own, files["optimizer"])
         else:
-            self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            load_engine_state(self.engine, path, files["listing"])
             self._restore_rank_state(own)
         teacher = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
         self.model.teacher.load_state_dict(teacher)
