@@ -358,27 +358,26 @@ def _check_depth(obj: Any, path: str) -> None:
         todo.extend((child, depth + 1) for child in children)
 
 
-def _is_torch_file(data: bytes) -> bool:
+def _is_torch_file(file) -> bool:
     """torch's zip format, or its pickle-stream legacy format (DeepSpeed writes that one); never the
-    tar format, which torch would extract to disk."""
-    if data[:4] == b"PK\x03\x04":
+    tar format, which torch would extract to disk. Leaves ``file`` at its start."""
+    head = file.read(4)
+    file.seek(0)
+    if head == b"PK\x03\x04":
         return True
-    return data[:2] == b"\x80\x02" and not tarfile.is_tarfile(io.BytesIO(data))
+    tar = tarfile.is_tarfile(file)
+    file.seek(0)
+    return head[:2] == b"\x80\x02" and not tar
 
 
-def load_bytes(data: bytes, path: str, map_location="cpu", real: Optional[Dict[str, type]] = None) -> Any:
-    """Unpickle the torch file whose bytes are ``data`` (read from ``path``, named in errors).
-
-    ``real`` maps qualified class names to classes the caller trusts the file to hold (resolved for
-    real instead of refused).
-    """
-    if not _is_torch_file(data):
+def _load(file, size: int, path: str, map_location, real: Optional[Dict[str, type]]) -> Any:
+    if not _is_torch_file(file):
         raise CheckpointError(f"{path}: not a torch checkpoint file (neither torch's zip nor its legacy format)")
-    unpickler = type("Unpickler", (_BoundedUnpickler,), {"path": path, "real": dict(real or {}), "budget": len(data)})
+    unpickler = type("Unpickler", (_BoundedUnpickler,), {"path": path, "real": dict(real or {}), "budget": size})
     module = types.SimpleNamespace(Unpickler=unpickler, load=lambda f, **kw: unpickler(f, **kw).load(),
                                    __name__="sslam_fast.serialization")
     try:
-        obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False, pickle_module=module)
+        obj = torch.load(file, map_location=map_location, weights_only=False, pickle_module=module)
     except UnsafeCheckpointError:
         raise
     except Exception as exc:  # any malformed content, whatever part of torch or pickle notices it
@@ -387,36 +386,36 @@ def load_bytes(data: bytes, path: str, map_location="cpu", real: Optional[Dict[s
     return obj
 
 
-def read_regular_file(path: str, dir_fd: Optional[int] = None, follow: bool = True) -> bytes:
-    """The bytes of ``path``, which must be a regular file (a FIFO or device is refused without
-    blocking); ``follow=False`` refuses a symbolic link too."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+def load_bytes(data: bytes, path: str, map_location="cpu", real: Optional[Dict[str, type]] = None) -> Any:
+    """Unpickle the torch file whose bytes are ``data`` (read from ``path``, named in errors).
+
+    ``real`` maps qualified class names to classes the caller trusts the file to hold (resolved for
+    real instead of refused).
+    """
+    return _load(io.BytesIO(data), len(data), path, map_location, real)
+
+
+def safe_load(path: str, map_location="cpu") -> Any:
+    """Load a torch file without running anything from it.
+
+    The file is opened once (a FIFO or device is refused without blocking) and read from that
+    descriptor. Raises ``UnsafeCheckpointError`` when the file names a global that is not allowed,
+    and ``CheckpointError`` when there is no file, it is not a regular file or not a readable torch
+    file (truncated, corrupt, malformed); every message names the file.
+    """
+    path = os.fspath(path)
     try:
-        fd = os.open(path, flags, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be opened as a regular file ({exc.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    finally:
+        raise CheckpointError(f"{path}: cannot be opened ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-
-
-def safe_load(path: str, map_location="cpu", data: Optional[bytes] = None) -> Any:
-    """Load a torch file without running anything from it.
-
-    ``data``: the file's bytes, already read (and checked) by the caller; otherwise ``path`` is read
-    once. Raises ``UnsafeCheckpointError`` when the file names a global that is not allowed, and
-    ``CheckpointError`` when there is no file, it is not a regular file or not a readable torch file
-    (truncated, corrupt, malformed); every message names the file.
-    """
-    path = os.fspath(path)
-    return load_bytes(read_regular_file(path) if data is None else data, path, map_location)
+        raise CheckpointError(f"{path}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        return _load(f, info.st_size, path, map_location, None)
 
 
 def names_the_file(load: Callable) -> Callable:

@@ -127,6 +127,13 @@ def test_fifo_listed_in_the_checksums(run):
     rejected(step, "extra.pt: a FIFO")
 
 
+@pytest.mark.parametrize("loader", ["safe_load", "load_pretrainer", "load_encoder", "load_classifier"])
+def test_fifo_given_to_a_loader(tmp_path, loader):
+    os.mkfifo(tmp_path / "model.pt")
+    with within(30), pytest.raises(CheckpointError, match="model.pt: not a regular file"):
+        LOADERS[loader](str(tmp_path / "model.pt"))
+
+
 def test_file_not_listed(run, monkeypatch, caplog):
     step = run / "step_000000002"
     (step / "deepspeed" / "engine" / "latest").write_text("engine")
@@ -277,3 +284,18 @@ def test_deep_nesting_is_a_checkpoint_error(run, tmp_path, monkeypatch, caplog):
     hostile.forge_checksums(str(step))
     rejected(step, "rank_0.pt: holds values nested", layout=False)
     resume_falls_back(run, monkeypatch, caplog, "nested")
+
+
+# --------------------------------------------------------------------------- fuzzing
+def test_fuzzed_checkpoints_load_or_raise_checkpoint_error(two_checkpoints, tmp_path):
+    """The short form of ``tests/fuzz_checkpoints.py`` (about a minute): random mutations of four real
+    checkpoint files, each loaded in a child process with a time limit; only a load or a
+    ``CheckpointError`` is accepted (README's security note gives the long form's result)."""
+    import fuzz_checkpoints
+
+    engine = two_checkpoints / "step_000000001" / "deepspeed" / "engine" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    seeds = fuzz_checkpoints.make_seeds(str(tmp_path), str(engine))
+    counts, failures = fuzz_checkpoints.fuzz(seeds, cases=600, seed=19)
+    assert not failures, "\n".join(failures[:20])
+    for name in seeds:  # both outcomes occur for every seed: the mutations reach the loaders
+        assert counts[(name, "loaded")] and counts[(name, "CheckpointError")], dict(counts)
