@@ -201,6 +201,25 @@ def test_engine_reader_serves_only_what_was_checked(run, tmp_path):
     assert not marker.exists()
 
 
+def test_malformed_content_with_forged_checksums(run, monkeypatch, caplog):
+    """A train.pt that loads but whose content has the wrong shape: rejected (fall back) when the
+    resume's checks meet it, a CheckpointError naming it when the resume itself does."""
+    step = run / "step_000000002"
+    state = torch.load(step / "train.pt", weights_only=True)
+    torch.save(dict(state, config=[]), step / "train.pt")
+    hostile.forge_checksums(str(step))
+    rejected(step, "train.pt: malformed checkpoint", layout=False)
+    resume_falls_back(run, monkeypatch, caplog, "malformed checkpoint")
+
+    step = run / "step_000000003"
+    del state["counters"]
+    torch.save(state, step / "train.pt")
+    hostile.forge_checksums(str(step))
+    with within(120):
+        assert run_in_process(monkeypatch, str(run), "train.max_steps=4", "checkpoint.every_steps=1") == 1
+    assert any(f"{step}: malformed checkpoint (KeyError: 'counters')" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- the files
 LOADERS = {"safe_load": safe_load, "load_pretrainer": load_pretrainer, "load_encoder": load_encoder,
            "load_classifier": load_classifier}

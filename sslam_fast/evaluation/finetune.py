@@ -62,7 +62,8 @@ from ..data import audio as _audio
 from ..model import Encoder
 from ..serialization import atomic_save
 from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, load_engine_state,
-                                   read_resume_state, remove_stale_temps, restore_rng_state, rng_state)
+                                   malformed_is_checkpoint_error, read_resume_state, remove_stale_temps,
+                                   restore_rng_state, rng_state)
 from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, load_config
 from ..trainer.engine import MasterWeights, deepspeed_config
 from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
@@ -526,7 +527,8 @@ class FinetuneTrainer:
         self.last_checkpoint: Optional[str] = None
         self.stop_signal: Optional[str] = None
         if resume_from is not None:
-            self._resume(resume_from)
+            with malformed_is_checkpoint_error(resume_from):
+                self._resume(resume_from)
         dist.barrier()
         if self.is_main:
             remove_stale_temps(self.run_dir)

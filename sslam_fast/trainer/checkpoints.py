@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import stat
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -95,6 +96,16 @@ def is_elastic(state: Dict[str, Any], world_size: Optional[int], zero_stage: Opt
     return world_size is not None and saved != (world_size, zero_stage, precision or saved[2])
 
 
+@contextmanager
+def malformed_is_checkpoint_error(path: str):
+    """A missing key or a value of the wrong type met while reading a checkpoint's content becomes
+    a ``CheckpointError`` naming it (the files' digests say only that they were not changed)."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
 def deepspeed_classes() -> Dict[str, type]:
     """``DEEPSPEED_GLOBALS`` resolved: the classes an engine file may hold, made for real."""
     found = {}
@@ -122,7 +133,9 @@ def read_resume_state(path: str, rank: int, world_size: Optional[int] = None, ze
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise CheckpointError(f"{os.path.join(path, 'train.pt')}: not a training checkpoint of this project")
     own_file = f"rank_{rank}.pt"
-    if is_elastic(state, world_size, zero_stage, precision):
+    with malformed_is_checkpoint_error(os.path.join(path, "train.pt")):
+        elastic = is_elastic(state, world_size, zero_stage, precision)
+    if elastic:
         if OPTIMIZER_FILE not in listing:
             raise CheckpointError(f"{os.path.join(path, OPTIMIZER_FILE)}: missing; checkpoints written before elastic "
                                   f"resume existed resume only with the processes, ZeRO stage and precision they "
