@@ -21,6 +21,7 @@ unpickler (pure Python, so that each opcode can be checked):
 
 Any malformed content is a ``CheckpointError`` naming the file, never another exception.
 """
+import _compat_pickle
 import argparse
 import collections
 import io
@@ -147,11 +148,21 @@ _NUMPY_GLOBALS = {
 
 
 # --------------------------------------------------------------------------- torch and plain globals
-_TENSOR_REBUILDERS = {
-    name: getattr(torch._utils, name) for name in
-    ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter", "_rebuild_parameter_with_state")
-    if hasattr(torch._utils, name)
-}
+def _without_hooks(rebuild: Callable, hooks_at: Optional[int]) -> Callable:
+    """torch's ``rebuild`` refusing backward hooks from the file (they would be called in backward)."""
+    @wraps(rebuild)
+    def checked(*args):
+        if hooks_at is not None and len(args) > hooks_at and args[hooks_at]:
+            raise pickle.UnpicklingError("a tensor with backward hooks")
+        return rebuild(*args)
+    return checked
+
+
+# name -> the argument position of its backward hooks
+_HOOKS_AT = {"_rebuild_tensor": None, "_rebuild_tensor_v2": 5, "_rebuild_tensor_v3": 5, "_rebuild_parameter": 2,
+             "_rebuild_parameter_with_state": 2}
+_TENSOR_REBUILDERS = {name: _without_hooks(getattr(torch._utils, name), at) for name, at in _HOOKS_AT.items()
+                      if hasattr(torch._utils, name)}
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
@@ -220,6 +231,11 @@ class _BoundedUnpickler(pickle._Unpickler):
     def find_class(self, module, name):
         if not isinstance(module, str) or not isinstance(name, str):
             raise pickle.UnpicklingError("a global whose name is not text")
+        if self.proto < 3 and self.fix_imports:  # Python 2 names, as pickle itself maps them
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            else:
+                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = _weights_global(module, name)
         if found is not None:
             return found

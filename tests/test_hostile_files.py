@@ -257,14 +257,19 @@ for name, call in calls:
     assert len(lines) == 5 and all("CheckpointError" in line and "not a plain numeric dtype" in line for line in lines), lines
 
 
-def test_plain_numpy_values_still_load(tmp_path):
-    """What real checkpoints hold: numeric arrays of either byte order and numpy scalars."""
+def test_plain_values_still_load(tmp_path):
+    """What real checkpoints hold: numeric arrays of either byte order, numpy scalars, sets (their
+    protocol-2 name is Python 2's ``__builtin__.set``), a Namespace."""
+    import argparse
+
     import numpy as np
 
     values = {"a": np.arange(6, dtype=">f4").reshape(2, 3), "b": np.float64(1.5), "c": np.array([True, False])}
-    torch.save({"model": {}, "extra": values}, tmp_path / "numpy.pt")
-    loaded = safe_load(str(tmp_path / "numpy.pt"))["extra"]
-    assert all(np.array_equal(loaded[k], v) and loaded[k].dtype.name == np.asarray(v).dtype.name for k, v in values.items())
+    torch.save({"model": {}, "extra": values, "set": {1, 2}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "plain.pt")
+    loaded = safe_load(str(tmp_path / "plain.pt"))
+    assert all(np.array_equal(loaded["extra"][k], v) and loaded["extra"][k].dtype.name == np.asarray(v).dtype.name
+               for k, v in values.items())
+    assert loaded["set"] == {1, 2} and loaded["args"].lr == 0.1
 
 
 def test_huge_memo_index_allocates_nothing(run, tmp_path, monkeypatch, caplog):
@@ -318,3 +323,17 @@ def test_fuzzed_checkpoints_load_or_raise_checkpoint_error(two_checkpoints, tmp_
     assert not failures, "\n".join(failures[:20])
     for name in seeds:  # both outcomes occur for every seed: the mutations reach the loaders
         assert counts[(name, "loaded")] and counts[(name, "CheckpointError")], dict(counts)
+
+
+def test_tensors_with_backward_hooks_are_refused(tmp_path):
+    """torch.save never writes hooks; a crafted file's hook (an allowed global here) would be called
+    in a backward pass."""
+    import collections
+
+    class HookedParameter:
+        def __reduce__(self):
+            return torch._utils._rebuild_parameter, (torch.zeros(2), True, collections.OrderedDict({0: set}))
+
+    torch.save({"model": {"w": HookedParameter()}}, tmp_path / "hooks.pt")
+    with pytest.raises(CheckpointError, match="hooks.pt.*backward hooks"):
+        safe_load(str(tmp_path / "hooks.pt"))
