@@ -26,6 +26,7 @@ from sslam_fast.trainer import loop
 sys.path.insert(0, os.path.dirname(__file__))
 import hostile  # noqa: E402
 from helpers import Payload  # noqa: E402
+from test_finetune import pretrained, toy  # noqa: E402,F401 (fixtures)
 from test_train import run_in_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,6 +219,23 @@ def test_malformed_content_with_forged_checksums(run, monkeypatch, caplog):
     with within(120):
         assert run_in_process(monkeypatch, str(run), "train.max_steps=4", "checkpoint.every_steps=1") == 1
     assert any(f"{step}: malformed checkpoint (KeyError: 'counters')" in r.getMessage() for r in caplog.records)
+
+
+def test_fine_tuning_resume_refuses_a_symlinked_engine_directory(toy, pretrained, tmp_path, monkeypatch, caplog):
+    """Fine-tuning's resume reads its checkpoint through the same checks (it has no fallback)."""
+    from test_finetune import run_in_process as fine_tune
+
+    run_dir, marker, outside = tmp_path / "run", tmp_path / "marker", tmp_path / "outside"
+    assert fine_tune(monkeypatch, toy, str(run_dir), "train.max_steps=2", f"model.init_from={pretrained}") == 0
+    step = run_dir / "step_000000002"
+    shutil.move(step / "deepspeed" / "engine", outside)
+    payload_file(outside / "mp_rank_00_model_states.pt", marker)
+    os.symlink(outside, step / "deepspeed" / "engine")
+    hostile.forge_checksums(str(step))
+    with within(120):
+        assert fine_tune(monkeypatch, toy, str(run_dir), "train.max_steps=4", f"model.init_from={pretrained}") == 1
+    assert any("engine: a symbolic link" in r.getMessage() for r in caplog.records)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- the files
