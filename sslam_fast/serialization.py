@@ -24,6 +24,7 @@ Any malformed content is a ``CheckpointError`` naming the file, never another ex
 import _compat_pickle
 import argparse
 import collections
+import enum
 import io
 import math
 import os
@@ -294,7 +295,7 @@ class _BoundedUnpickler(pickle._Unpickler):
             _set_array_state(inst, state)
         elif isinstance(inst, Placeholder):
             inst.__setstate__(state)
-        elif isinstance(inst, _STATEFUL) or type(inst) in self.real.values():
+        elif isinstance(inst, _STATEFUL) or type(inst) in self.real.values() and not isinstance(inst, enum.Enum):
             if not isinstance(state, dict) or not all(type(k) is str for k in state):
                 raise pickle.UnpicklingError(f"the state of a {type(inst).__name__} is not a mapping of names")
             inst.__dict__.update(state)

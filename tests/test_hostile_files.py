@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sslam_fast import CheckpointError, load_classifier, load_encoder, load_pretrainer
-from sslam_fast.serialization import MAX_DEPTH, safe_load
+from sslam_fast.serialization import MAX_DEPTH, load_bytes, safe_load
 from sslam_fast.trainer import checkpoints as ck
 from sslam_fast.trainer import loop
 
@@ -355,3 +355,18 @@ def test_tensors_with_backward_hooks_are_refused(tmp_path):
     torch.save({"model": {"w": HookedParameter()}}, tmp_path / "hooks.pt")
     with pytest.raises(CheckpointError, match="hooks.pt.*backward hooks"):
         safe_load(str(tmp_path / "hooks.pt"))
+
+
+def test_engine_files_may_not_set_the_state_of_an_enum_member(tmp_path):
+    """DeepSpeed's ZeroStageEnum is resolved for real in engine files; its members are shared by the
+    whole process, so a file may make one but not change it."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class Tampered:
+        def __reduce__(self):
+            return ZeroStageEnum, (2,), {"_value_": 0}
+
+    torch.save({"stage": Tampered()}, tmp_path / "enum.pt")
+    with pytest.raises(CheckpointError, match="enum.pt.*sets the state of a ZeroStageEnum"):
+        load_bytes((tmp_path / "enum.pt").read_bytes(), str(tmp_path / "enum.pt"), real=ck.deepspeed_classes())
+    assert ZeroStageEnum(2).value == 2
