@@ -77,8 +77,9 @@ from ..config import AT_LEAST_0, AT_LEAST_1, EPS, POSITIVE, ConfigError, Range, 
 from ..data import audio as _audio
 from ..model import Encoder
 from ..serialization import atomic_save
-from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, read_resume_state,
-                                   remove_stale_temps, restore_rng_state, rng_state)
+from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, load_engine_state,
+                                   malformed_is_checkpoint_error, read_resume_state, remove_stale_temps,
+                                   restore_rng_state, rng_state)
 from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, load_config
 from ..trainer.engine import MasterWeights, deepspeed_config
 from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
@@ -646,7 +647,8 @@ class FinetuneTrainer:
         self.last_checkpoint: Optional[str] = None
         self.stop_signal: Optional[str] = None
         if resume_from is not None:
-            self._resume(resume_from)
+            with malformed_is_checkpoint_error(resume_from):
+                self._resume(resume_from)
         dist.barrier()
         if self.is_main:
             remove_stale_temps(self.run_dir)
@@ -765,8 +767,7 @@ class FinetuneTrainer:
         state, own = files["train"], files["rank"]
         if state["world_size"] != self.world:
             raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has {self.world}")
-        self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_engine_state(self.engine, path, files["listing"])
         self.step = self.saved_step = state["step"]
         self.bad_total = state["bad_total"]
         self.evals = json.loads(state["evals"])

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import Encoder
-from ..serialization import CheckpointError
+from ..serialization import CheckpointError, names_the_file
 from .classes import class_names
 from .formats import HeadWeights, ReleasedWeights, _check_positions, _load_strict, read_weights
 
@@ -121,6 +121,7 @@ def _encoder(path: str, weights: ReleasedWeights, which: str) -> AudioEncoder:
     return AudioEncoder(encoder, which).eval()
 
 
+@names_the_file
 def load_encoder(path: str, which: str = "student") -> AudioEncoder:
     """The encoder of any supported checkpoint as an ``AudioEncoder`` in eval mode.
 
@@ -130,6 +131,7 @@ def load_encoder(path: str, which: str = "student") -> AudioEncoder:
     return _encoder(str(path), read_weights(path), which)
 
 
+@names_the_file
 def load_classifier(path: str) -> AudioClassifier:
     """A fine-tuned checkpoint (original fairseq, exported safetensors or HF folder) as an
     ``AudioClassifier`` in eval mode: logits over its classes (the 527 of AudioSet)."""

@@ -26,7 +26,7 @@ import torch
 from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
 from ..model import sincos_table
 from ..pretrainer import SSLAMPretrainer
-from ..serialization import CheckpointError, atomic_save, safe_load
+from ..serialization import CheckpointError, atomic_save, names_the_file, safe_load
 from ..trainer.checkpoints import TRAIN_FORMAT
 
 OWN_FORMAT = "sslam-fast/pretrainer"
@@ -172,6 +172,7 @@ def _load_strict(path: str, where: str, module: torch.nn.Module, state: Dict[str
 
 
 # --------------------------------------------------------------------------- public
+@names_the_file
 def load_pretrainer(path: str, map_location="cpu", **overrides) -> SSLAMPretrainer:
     """Read a pretraining checkpoint into an ``SSLAMPretrainer``.
 
@@ -439,6 +440,7 @@ def _read_own_safetensors(path: str) -> ReleasedWeights:
                            tensors.get("positions"), _head_from(path, tensors, "", settings))
 
 
+@names_the_file
 def read_weights(path: str) -> ReleasedWeights:
     """Read any supported checkpoint: original pretraining or fine-tuned (fairseq), this project's
     files, an exported ``.safetensors`` or a Hugging Face style folder (config.json + model.safetensors).

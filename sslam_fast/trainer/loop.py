@@ -29,9 +29,9 @@ from ..implementation import set_implementation
 from ..pretrainer import SSLAMPretrainer
 from ..data.loader import NoClipsError, resharded_state
 from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
-from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save,
-                          list_checkpoints, read_resume_state, reject, remove_stale_temps, restore_rng_state,
-                          rng_state, train_checkpoint_file, verify_checkpoint)
+from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save, list_checkpoints,
+                          load_engine_state, malformed_is_checkpoint_error, read_resume_state, reject,
+                          remove_stale_temps, restore_rng_state, rng_state, train_checkpoint_file, verify_checkpoint)
 from .config import TrainConfig
 from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
 from .optim import build_optimizer, build_scheduler, plan_batch
@@ -95,7 +95,8 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.stop_signal: Optional[str] = None
         if resume_from is not None:
-            self._resume(resume_from, resume_files)
+            with malformed_is_checkpoint_error(resume_from):
+                self._resume(resume_from, resume_files)
         dist.barrier()
         if self.is_main:
             for name in remove_stale_temps(self.run_dir):
@@ -312,8 +313,7 @@ class Trainer:
         if files["elastic"]:
             self._load_elastic(path, state, own, files["optimizer"])
         else:
-            self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="engine",
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            load_engine_state(self.engine, path, files["listing"])
             self._restore_rank_state(own)
         teacher = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
         self.model.teacher.load_state_dict(teacher)
