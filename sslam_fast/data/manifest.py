@@ -86,6 +86,17 @@ def read_label_descriptors(path: str) -> Dict[str, int]:
     return labels
 
 
+def read_class_names(path: str, num_classes: int) -> List[str]:
+    """Class i's display name from label_descriptors.csv (its third column, else its label);
+    "class i" for indices the file does not list."""
+    names = [f"class {i}" for i in range(num_classes)]
+    with open(path, "r", encoding="utf-8", newline="") as f:
+        for row in csv.reader(f):
+            if len(row) >= 2 and row[0].strip().isdigit() and int(row[0]) < num_classes:
+                names[int(row[0])] = row[2] if len(row) > 2 and row[2].strip() else row[1]
+    return names
+
+
 def read_labels(label_path: str, descriptors: Dict[str, int], manifest: Optional[Manifest] = None) -> List[List[int]]:
     """`<split>.lbl` -> class indices per manifest entry (line i belongs to manifest entry i)."""
     out: List[List[int]] = []

@@ -60,6 +60,7 @@ from .. import data as _data
 from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
 from ..data import audio as _audio
 from ..model import Encoder
+from ..released.formats import FINETUNE_FORMAT
 from ..serialization import atomic_save
 from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, read_resume_state,
                                    remove_stale_temps, restore_rng_state, rng_state)
@@ -73,7 +74,6 @@ from .metrics import accuracy, mean_average_precision
 from .sampling import AS2M_SAMPLES_PER_EPOCH, BalancedSampler, read_weights
 
 logger = logging.getLogger("sslam_fast.finetune")
-FINETUNE_FORMAT = "sslam-fast/finetune"
 TASKS = ("multilabel", "multiclass")
 
 
@@ -617,7 +617,9 @@ class FinetuneTrainer:
             state = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
             for (name, _), master in zip(self.trainable, masters):
                 state[name] = master.float()
+            class_names = _data.read_class_names(os.path.join(self.cfg.data.dir, "label_descriptors.csv"), self.num_classes)
             atomic_save({"format": FINETUNE_FORMAT, "version": 1, "config": to_dict(self.cfg),
+                         "encoder_config": to_dict(self.classifier.encoder.cfg), "class_names": class_names,
                          "model": {k[len("classifier."):]: v.detach().cpu() for k, v in state.items()},
                          "num_classes": self.num_classes, "step": self.step, "world_size": self.world,
                          "bad_total": self.bad_total, "evals": json.dumps(self.evals)}, os.path.join(tmp, "train.pt"))

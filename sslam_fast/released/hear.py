@@ -1,13 +1,15 @@
 """Clips of any length through the encoder, and the HEAR 2021 API (``sslam_fast.hear``).
 
-Windowing policy (the model sees 1024 frames, 10.24 s, as in training):
+Windowing policy (the model sees windows of the clip length it was trained on, ``input.target_length``
+frames: 1024, 10.24 s, for the released models), normalised with the checkpoint's own statistics
+(``AudioEncoder.input``; the AudioSet values for original checkpoints):
 
 - the 16 kHz clip has its mean removed and gives n Kaldi fbank frames (10 ms apart, 25 ms long,
   docs/method.md §2) over its whole length;
-- the frames are cut into W = max(1, ceil(n / 1024)) non-overlapping windows of 1024 frames; the
-  last one is zero-padded in the log-mel domain, then all are normalised, exactly as the original
-  pads a clip shorter than 10.24 s (a clip of at most 1024 frames is one window, identical to
-  ``fbank_features``);
+- the frames are cut into W = max(1, ceil(n / L)) non-overlapping windows of L = target_length
+  frames; the last one is zero-padded in the log-mel domain, then all are normalised, exactly as
+  the original pads a short clip (a clip of at most L frames is one window, identical to
+  ``fbank_features(..., target_length=L, norm_mean, norm_std)``);
 - each window is encoded on its own; the utterance (scene) embedding of the clip is the mean over
   its windows of their CLS tokens;
 - the patch tokens of consecutive windows form one grid of patch rows (16 frames, 160 ms, each
@@ -19,7 +21,7 @@ Windowing policy (the model sees 1024 frames, 10.24 s, as in training):
 A clip shorter than one 25 ms frame (400 samples) has no frame and is refused (``AudioError``).
 """
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,27 +29,29 @@ import torch.nn.functional as F
 
 from ..data.audio import SAMPLE_RATE, AudioError, kaldi_fbank, normalise, num_frames, subtract_mean
 from .encoder import AudioEncoder, load_encoder
+from .formats import InputSettings
 
-WINDOW_FRAMES = 1024
 FRAME_MS = 10.0
 
 
-def fbank_windows(waveform: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """16 kHz clips [N] or [B, N] (equal length) -> (normalised windows [B * W, 1024, 128] clip by
-    clip, the number n of fbank frames of each clip)."""
+def fbank_windows(waveform: torch.Tensor, input: InputSettings = InputSettings()) -> Tuple[torch.Tensor, int]:
+    """16 kHz clips [N] or [B, N] (equal length) -> (windows [B * W, L, 128] clip by clip,
+    normalised with ``input``'s statistics, L = ``input.target_length``; the number n of fbank
+    frames of each clip)."""
     batch = waveform[None] if waveform.dim() == 1 else waveform
     n = num_frames(batch.shape[1])
     if n == 0:
         raise AudioError("<audio>", f"{batch.shape[1]} samples at 16 kHz, shorter than one 25 ms frame")
     raw = kaldi_fbank(subtract_mean(batch.float()))
-    windows = max(1, math.ceil(n / WINDOW_FRAMES))
-    raw = F.pad(raw, (0, 0, 0, windows * WINDOW_FRAMES - n))
-    return normalise(raw).reshape(batch.shape[0] * windows, WINDOW_FRAMES, raw.shape[-1]), n
+    length = input.target_length
+    windows = max(1, math.ceil(n / length))
+    raw = F.pad(raw, (0, 0, 0, windows * length - n))
+    return normalise(raw, input.norm_mean, input.norm_std).reshape(batch.shape[0] * windows, length, raw.shape[-1]), n
 
 
 @torch.no_grad()
 def encode_windows(encoder: AudioEncoder, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Encoder tokens [N, 1 + P, D] of windows [N, 1024, 128], ``batch_size`` windows at a time."""
+    """Encoder tokens [N, 1 + P, D] of windows [N, L, 128], ``batch_size`` windows at a time."""
     device = next(encoder.parameters()).device
     out = [encoder(windows[i : i + batch_size].to(device)).float() for i in range(0, windows.shape[0], batch_size)]
     return torch.cat(out)
@@ -83,20 +87,22 @@ class HearModel(nn.Module):
     def features(self, audio: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], int]:
         if audio.dim() != 2:
             raise ValueError(f"audio must be [n_sounds, n_samples] at 16 kHz, got {list(audio.shape)}")
-        windows, frames = fbank_windows(audio.to(next(self.encoder.parameters()).device))
+        windows, frames = fbank_windows(audio.to(next(self.encoder.parameters()).device), self.encoder.input)
         tokens = encode_windows(self.encoder, windows, self.batch_size)
         return pool_clips(self.encoder, tokens, audio.shape[0], frames), frames
 
 
-def load_model(model_file_path: str = "", which: str = "student", batch_size: int = 8) -> HearModel:
-    """HEAR ``load_model``: any checkpoint ``load_encoder`` reads."""
+def load_model(model_file_path: str = "", which: str = "student", batch_size: int = 8,
+               norm_mean: Optional[float] = None, norm_std: Optional[float] = None) -> HearModel:
+    """HEAR ``load_model``: any checkpoint ``load_encoder`` reads, fed with the normalisation it
+    states (``norm_mean`` / ``norm_std`` override it)."""
     if not model_file_path:
         raise ValueError("load_model needs the path of a checkpoint (no weights are downloaded)")
-    return HearModel(load_encoder(model_file_path, which), batch_size).eval()
+    return HearModel(load_encoder(model_file_path, which, norm_mean, norm_std), batch_size).eval()
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
-    """audio [n, samples] float at 16 kHz -> [n, D]: the mean over 1024-frame windows of the CLS token."""
+    """audio [n, samples] float at 16 kHz -> [n, D]: the mean over the windows of the CLS token."""
     return model.features(audio)[0]["utterance"]
 
 

@@ -31,7 +31,7 @@ from ..data.loader import resharded_state
 from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
 from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save,
                           list_checkpoints, read_resume_state, reject, remove_stale_temps, restore_rng_state,
-                          rng_state, train_checkpoint_file, verify_checkpoint)
+                          rng_state, verify_checkpoint)
 from .config import TrainConfig
 from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
 from .optim import build_optimizer, build_scheduler, plan_batch
@@ -112,10 +112,15 @@ class Trainer:
     def _init_weights(self, path: str) -> None:
         from ..released.formats import load_pretrainer
 
-        source = load_pretrainer(train_checkpoint_file(path), **to_dict(self.cfg.model))
+        source = load_pretrainer(path, **to_dict(self.cfg.model))
         self.model.load_state_dict(source.state_dict())
         if self.is_main:
             logger.info("initialised student, decoder and teacher from %s (fresh optimizer and schedule)", path)
+            given, d = source.input_settings, self.cfg.data
+            if (given.norm_mean, given.norm_std) != (d.norm_mean, d.norm_std):
+                logger.warning("%s was trained on fbanks normalised with mean %.4g std %.4g (%s); this run uses "
+                               "data.norm_mean=%.4g data.norm_std=%.4g", path, given.norm_mean, given.norm_std,
+                               given.origin, d.norm_mean, d.norm_std)
 
     def _build_loader(self):
         from ..data.loader import build_loader
