@@ -91,7 +91,7 @@ def _demo_data_run(args: argparse.Namespace) -> int:
 
 
 register("manifest", "write a fairseq manifest for a folder of audio files", _manifest_args, _manifest_run)
-register("norm-stats", "mean and std of a dataset's padded fbanks (for --norm-mean/--norm-std)", _norm_stats_args, _norm_stats_run)
+register("norm-stats", "mean and std of a dataset's padded fbanks (data.norm_mean / data.norm_std of the train and finetune configs)", _norm_stats_args, _norm_stats_run)
 register("check-data", "decode every entry of a manifest as the loader would; report (exit 1) and drop the bad ones", _check_data_args, _check_data_run)
 register("demo-data", "write a small synthetic dataset with a manifest (no downloads)", _demo_data_args, _demo_data_run)
 

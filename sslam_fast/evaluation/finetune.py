@@ -65,7 +65,7 @@ from ..serialization import atomic_save
 from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, read_resume_state,
                                    remove_stale_temps, restore_rng_state, rng_state)
 from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, load_config
-from ..trainer.engine import MasterWeights, deepspeed_config
+from ..trainer.engine import MasterWeights, deepspeed_config, gradient_norm
 from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
 from ..trainer.prefetch import Prefetcher
 from ..trainer.runlog import RunLog
@@ -548,7 +548,7 @@ class FinetuneTrainer:
         a, t = self.cfg.augment, self.cfg.train
         sums = torch.zeros(4, dtype=torch.float64)
         lr = max(self.scheduler.get_last_lr())
-        data_s = 0.0
+        data_s, norm = 0.0, None
         for micro in range(self.plan.accumulation):
             start = time.perf_counter()
             batch = self.data.next()
@@ -558,6 +558,8 @@ class FinetuneTrainer:
             fbank = spec_mask(fbank, a.mask_ratio, rng)
             out = self.engine(fbank, target, soft=a.mixup > 0)
             self.engine.backward(out["loss"])
+            if self.engine.is_gradient_accumulation_boundary():
+                norm = gradient_norm(p for _, p in self.trainable)
             self.engine.step()
             sums[0] += float(out["loss"].detach())
             sums[1] += lam
@@ -570,6 +572,7 @@ class FinetuneTrainer:
         if not m["skipped"]:
             self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = grad_norm if grad_norm is not None else norm
         m["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return m
 

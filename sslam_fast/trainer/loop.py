@@ -33,7 +33,7 @@ from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save,
                           list_checkpoints, read_resume_state, reject, remove_stale_temps, restore_rng_state,
                           rng_state, verify_checkpoint)
 from .config import TrainConfig
-from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
+from .engine import MasterWeights, StudentAndDecoder, deepspeed_config, gradient_norm
 from .optim import build_optimizer, build_scheduler, plan_batch
 from .prefetch import Prefetcher
 from .runlog import RunLog
@@ -150,14 +150,15 @@ class Trainer:
         """Forward/backward over the micro batches, the optimizer step and the teacher's EMA.
 
         Returns the step's record for ``read_metrics``: the metric sums over ranks still on the device,
-        the grad norm as DeepSpeed keeps it, and the host values (``skipped`` is 1 when DeepSpeed
+        the gradient norm before clipping (DeepSpeed's where it keeps one, else computed here at the
+        accumulation boundary, on the device), and the host values (``skipped`` is 1 when DeepSpeed
         skipped the update for a non-finite gradient: the weights, the schedule and the teacher stay
         unchanged).
         """
         sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
         stats = self.stats_due(self.step + 1)
-        data_s = 0.0
+        data_s, norm = 0.0, None
         for _ in range(self.plan.accumulation):
             t = time.perf_counter()
             fbank = self.data.next()["fbank"]
@@ -166,6 +167,8 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
             out = self.engine(fbank, generator=self.generator, host_generator=self.host_generator, stats=stats)
             self.engine.backward(out["loss"])
+            if self.engine.is_gradient_accumulation_boundary():
+                norm = gradient_norm(self.trainable.parameters())
             self.engine.step()
             ss = out["sample_size"].double()
             values = [out["loss"].detach().double(), out["patch_loss"].double() / ss, out["cls_loss"].double() / ss,
@@ -181,7 +184,8 @@ class Trainer:
             self.step += 1
             source = self.masters.gather() if self.cfg.train.ema_from == "master" else self.model.student.parameters()
             record["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
-        record["grad_norm"] = self.engine.get_global_grad_norm()
+        reported = self.engine.get_global_grad_norm()
+        record["grad_norm"] = reported if reported is not None else norm
         record["step"] = self.step
         return record
 
