@@ -1,6 +1,7 @@
 """What a user of the trainer reads and sets: the small CPU recipes, the stage-2 mixing windows
 against the clip length, the gradient norm in the metrics, the summary line and the help texts."""
 import json
+import logging
 import os
 import re
 import socket
@@ -12,6 +13,7 @@ from sslam_fast import cli, train
 from sslam_fast.config import ConfigError
 from sslam_fast.mixing import draw_mix_windows, scaled_mix_windows, windows_fit
 from sslam_fast.trainer.config import load_config
+from sslam_fast.trainer.memory import estimate, memory_message
 from sslam_fast.trainer.runlog import RunLog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,9 +68,24 @@ def one_process(mp):
         mp.setenv(key, value)
 
 
-def test_metrics_carry_the_gradient_norm_where_deepspeed_does_not(tmp_path, monkeypatch):
+def test_memory_is_estimated_before_the_model_is_built():
+    """Against peak resident memory measured on the 2-core CPU (README, Small recipes) and the ~15 GB
+    a one-process ViT-B (configs/as2m.json) run took there."""
+    small = estimate(load_config(os.path.join(REPO, "configs", "small.json")), 8).total
+    small2 = estimate(load_config(os.path.join(REPO, "configs", "small_sslam.json")), 8).total
+    base = estimate(load_config(os.path.join(REPO, "configs", "as2m.json")), 12).total
+    assert small == pytest.approx(1.16e9, rel=0.25) and small2 == pytest.approx(1.60e9, rel=0.25)
+    assert base == pytest.approx(15e9, rel=0.25)
+    cfg = load_config(os.path.join(REPO, "configs", "as2m.json"))
+    assert "WILL NOT FIT" not in memory_message(cfg, 12, 1, 64e9)
+    text = memory_message(cfg, 12, 2, 16e9)
+    assert "WILL NOT FIT" in text and "train.max_micro_batch" in text and "\n" not in text
+
+
+def test_metrics_carry_the_gradient_norm_where_deepspeed_does_not(tmp_path, monkeypatch, caplog):
     """ZeRO-0 in fp32 (DeepSpeed reports no norm: computed by the trainer) and ZeRO-2 (DeepSpeed's
     own) give the same pre-clipping norm on the same first step, with gradient accumulation."""
+    caplog.set_level(logging.INFO, logger="sslam_fast.train")
     norms = {}
     for stage in (0, 2):
         one_process(monkeypatch)
@@ -79,6 +96,7 @@ def test_metrics_carry_the_gradient_norm_where_deepspeed_does_not(tmp_path, monk
         norms[stage] = [line["grad_norm"] for line in lines]
     assert all(isinstance(n, float) and n > 0 for n in norms[0] + norms[2]), norms
     assert norms[0] == pytest.approx(norms[2], rel=1e-4)
+    assert "memory estimate per process" in caplog.text
 
 
 def test_summary_before_the_first_metrics_line(tmp_path):

@@ -34,6 +34,7 @@ from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save,
                           rng_state, verify_checkpoint)
 from .config import TrainConfig
 from .engine import MasterWeights, StudentAndDecoder, deepspeed_config, gradient_norm
+from .memory import available_bytes, memory_message
 from .optim import build_optimizer, build_scheduler, plan_batch
 from .prefetch import Prefetcher
 from .runlog import RunLog
@@ -58,6 +59,10 @@ class Trainer:
         self.plan = plan_batch(cfg.train.global_batch, self.world, cfg.train.max_micro_batch)
         resume_from, resume_files = self._choose_checkpoint() if cfg.checkpoint.resume else (None, None)
 
+        if self.is_main:
+            here = int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if device.type == "cpu" else 1
+            text = memory_message(cfg, self.plan.micro_batch, here, available_bytes(device))
+            logger.log(logging.WARNING if "WILL NOT FIT" in text else logging.INFO, text)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = SSLAMPretrainer(cfg.model)
         if cfg.train.init_from and resume_from is None:
