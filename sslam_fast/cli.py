@@ -90,7 +90,26 @@ def _demo_data_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="folder with one subfolder of audio files per class (its name is the label)")
+    p.add_argument("-o", "--output", required=True, help="task directory to write (data.dir of a finetune config)")
+    p.add_argument("--eval-every", type=int, default=4, help="every N-th file of each class goes to eval.tsv (default 4)")
+
+
+def _task_run(args: argparse.Namespace) -> int:
+    from .data.manifest import write_task_from_folders
+
+    counts, bad = write_task_from_folders(args.directory, args.output, args.eval_every)
+    for path, reason in bad:
+        print(f"left out {path}: {reason}", file=sys.stderr)
+    print(f"wrote {args.output}: train {counts['train']}, eval {counts['eval']} entries, "
+          f"label_descriptors.csv; {len(bad)} unreadable files left out")
+    return 0
+
+
 register("manifest", "write a fairseq manifest for a folder of audio files", _manifest_args, _manifest_run)
+register("task-from-folders", "write a fine-tuning task directory (train/eval .tsv and .lbl, label_descriptors.csv) "
+         "from one subfolder of audio files per class", _task_args, _task_run)
 register("norm-stats", "mean and std of a dataset's padded fbanks (data.norm_mean / data.norm_std of the train and finetune configs)", _norm_stats_args, _norm_stats_run)
 register("check-data", "decode every entry of a manifest as the loader would; report (exit 1) and drop the bad ones", _check_data_args, _check_data_run)
 register("demo-data", "write a small synthetic dataset with a manifest (no downloads)", _demo_data_args, _demo_data_run)
