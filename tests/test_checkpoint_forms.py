@@ -173,9 +173,10 @@ def test_tag_and_export_take_a_fine_tuning_run_with_its_class_names(runs, tmp_pa
     classifier = load_classifier(step)
     assert classifier.labels == ["Tone 250 Hz", "Tone 1000 Hz", "Tone 3000 Hz", "Tone 6000 Hz"]
     assert (classifier.input.norm_mean, classifier.input.norm_std) == (MEAN, STD)
+    assert classifier.task == "multiclass"  # the toy task is single-label: softmax probabilities
     wave = clip(seed=2)
     with torch.no_grad():
-        want = torch.sigmoid(classifier(own_input(wave)))[0]
+        want = torch.softmax(classifier(own_input(wave)), dim=-1)[0]
     results, bad = tag_files(step, [os.path.join(task, "audio", "eval_000.wav")], top_k=4)
     assert not bad and {label["name"] for label in results[0]["labels"]} == set(classifier.labels)
     assert all(label["mid"] == "" for label in results[0]["labels"])
@@ -191,9 +192,9 @@ def test_tag_and_export_take_a_fine_tuning_run_with_its_class_names(runs, tmp_pa
                           ("fairseq", tmp_path / "ft.pt")):
         export(step, fmt, str(out_path))
         again = load_classifier(out_path)
-        assert again.labels == classifier.labels, fmt
+        assert again.labels == classifier.labels and again.task == "multiclass", fmt
         assert (again.input.norm_mean, again.input.norm_std, again.input.target_length) == (MEAN, STD, FRAMES), fmt
         with torch.no_grad():
-            torch.testing.assert_close(torch.sigmoid(again(own_input(wave)))[0], want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(again.probabilities(own_input(wave))[0], want, atol=1e-6, rtol=0)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["id2label"]["1"] == "Tone 1000 Hz" and config["sslam_fast"]["input"]["norm_mean"] == MEAN

@@ -73,8 +73,9 @@ class AudioEncoder(nn.Module):
 class AudioClassifier(nn.Module):
     """A fine-tuned model: encoder, pooling, optional ``fc_norm`` LayerNorm, ``head`` Linear.
 
-    ``forward(fbank)`` (as ``AudioEncoder``) -> logits ``[B, num_classes]``; ``torch.sigmoid`` of
-    them gives the multi-label AudioSet probabilities. ``labels[i]`` names logit i.
+    ``forward(fbank)`` (as ``AudioEncoder``) -> logits ``[B, num_classes]``; ``probabilities(fbank)``
+    applies the sigmoid of multi-label heads (AudioSet) or the softmax of single-label fine-tunes
+    (``task`` "multiclass"). ``labels[i]`` names logit i.
     Pooling as in the original fine-tuning code: "cls" takes the CLS token, "mean" averages the
     patch tokens, "lin_softmax" is its log-sigmoid weighted pooling over the patch tokens.
     """
@@ -87,6 +88,7 @@ class AudioClassifier(nn.Module):
         self.fc_norm = nn.LayerNorm(dim, eps=head.norm_eps) if head.norm_weight is not None else None
         self.head = nn.Linear(dim, classes)
         self.labels: List[str] = list(head.labels) if head.labels is not None else class_names(classes)
+        self.task = head.task
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +111,10 @@ class AudioClassifier(nn.Module):
         pooled = (torch.logsumexp(2 * log_s, dim=1) - torch.logsumexp(log_s + 1e-6, dim=1)).clamp(max=0)
         pooled = pooled - torch.log(-torch.expm1(pooled))
         return torch.nan_to_num(pooled, nan=0.0, posinf=0.0, neginf=0.0).to(dtype)
+
+    def probabilities(self, fbank: torch.Tensor) -> torch.Tensor:
+        logits = self(fbank)
+        return torch.softmax(logits, dim=-1) if self.task == "multiclass" else torch.sigmoid(logits)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.encoder(fbank))

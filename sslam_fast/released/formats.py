@@ -335,6 +335,7 @@ class HeadWeights:
     norm_eps: float = 1e-6
     pooling: str = "cls"  # "cls" (CLS token), "mean" (mean of the patch tokens) or "lin_softmax"
     labels: Optional[List[str]] = None  # class i's name; None: AudioSet's for 527 classes, else "class i"
+    task: str = "multilabel"  # "multilabel": a sigmoid per class; "multiclass": one softmax (single-label fine-tunes)
 
     @property
     def num_classes(self) -> int:
@@ -415,7 +416,8 @@ def _read_finetuned(path: str, ckpt: Dict[str, Any]) -> ReleasedWeights:
     return ReleasedWeights(
         config, parts["student"], "fairseq-finetuned", positions=parts["positions"],
         head=HeadWeights(head["head.weight"], head["head.bias"], head.get("fc_norm.weight"), head.get("fc_norm.bias"),
-                         1e-6, settings["pooling"], _fairseq_extra(ckpt).get("labels")))
+                         1e-6, settings["pooling"], _fairseq_extra(ckpt).get("labels"),
+                         _fairseq_extra(ckpt).get("task", "multilabel")))
 
 
 def _is_finetuned(ckpt: Dict[str, Any]) -> bool:
@@ -450,9 +452,11 @@ def _read_own_finetuned(path: str, ckpt: Dict[str, Any]) -> ReleasedWeights:
     config = from_dict(SSLAMConfig, ckpt["encoder_config"], where=f"{path}: encoder_config")
     state = ckpt["model"]
     student = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    eps = ((ckpt.get("config") or {}).get("model") or {}).get("head_norm_eps", 1e-6)
+    config_of_run = ckpt.get("config") or {}
+    eps = (config_of_run.get("model") or {}).get("head_norm_eps", 1e-6)
+    task = (config_of_run.get("data") or {}).get("task", "multilabel")
     head = HeadWeights(state["head.weight"], state["head.bias"], state["head_norm.weight"], state["head_norm.bias"],
-                       float(eps), "cls", ckpt.get("class_names"))
+                       float(eps), "cls", ckpt.get("class_names"), task)
     return ReleasedWeights(config, student, "sslam-fast fine-tuning run", head=head)
 
 
@@ -528,7 +532,8 @@ def _head_from(path: str, tensors: Dict[str, torch.Tensor], prefix: str, setting
         return None
     return HeadWeights(tensors[prefix + "head.weight"], tensors[prefix + "head.bias"],
                        tensors.get(prefix + "fc_norm.weight"), tensors.get(prefix + "fc_norm.bias"),
-                       float(settings.get("fc_norm_eps", 1e-6)), settings.get("pooling", "cls"), settings.get("labels"))
+                       float(settings.get("fc_norm_eps", 1e-6)), settings.get("pooling", "cls"), settings.get("labels"),
+                       settings.get("task", "multilabel"))
 
 
 def _read_hf_folder(path: str) -> ReleasedWeights:
@@ -558,7 +563,7 @@ def _read_hf_folder(path: str) -> ReleasedWeights:
             raise CheckpointError(f"{weights_path}: unexpected tensor {key!r} in a Hugging Face EAT folder")
     # The hub's fine-tuned model applies nn.LayerNorm's default eps (1e-5) in fc_norm.
     settings = {"fc_norm_eps": ours.get("fc_norm_eps", 1e-5), "pooling": ours.get("pooling", "cls"),
-                "labels": ours.get("labels")}
+                "labels": ours.get("labels"), "task": ours.get("task", "multilabel")}
     return ReleasedWeights(cfg, student, "hf", _prefixed(tensors, "teacher."), _prefixed(tensors, "decoder."),
                            tensors.get(_HF_POSITIONS), _head_from(path, extra, "", settings),
                            InputSettings.from_dict(ours.get("input"), "stored in config.json"))
@@ -660,8 +665,10 @@ def _fairseq_task_cfg(name: str) -> Dict[str, Any]:
 
 def _fairseq_envelope(cfg: Dict[str, Any], state: Dict[str, Any], weights: ReleasedWeights) -> Dict[str, Any]:
     extra = {"input": weights.input.to_dict()}
-    if weights.head is not None and weights.head.labels is not None:
-        extra["labels"] = list(weights.head.labels)
+    if weights.head is not None:
+        extra["task"] = weights.head.task
+        if weights.head.labels is not None:
+            extra["labels"] = list(weights.head.labels)
     return {"args": None, "cfg": cfg, "model": state, "criterion": None,
             "optimizer_history": [], "task_state": {}, "extra_state": {"sslam_fast": extra}}
 
@@ -699,7 +706,8 @@ def _head_settings(weights: ReleasedWeights) -> Dict[str, Any]:
     head = weights.head
     if head is None:
         return {}
-    settings = {"pooling": head.pooling, "fc_norm_eps": head.norm_eps, "num_classes": head.num_classes}
+    settings = {"pooling": head.pooling, "fc_norm_eps": head.norm_eps, "num_classes": head.num_classes,
+                "task": head.task}
     if head.labels is not None:
         settings["labels"] = list(head.labels)
     return settings

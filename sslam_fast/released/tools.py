@@ -111,20 +111,21 @@ def extract_files(checkpoint: Union[str, AudioEncoder], inputs: Iterable[str], o
 
 
 class _Probabilities(torch.nn.Module):
-    """The classifier followed by the sigmoid: per-class probabilities of each window."""
+    """The classifier's per-class probabilities of each window (sigmoid, or softmax for single-label heads)."""
 
     def __init__(self, classifier):
         super().__init__()
         self.classifier = classifier
 
     def forward(self, fbank):
-        return torch.sigmoid(self.classifier(fbank))
+        return self.classifier.probabilities(fbank)
 
 
 def tag_files(checkpoint: Union[str, AudioClassifier], files: Iterable[str], top_k: int = 5, batch_size: int = 8,
               device: Optional[str] = None, progress: bool = False) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """Top-k classes of each file: the sigmoid of the logits of each window, the maximum over
-    windows (an event anywhere in the clip counts). ``checkpoint`` is a path (``load_classifier``)
+    """Top-k classes of each file: the probabilities of each window (the sigmoid of the logits, or
+    their softmax for a single-label fine-tune), the maximum over windows (an event anywhere in the
+    clip counts). ``checkpoint`` is a path (``load_classifier``)
     or a loaded ``AudioClassifier``. Returns ([{"file", "labels": [{"index", "mid", "name",
     "probability"}]}], [(bad file, reason)]); "mid" is the AudioSet id of AudioSet heads, else ""."""
     device = device or default_device()
