@@ -21,10 +21,10 @@ from sslam_fast.data.audio import fbank_features
 from sslam_fast.evaluation.finetune import FinetuneModelSection, build_classifier
 from sslam_fast.released.export import export
 from sslam_fast.released.formats import read_weights
-from sslam_fast.released.tools import extract_files, tag_files
+from sslam_fast.released.tools import tag_files
 from sslam_fast.trainer.checkpoints import latest_checkpoint
 
-from test_finetune import ENCODER, toy_task
+from test_finetune import toy_task
 
 MEAN, STD, FRAMES = -12.8, 3.1, 128
 NORM = [f"data.norm_mean={MEAN}", f"data.norm_std={STD}", f"data.target_length={FRAMES}"]

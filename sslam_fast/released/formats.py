@@ -103,6 +103,8 @@ def resolve_checkpoint(path) -> Tuple[str, str]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     return path, "torch file"
+
+
 _ENC = "modality_encoders.IMAGE."
 _POSITIONS = _ENC + "fixed_positional_encoder.positions"
 
@@ -272,7 +274,7 @@ def load_pretrainer(path, map_location="cpu", **overrides) -> SSLAMPretrainer:
         return _pretrainer_from_weights(_weights_of(file, kind, ckpt), overrides)
     else:
         model = _load_fairseq(file, ckpt, overrides)
-    model.input_settings = _input_of(file, ckpt)
+    model.input_settings = _input_of(ckpt)
     return model
 
 
@@ -362,11 +364,6 @@ class ReleasedWeights:
     path: str = ""
     found: str = ""
 
-    def describe(self) -> str:
-        """One line for the user: what was read, and how its input is normalised."""
-        what = "fine-tuned, " + f"{self.head.num_classes} classes" if self.head is not None else "pretraining"
-        return f"checkpoint {self.path}: {self.found}, {self.source} ({what}); {self.input.describe()}"
-
     def positions_table(self) -> torch.Tensor:
         if self.positions is not None:
             return self.positions
@@ -425,7 +422,7 @@ def _is_finetuned(ckpt: Dict[str, Any]) -> bool:
     return isinstance(model, dict) and "head.weight" in model
 
 
-def _input_of(path: str, ckpt: Dict[str, Any]) -> InputSettings:
+def _input_of(ckpt: Dict[str, Any]) -> InputSettings:
     """The input settings a torch checkpoint stores: our files beside the weights, run checkpoints
     in their config's data section, our fairseq exports in ``extra_state``; else AudioSet's."""
     fmt = ckpt.get("format")
@@ -479,7 +476,7 @@ def _weights_of(path: str, found: str, ckpt: Dict[str, Any]) -> ReleasedWeights:
         parts = _fairseq_parts(path, ckpt["model"])
         weights = ReleasedWeights(config, parts["student"], "fairseq-pretraining", parts["teacher"], parts["decoder"],
                                   parts["positions"])
-    return dataclasses.replace(weights, input=_input_of(path, ckpt), path=path, found=found)
+    return dataclasses.replace(weights, input=_input_of(ckpt), path=path, found=found)
 
 
 # Our encoder names <-> the Hugging Face EAT names (under "model.").
