@@ -8,6 +8,7 @@ on a step directory, its train.pt, the run directory, a save_pretrainer file and
 Hugging Face and fairseq exports; extract / tag / HEAR / ONNX against the model fed by hand.
 """
 import json
+import logging
 import os
 import socket
 
@@ -123,10 +124,14 @@ def test_every_entry_point_reads_every_form_with_its_normalisation(forms):
     assert read_weights(forms["run directory"]).path == os.path.join(forms["step directory"], "train.pt")
 
 
-def test_train_init_from_a_hugging_face_folder(forms, tmp_path, monkeypatch):
+def test_train_init_from_a_hugging_face_folder(forms, tmp_path, monkeypatch, caplog):
+    """Also: a run whose data.norm_mean / norm_std differ from those its init checkpoint states says so."""
+    caplog.set_level(logging.INFO, logger="sslam_fast.train")
     one_process(monkeypatch)
     monkeypatch.setattr(train.Trainer, "run", lambda self: (self.save(), 0)[1])  # save step 0 and stop
-    assert train.main(sets(*PRETRAIN, f"checkpoint.dir={tmp_path}", f"train.init_from={forms['hf folder']}")) == 0
+    audioset = [s for s in PRETRAIN if not s.startswith(("data.norm_mean", "data.norm_std"))]
+    assert train.main(sets(*audioset, f"checkpoint.dir={tmp_path}", f"train.init_from={forms['hf folder']}")) == 0
+    assert f"normalised with mean {MEAN:.4g} std {STD:.4g}" in caplog.text and "data.norm_mean=-4.268" in caplog.text
     saved = torch.load(tmp_path / "step_000000000" / "train.pt", weights_only=True)["model"]
     source = load_pretrainer(forms["step directory"]).state_dict()
     assert saved.keys() == source.keys() and all(torch.equal(saved[k], source[k]) for k in saved)
