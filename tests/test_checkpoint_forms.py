@@ -100,7 +100,7 @@ FOUND = {"step directory": "run checkpoint directory", "train.pt": "torch file",
          "fairseq": "torch file"}
 
 
-def test_every_entry_point_reads_every_form_with_its_normalisation(forms):
+def test_every_entry_point_reads_every_form_with_its_normalisation(forms, tmp_path):
     reference = load_pretrainer(forms["step directory"])
     x = own_input(clip())
     with torch.no_grad():
@@ -118,6 +118,8 @@ def test_every_entry_point_reads_every_form_with_its_normalisation(forms):
             with torch.no_grad():
                 assert torch.equal(encoder(x), expected), (name, which)
         assert hear.load_model(path).encoder.input.norm_std == STD, name
+        export(path, "safetensors", str(tmp_path / "again.safetensors"))
+        assert load_encoder(tmp_path / "again.safetensors").input.to_dict() == encoder.input.to_dict(), name
         classifier = build_classifier(FinetuneModelSection(init_from=path), num_classes=3)
         assert all(torch.equal(a, b) for a, b in zip(classifier.encoder.state_dict().values(),
                                                      reference.student.state_dict().values())), name
