@@ -77,9 +77,10 @@ def test_memory_is_estimated_before_the_model_is_built():
     assert small == pytest.approx(1.16e9, rel=0.25) and small2 == pytest.approx(1.60e9, rel=0.25)
     assert base == pytest.approx(15e9, rel=0.25)
     cfg = load_config(os.path.join(REPO, "configs", "as2m.json"))
-    assert "WILL NOT FIT" not in memory_message(cfg, 12, 1, 64e9)
-    text = memory_message(cfg, 12, 2, 16e9)
-    assert "WILL NOT FIT" in text and "train.max_micro_batch" in text and "\n" not in text
+    text, fits = memory_message(cfg, 12, 1, 64e9)
+    assert fits and "WILL NOT FIT" not in text
+    text, fits = memory_message(cfg, 12, 2, 16e9)
+    assert not fits and "WILL NOT FIT" in text and "train.max_micro_batch" in text and "\n" not in text
 
 
 def test_metrics_carry_the_gradient_norm_where_deepspeed_does_not(tmp_path, monkeypatch, caplog):

@@ -61,8 +61,8 @@ class Trainer:
 
         if self.is_main:
             here = int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if device.type == "cpu" else 1
-            text = memory_message(cfg, self.plan.micro_batch, here, available_bytes(device))
-            logger.log(logging.WARNING if "WILL NOT FIT" in text else logging.INFO, text)
+            text, fits = memory_message(cfg, self.plan.micro_batch, here, available_bytes(device))
+            logger.log(logging.INFO if fits else logging.WARNING, text)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = SSLAMPretrainer(cfg.model)
         if cfg.train.init_from and resume_from is None:

@@ -10,7 +10,7 @@ configs/small.json: 1.16 GB measured, 1.10 estimated; small_sslam.json: 1.60 / 1
 estimate to plan with, not a bound.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -78,17 +78,18 @@ def available_bytes(device: torch.device) -> Optional[float]:
     return None
 
 
-def memory_message(cfg: TrainConfig, micro_batch: int, processes_here: int, available: Optional[float]) -> str:
-    """One line: the estimate, and, when ``processes_here`` processes of it exceed ``available``,
-    that it will not fit and which settings shrink it."""
+def memory_message(cfg: TrainConfig, micro_batch: int, processes_here: int,
+                   available: Optional[float]) -> Tuple[str, bool]:
+    """(one line: the estimate, and, when ``processes_here`` processes of it exceed ``available``,
+    that it will not fit and which settings shrink it; whether it fits)."""
     e = estimate(cfg, micro_batch)
     need = e.total * processes_here
     text = f"memory estimate per process: {e.describe()}"
     if available is None:
-        return text
+        return text, True
     text += f"; {available / 1e9:.1f} GB available"
     if need > available:
         text += (f": WILL NOT FIT ({need / 1e9:.1f} GB for {processes_here} process(es)); lower "
                  f"train.max_micro_batch (now {micro_batch}; gradient accumulation keeps the global batch), "
                  f"model.clone_batch or data.target_length, or use a smaller model (configs/small.json)")
-    return text
+    return text, need <= available
