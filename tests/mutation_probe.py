@@ -37,6 +37,12 @@ class Mutation:
 
 AUDIO = "sslam_fast/data/audio.py"
 CONFIG = "sslam_fast/config.py"
+FT = "sslam_fast/evaluation/finetune.py"
+SAMPLING = "sslam_fast/evaluation/sampling.py"
+METRICS = "sslam_fast/evaluation/metrics.py"
+FT_TESTS = "tests/test_finetune.py"
+FT_DEFAULTS = f"{FT_TESTS}::test_the_defaults_are_the_published_recipe"
+FT_SCHEDULE = f"{FT_TESTS}::test_each_layer_decay_group_runs_the_original_schedule"
 MUTATIONS = [
     # the three that survived the first probe
     Mutation("log_mel_floor", AUDIO, "mel.clamp_min_(torch.finfo(torch.float32).eps)", "mel.clamp_min_(1e-6)",
@@ -98,6 +104,49 @@ MUTATIONS = [
     Mutation("mix_window", CONFIG, "mix_window: int = 240", "mix_window: int = 256", ("tests/test_parity.py",)),
     Mutation("mixture_max", "sslam_fast/mixing.py", "torch.maximum(fbank, partner)", "torch.minimum(fbank, partner)",
              ("tests/test_mixing.py",)),
+    # fine-tuning: head, layer decay and its schedule, weight decay, augmentations, loss, data
+    Mutation("ft_head_cls_token", FT, "cls = self.encoder(fbank)[:, 0]", "cls = self.encoder(fbank)[:, 1:].mean(1)",
+             (f"{FT_TESTS}::test_classifier_reads_the_cls_token",)),
+    Mutation("ft_head_norm_eps", FT, "head_norm_eps: float = 1e-6\n", "head_norm_eps: float = 1e-5\n", (FT_DEFAULTS,)),
+    Mutation("ft_layer_decay_exponent", FT, 'layer_decay ** (depth - int(name.split(".")[2]))',
+             'layer_decay ** (depth - int(name.split(".")[2]) - 1)',
+             (f"{FT_TESTS}::test_layer_decay_groups_follow_the_original",)),
+    Mutation("ft_layer_decay", FT, "layer_decay: float = 0.65", "layer_decay: float = 0.75", (FT_DEFAULTS,)),
+    Mutation("ft_drop_path", FT, "drop_path: float = 0.1", "drop_path: float = 0.2", (FT_DEFAULTS,)),
+    Mutation("ft_lr_warmup_start", FT, "return floor + step * (peak - floor) / warmup", "return step * peak / warmup",
+             (FT_SCHEDULE,)),
+    Mutation("ft_lr_flat_below_floor", FT, "if peak <= floor:\n        return peak", "if peak <= floor:\n        return floor",
+             (FT_SCHEDULE,)),
+    Mutation("ft_lr_absolute_floor", FT, 'lr_floor: str = "absolute"', 'lr_floor: str = "scaled"', (FT_DEFAULTS,)),
+    Mutation("ft_weight_decay_everywhere", FT, "wd = 0.0 if decay_exclusions and", "wd = 0.0 if not decay_exclusions and",
+             (f"{FT_TESTS}::test_recipe_weight_decay_reaches_every_parameter",)),
+    Mutation("ft_mixup_reversed_partner", FT, "(1 - lam) * fbank.flip(0)", "(1 - lam) * fbank.roll(1, 0)",
+             (f"{FT_TESTS}::test_augmentations",)),
+    Mutation("ft_mixup_probability", FT, "rng.random() < prob", "rng.random() > prob", (f"{FT_TESTS}::test_augmentations",)),
+    Mutation("ft_mixup_alpha", FT, "mixup: float = 0.8", "mixup: float = 0.7", (FT_DEFAULTS,)),
+    Mutation("ft_mixup_prob", FT, "mixup_prob: float = 0.9", "mixup_prob: float = 0.8", (FT_DEFAULTS,)),
+    Mutation("ft_mask_width", FT, "width = rng.random(B) * ratio * size", "width = rng.random(B) * 2 * ratio * size",
+             (f"{FT_TESTS}::test_augmentations",)),
+    Mutation("ft_mask_ratio", FT, "mask_ratio: float = 0.2", "mask_ratio: float = 0.3", (FT_DEFAULTS,)),
+    Mutation("ft_roll_gain", FT, "float(rng.beta(10, 10) + 0.5)", "float(rng.beta(10, 10) + 0.6)",
+             (f"{FT_TESTS}::test_roll_augmentation_gain_is_beta_10_10_plus_half",)),
+    Mutation("ft_loss_normaliser", FT, "return target.sum(dtype=torch.float64)", "return target.sum(dtype=torch.float64) + 1",
+             (f"{FT_TESTS}::test_losses_and_their_normalisers_follow_the_original",)),
+    # (a uniform scale of the loss is invisible to Adam: the change here is the normaliser's extent)
+    Mutation("ft_loss_over_global_batch", FT, "normaliser = self.module.loss_normaliser(target)",
+             "normaliser = self.module.loss_normaliser(target[:sizes[0]])",
+             (f"{FT_TESTS}::test_mixup_and_loss_normaliser_span_the_global_batch",)),
+    Mutation("ft_min_samples", FT, "ORIGINAL_MIN_SAMPLES = 10_000", "ORIGINAL_MIN_SAMPLES = 1_000",
+             (f"{FT_TESTS}::test_entries_under_10000_samples_leave_both_splits",)),
+    # evaluation: sampling weights and metrics
+    Mutation("sampling_count_offset", SAMPLING, "LABEL_COUNT_OFFSET = 0.01", "LABEL_COUNT_OFFSET = 0.1",
+             ("tests/test_evaluation.py::test_balanced_weights_by_hand",)),
+    Mutation("sampling_without_replacement", SAMPLING, "replacement: bool = False,", "replacement: bool = True,",
+             ("tests/test_evaluation.py::test_balanced_sampler_is_deterministic_per_seed_and_epoch",)),
+    Mutation("metrics_ap_precision", METRICS, "precision = tps / (ends + 1)", "precision = tps / (ends + 2)",
+             ("tests/test_evaluation.py::test_average_precision_matches_sklearn_on_random_cases",)),
+    Mutation("metrics_accuracy_top_k", METRICS, "ranked_above.sum(axis=1) < top_k", "ranked_above.sum(axis=1) <= top_k",
+             ("tests/test_evaluation.py::test_accuracy_top1_and_top_k",)),
     # the fused add + LayerNorm's weight gradient
     Mutation("add_layer_norm_dw", "kernels/sslam_kernels/norm_act.py", "dw += tl.sum(g * z, axis=0)", "dw += tl.sum(g, axis=0)",
              ("tests/test_kernels_norm_act.py",)),

@@ -142,7 +142,7 @@ def test_drop_path_is_off_by_default_and_scales_kept_samples():
 def test_layer_decay_groups_follow_the_original():
     cfg = ft.FinetuneModelSection(encoder=dict(ENCODER, depth=3, average_top_k_layers=3))
     model = ft.build_classifier(cfg, 5)
-    groups = ft.layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    groups = ft.layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5, decay_exclusions=True)
     scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert len(scale_of) == len(named)
@@ -157,6 +157,133 @@ def test_layer_decay_groups_follow_the_original():
     frozen = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER, freeze_encoder=True), 5)
     kept = [p for g in ft.layer_decay_groups(frozen, 1.0, 0.05, 0.65) for p in g["params"]]
     assert {id(p) for p in kept} == {id(p) for p in list(frozen.head.parameters()) + list(frozen.head_norm.parameters())}
+
+
+def original_group_lr(step, peak, min_lr=1e-6, warmup=4000, total=40_000):
+    """fairseq's cosine scheduler of one composite-optimizer group, as the original configures it
+    (warmup_init_lr unset, so it starts at min_lr); groups whose peak is below min_lr stay flat."""
+    if peak <= min_lr:
+        return peak
+    if step < warmup:
+        return min_lr + step * (peak - min_lr) / warmup
+    t = (step - warmup) / (total - warmup)
+    return min_lr + 0.5 * (peak - min_lr) * (1 + np.cos(np.pi * t))
+
+
+# The SSLAM AS-20K fine-tuning log (tb/train_inner of SSLAM_Finetune/SSLAM_Ft_AS20K in ta012/SSLAM):
+# LR of the group at 5e-5 * 0.65 ** k after an update, as logged (float32)
+PUBLISHED_AS20K_LR = {
+    12: [(200, 2.844004427515756e-07), (22000, 2.844004427515756e-07), (39800, 2.844004427515756e-07)],
+    9: [(200, 1.0017797649197746e-06), (10000, 1.0332112196920207e-06), (39800, 1.000002725959348e-06)],
+    4: [(200, 1.3962655884824926e-06), (2000, 4.96265647598193e-06), (10000, 8.394416909141e-06)],
+    0: [(200, 3.4499998946557753e-06), (2000, 2.5499999537714757e-05), (10000, 4.671762144425884e-05),
+        (39800, 1.0037314268629416e-06)],
+}
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_each_layer_decay_group_runs_the_original_schedule():
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=dict(ENCODER, depth=12, average_top_k_layers=12)), 5)
+    o = ft.FinetuneOptimSection(lr=5e-5, min_lr=1e-6, warmup_steps=4000)
+    groups = ft.layer_decay_groups(model, o.lr, o.weight_decay, 0.65)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(groups), ft.group_lr_lambdas(groups, o, 40_000))
+    peaks = sorted({g["initial_lr"] for g in groups})
+    assert len(peaks) == 13 and peaks[0] == pytest.approx(2.844e-7, rel=1e-3) and peaks[-1] == 5e-5
+    flat = [p for p in peaks if p < 1e-6]
+    assert flat == pytest.approx([5e-5 * 0.65 ** k for k in (12, 11, 10)])  # blocks 0-2, flat in the published log
+    done = 0
+    for step in (0, 1, 2000, 3999, 4000, 4001, 22_000, 39_999, 40_000):
+        for _ in range(step - done):
+            scheduler.step()
+        done = step
+        for g in groups:
+            assert g["lr"] == pytest.approx(original_group_lr(step, g["initial_lr"]), rel=1e-9, abs=0), (step, g["initial_lr"])
+    assert sorted({g["lr"] for g in groups}) == pytest.approx(flat + [1e-6])  # the floor is absolute
+    lambdas = dict(zip((g["initial_lr"] for g in groups), ft.group_lr_lambdas(groups, o, 40_000)))
+    for k, logged in PUBLISHED_AS20K_LR.items():
+        peak = next(p for p in lambdas if p == pytest.approx(5e-5 * 0.65 ** k))
+        assert [peak * lambdas[peak](step) for step, _ in logged] == pytest.approx([lr for _, lr in logged], rel=1e-6)
+    scaled = ft.group_lr_lambdas(groups, ft.FinetuneOptimSection(lr=5e-5, lr_floor="scaled", warmup_steps=4000), 40_000)
+    assert [f(0) for f in scaled] == [0.0] * len(groups) and scaled[0](40_000) == pytest.approx(1e-6 / 5e-5)
+
+
+def test_recipe_weight_decay_reaches_every_parameter():
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER), 5)
+    groups = ft.layer_decay_groups(model, 1e-2, 0.05, 0.65)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own step is 0: what moves is the decoupled decay
+    ft.SkipNonFiniteAdamW(groups, lr=1e-2, weight_decay=0.05).step()
+    scale = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, before[name] * (1 - scale[id(p)] * 0.05), rtol=1e-6, atol=0), name
+        assert not torch.equal(p, before[name]) or not before[name].any(), name
+    excluded = ft.layer_decay_groups(model, 1e-2, 0.05, 0.65, decay_exclusions=True)
+    assert {g["weight_decay"] for g in excluded} == {0.0, 0.05}
+
+
+def test_recipe_fidelity_refuses_deviations_and_custom_names_them():
+    ft.load_finetune_config(None, ["data.dir=x"])
+    for override in ("optim.lr_floor=scaled", "optim.decay_exclusions=true", "data.min_samples=0"):
+        with pytest.raises(ft.ConfigError, match="fidelity"):
+            ft.load_finetune_config(None, ["data.dir=x", override])
+        cfg = ft.load_finetune_config(None, ["data.dir=x", override, "fidelity=custom"])
+        assert len(cfg.deviations()) == 1 and override.split("=")[0] in cfg.deviations()[0]
+
+
+def test_classifier_reads_the_cls_token():
+    torch.manual_seed(0)
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER, drop_path=0.0), 5).eval()
+    with torch.no_grad():
+        model.head_norm.weight.uniform_(0.5, 1.5)
+        fbank = torch.randn(3, 1, 96, 128)
+        tokens = model.encoder(fbank)
+        logits = model(fbank)
+        assert torch.allclose(logits, model.head(model.head_norm(tokens[:, 0])), atol=1e-6)
+        assert not torch.allclose(logits, model.head(model.head_norm(tokens[:, 1:].mean(1))), atol=1e-3)
+
+
+def test_the_defaults_are_the_published_recipe():
+    cfg = ft.FinetuneConfig()
+    m, a, o = cfg.model, cfg.augment, cfg.optim
+    assert (m.layer_decay, m.drop_path, m.head_norm_eps) == (0.65, 0.1, 1e-6)
+    assert (a.mixup, a.mixup_prob, a.mask_ratio, a.roll) == (0.8, 0.9, 0.2, True)
+    assert (o.lr, o.min_lr, tuple(o.betas), o.weight_decay, o.lr_floor, o.decay_exclusions) == (
+        5e-5, 1e-6, (0.9, 0.95), 0.05, "absolute", False)
+    assert (cfg.data.min_samples, cfg.fidelity) == (10_000, "recipe")
+
+
+@pytest.mark.parametrize("loss,task", [("bce", "multilabel"), ("bce", "multiclass"), ("ce", "multiclass")])
+def test_losses_and_their_normalisers_follow_the_original(loss, task):
+    torch.manual_seed(0)
+    model = ft.build_classifier(ft.FinetuneModelSection(encoder=ENCODER, drop_path=0.0), 4).eval()
+    engine = ft._Engine(model, loss, task, label_smoothing=0.1, autocast=None)
+    fbank = torch.randn(6, 1, 96, 128)
+    target = torch.eye(4)[[0, 1, 2, 3, 0, 1]]
+    if task == "multilabel":
+        target[[0, 2], 3] = 1.0
+    with torch.no_grad():
+        logits = model(fbank)
+        if loss == "bce":
+            expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        else:
+            expected = 6 * torch.nn.functional.cross_entropy(logits, target.argmax(1), label_smoothing=0.1)
+        soft = -(target * torch.log_softmax(logits, -1)).sum()
+        assert float(engine(fbank, target, soft=False)["loss_sum"]) == pytest.approx(float(expected), rel=1e-5)
+        if loss == "ce":
+            assert float(engine(fbank, target, soft=True)["loss_sum"]) == pytest.approx(float(soft), rel=1e-5)
+    assert float(engine.loss_normaliser(target)) == (8.0 if task == "multilabel" else 6.0)  # the targets' sum, or clips
+
+
+def test_roll_augmentation_gain_is_beta_10_10_plus_half():
+    wave = torch.arange(1.0, 101.0)
+    for seed in range(5):
+        draws = np.random.default_rng(seed)
+        shift, gain = int(draws.integers(100)), draws.beta(10, 10) + 0.5
+        assert torch.allclose(ft.roll_waveform(wave, np.random.default_rng(seed)), torch.roll(wave, shift) * gain)
+    rng = np.random.default_rng(0)
+    gains = [float(ft.roll_waveform(torch.ones(8), rng)[0]) for _ in range(4000)]
+    assert 0.5 < min(gains) and max(gains) < 1.5 and abs(np.mean(gains) - 1.0) < 0.01  # Beta(10, 10) has mean 0.5
 
 
 def test_augmentations():
@@ -184,7 +311,7 @@ def test_augmentations():
 
 def test_balanced_loader_draws_by_the_weights(toy):
     d = ft.FinetuneDataSection(dir=toy, task="multiclass", target_length=96)
-    manifest, labels, classes = ft.read_split(d, "train")
+    manifest, labels, classes, _ = ft.read_split(d, "train")
     weights = np.where(np.array([c[0] for c in labels]) == 3, 10.0, 0.0)
     dataset = ft.LabelledClips(manifest, labels, classes, d, None, seed=0)
     loader = ft.FinetuneLoader(dataset, 4, seed=0, weights=weights, samples_per_epoch=8)
@@ -193,6 +320,37 @@ def test_balanced_loader_draws_by_the_weights(toy):
     first = next(batches)
     assert (first["target"].argmax(1) == 3).all() and loader.state_dict()["position"] == 4
     assert not np.array_equal(loader.order(1), ft.FinetuneLoader(dataset, 4, seed=0, weights=weights, samples_per_epoch=8).order(0))
+
+
+def with_short_entries(toy, root, every=3):
+    """The toy task with every ``every``-th manifest entry of both splits declared 9,999 samples long."""
+    os.makedirs(root)
+    for name in os.listdir(toy):
+        if not name.endswith(".tsv"):
+            os.symlink(os.path.join(toy, name), os.path.join(root, name))
+            continue
+        head, *rows = open(os.path.join(toy, name)).read().splitlines()
+        rows = [r.replace("\t16000", "\t9999") if i % every == 0 else r for i, r in enumerate(rows)]
+        with open(os.path.join(root, name), "w") as f:
+            f.write("\n".join([head, *rows]) + "\n")
+    return root
+
+
+def test_entries_under_10000_samples_leave_both_splits(toy, tmp_path, monkeypatch):
+    task = with_short_entries(toy, str(tmp_path / "task"))
+    d = ft.FinetuneDataSection(dir=task, task="multiclass", target_length=96)
+    for split, n in (("train", 48), ("eval", 16)):
+        manifest, labels, _, kept = ft.read_split(d, split)
+        assert len(kept) == n and kept.sum() == len(manifest) == len(labels) == n - len(range(0, n, 3))
+        assert all(size >= 10_000 for size in manifest.sizes) and not kept[::3].any()
+        full = ft.read_split(ft.FinetuneDataSection(dir=toy, task="multiclass", min_samples=0), split)
+        assert labels == [full[1][i] for i in np.flatnonzero(kept)]
+    weights = str(tmp_path / "weights.csv")
+    np.savetxt(weights, np.arange(1.0, 49.0))  # one per manifest line, as the original's file
+    run_dir = str(tmp_path / "run")
+    assert run_in_process(monkeypatch, task, run_dir, "train.max_steps=1", f"data.weights_file={weights}",
+                          "data.samples_per_epoch=16", "checkpoint.every_steps=100") == 0
+    assert eval_lines(run_dir)[-1]["eval_clips"] == 16 - 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +368,17 @@ def test_finetune_learns_a_separable_toy_task(toy, tmp_path, monkeypatch):
     final = json.load(open(os.path.join(run_dir, "final.json")))
     assert final["metric"] == "accuracy" and final["step"] == 40 and final["value"] > 40.0  # chance is 25
     assert [e["step"] for e in final["evals"]] == [20, 40]
+
+
+def test_evaluation_after_every_epoch_reports_best_and_last(toy, tmp_path, monkeypatch):
+    run_dir = str(tmp_path)
+    assert run_in_process(monkeypatch, toy, run_dir, "train.max_steps=13", "train.eval_every_epochs=1",
+                          "target.reported=last", "checkpoint.every_steps=100") == 0
+    final = json.load(open(os.path.join(run_dir, "final.json")))
+    assert [e["step"] for e in final["evals"]] == [6, 12, 13]  # 48 clips of 8 per update: 6 updates an epoch
+    scores = [e["eval_accuracy"] for e in final["evals"]]
+    assert final["last"] == final["value"] == scores[-1] and final["reported"] == "last"
+    assert final["best"] == max(scores) and final["best_step"] == final["evals"][scores.index(max(scores))]["step"]
 
 
 def sigterm_at(monkeypatch, n):
@@ -268,6 +437,22 @@ def test_two_process_bf16_zero2_run(toy_multilabel, tmp_path):
     assert json.load(open(os.path.join(run_dir, "final.json")))["metric"] == "mAP"
 
 
+def test_mixup_and_loss_normaliser_span_the_global_batch(toy_multilabel, tmp_path, monkeypatch):
+    """One update is a function of the global batch, however it is split: 2 micro batches of 4 clips
+    log the losses and mixup lambdas of 1 micro batch of 8 (one lambda, the batch reversed as a
+    whole, the summed loss divided by the sum of the targets of all 8 clips)."""
+    logged = {}
+    for micro in (4, 8):
+        run_dir = str(tmp_path / str(micro))
+        assert run_in_process(monkeypatch, toy_multilabel, run_dir, "data.task=multilabel", "train.max_steps=3",
+                              f"train.max_micro_batch={micro}", "augment.mixup_prob=1.0", "model.drop_path=0",
+                              "checkpoint.every_steps=100") == 0
+        logged[micro] = [line for line in lines(run_dir) if "loss" in line]
+    assert [line["mixup_lambda"] for line in logged[4]] == [line["mixup_lambda"] for line in logged[8]]
+    assert all(0 < line["mixup_lambda"] < 1 for line in logged[4])
+    assert [line["loss"] for line in logged[4]] == pytest.approx([line["loss"] for line in logged[8]], rel=1e-5)
+
+
 def test_linear_evaluation_trains_only_the_head(toy, pretrained, tmp_path, monkeypatch):
     run_dir = str(tmp_path)
     assert run_in_process(monkeypatch, toy, run_dir, "train.max_steps=3", "model.freeze_encoder=true",
@@ -295,7 +480,11 @@ def test_runs_repeat_the_recipe_and_summarise(toy, tmp_path, monkeypatch):
                           "target.published={\"mean\": 96.2}", "target.metric=accuracy") == 0
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert sorted(summary["runs"]) == ["1", "2"] and summary["published"] == {"mean": 96.2}
+    finals = [json.load(open(os.path.join(run_dir, fold, "final.json"))) for fold in ("1", "2")]
+    assert summary["reported"] == "best" and [f["value"] for f in finals] == [f["best"] for f in finals]
     assert summary["mean"] == pytest.approx(np.mean(list(summary["runs"].values())))
+    assert summary["mean"] == summary["mean_best"] == pytest.approx(np.mean([f["best"] for f in finals]))
+    assert summary["mean_last"] == pytest.approx(np.mean([f["last"] for f in finals]))
 
 
 def test_config_errors(toy, tmp_path, monkeypatch, caplog):
@@ -348,6 +537,9 @@ def test_shipped_configs_load_and_name_their_published_score(name):
     metric, published = CONFIGS[name]
     assert cfg.target.metric == metric and cfg.target.published == published and cfg.target.source
     assert cfg.data.task == ("multilabel" if metric == "mAP" else "multiclass")
+    assert cfg.fidelity == "recipe" and not cfg.deviations() and cfg.data.min_samples == 10_000
+    assert (cfg.train.eval_every_epochs, cfg.train.eval_every_steps) == (1, 0)  # the original's cadence
+    assert cfg.target.reported == ("last" if name == "linear_spass.json" else "best") and "log" in cfg.target.source
     if name == "finetune_esc50.json":
         assert cfg.runs == ["1", "2", "3", "4", "5"] and "{run}" in cfg.data.dir
     if name == "linear_spass.json":

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -57,6 +58,19 @@ def as_script(blocks):
     return "\n".join(lines)
 
 
+def run_script(script, cwd, env, timeout=600) -> subprocess.CompletedProcess:
+    """bash -c ``script`` in its own process group, all of which is killed if it runs past ``timeout``."""
+    process = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"README's journey ran past {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def test_readme_journey_from_own_audio_to_tagger_features_onnx_and_hear(tmp_path):
     sources = {label: [path for _, path in found] for label, found in recorded_sources().items()}
     classes = sorted(label for label, paths in sources.items() if len(paths) >= 3)[:3]
@@ -74,8 +88,7 @@ def test_readme_journey_from_own_audio_to_tagger_features_onnx_and_hear(tmp_path
         os.symlink(os.path.join(REPO, name), tmp_path / name)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.path.join(REPO, "kernels"),
                                                                     os.environ.get("PYTHONPATH")])))
-    done = subprocess.run(["bash", "-c", as_script(blocks)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = run_script(as_script(blocks), tmp_path, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
 
     clean = open(tmp_path / "my_audio.clean.tsv").read().splitlines()[1:]

@@ -11,34 +11,50 @@ What one run does, as the original EAT / SSLAM fine-tuning code does it:
   std 0.02, zero bias). Drop path rises linearly from 0 in the first block to ``model.drop_path``
   in the last. ``model.freeze_encoder`` is linear evaluation: the encoder gets no gradient (it
   still runs in training mode, drop path included, as the original's linear evaluation does).
-- Optimizer: AdamW (betas 0.9/0.95, wd 0.05 on weights, none on biases and 1-D parameters), linear
-  warmup then cosine to ``optim.min_lr``. Layer decay as in the original for this model family:
-  block i of L gets the LR times ``layer_decay ** (L - i)`` (the last block 0.65, the first
-  0.65^12 for ViT-B); the patch embedding, CLS token, input LayerNorm and the head keep the full LR.
+- Optimizer: AdamW (betas 0.9/0.95, wd 0.05 on every parameter: the original's model asks for none
+  on biases and 1-D parameters, but its fairseq composite optimizer never applies that, so the
+  published runs decayed them all; ``optim.decay_exclusions`` is the exclusion, a deviation).
+  Layer decay as in the original for this model family: block i of L gets the LR times
+  ``layer_decay ** (L - i)`` (the last block 0.65, the first 0.65^12 for ViT-B); the patch
+  embedding, CLS token, input LayerNorm and the head keep the full LR. Each of those groups runs
+  the original's own fairseq cosine schedule (``group_learning_rate``): linear warmup from
+  ``optim.min_lr`` to its peak, cosine down to ``optim.min_lr`` itself; a group whose peak is
+  below ``min_lr`` stays at its peak (``optim.lr_floor = "scaled"``, one multiplier for all, is a
+  deviation).
 - Data: a fairseq task directory (``data.dir``: ``<split>.tsv``, ``<split>.lbl``,
-  ``label_descriptors.csv``). Per clip in training: roll augmentation (the waveform rolled by a
-  random offset and scaled by Beta(10, 10) + 0.5), optionally the SPC-2 noise (uniform noise on the
-  fbank, a time shift of up to 10 frames). ``data.weights_file`` switches to balanced sampling: each
-  epoch draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those
-  weights without replacement
-  (``sslam_fast.evaluation.sampling``; ``sslam-fast balanced-weights`` writes the file).
-- Per micro batch in training: mixup (lambda ~ Beta(a, a) with a = ``augment.mixup``, applied with
-  probability ``augment.mixup_prob``, each clip mixed with the batch reversed, targets likewise),
-  then SpecAugment-style masking: one frequency band of up to ``mask_ratio * 128`` bins and one
-  time span of up to ``mask_ratio * target_length`` frames per clip, set to 0.
-- Loss: multi-label (``data.task = "multilabel"``): BCE with logits summed over classes and clips,
-  divided by the sum of the targets (the original's sample size). Multi-class: cross entropy (soft
-  targets when mixup is on; ``augment.label_smoothing`` otherwise), or with ``train.loss = "bce"``
-  BCE summed over classes, divided by the clips (the original's Speech Commands recipe).
-- Evaluation on ``data.eval_split`` every ``train.eval_every_steps`` and at the end: mAP
-  (multi-label) or accuracy (multi-class), into metrics.jsonl, TensorBoard and ``final.json``.
+  ``label_descriptors.csv``); entries the manifest lists under ``data.min_samples`` (10,000)
+  samples are left out of both splits, as the original's datasets do. Per clip in training: roll
+  augmentation (the waveform rolled by a random offset and scaled by Beta(10, 10) + 0.5),
+  optionally the SPC-2 noise (uniform noise on the fbank, a time shift of up to 10 frames).
+  ``data.weights_file`` (one weight per manifest line) switches to balanced sampling: each epoch
+  draws ``data.samples_per_epoch`` clips (at most the clips of positive weight) by those weights
+  without replacement (``sslam_fast.evaluation.sampling``; ``sslam-fast balanced-weights`` writes
+  the file).
+- Per global batch in training, as the original's single-GPU forward of the whole batch: mixup
+  (one lambda ~ Beta(a, a) with a = ``augment.mixup``, applied with probability
+  ``augment.mixup_prob``, each clip mixed with its rank's share of the batch reversed, targets
+  likewise), then SpecAugment-style masking: one frequency band of up to ``mask_ratio * 128``
+  bins and one time span of up to ``mask_ratio * target_length`` frames per clip, set to 0.
+- Loss, summed over the clips of the global batch and divided by its normaliser: multi-label
+  (``data.task = "multilabel"``): BCE with logits summed over classes, divided by the sum of the
+  targets (the original's sample size). Multi-class: cross entropy (soft targets when mixup is on;
+  ``augment.label_smoothing`` otherwise), or with ``train.loss = "bce"`` BCE summed over classes
+  (the original's Speech Commands recipe), divided by the clips.
+- Evaluation on ``data.eval_split`` after every epoch as the original (``train.eval_every_epochs``;
+  or every ``train.eval_every_steps``) and at the end: mAP (multi-label) or accuracy (multi-class),
+  into metrics.jsonl and TensorBoard. ``final.json`` has the last and the best evaluation and, as
+  ``value``, the one ``target.reported`` says the published score is.
+
+``fidelity = "recipe"`` (the default) refuses every setting ``FinetuneConfig.deviations`` names;
+``"custom"`` runs them and logs them.
 
 Every random draw is reproducible: the epoch order from (seed, epoch), per-clip augmentation from
-(seed, epoch, position, clip), per-batch augmentation from (seed, rank, step, micro step), drop path from
-torch's global generator, which is checkpointed. A resumed run repeats the uninterrupted one
-exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
+(seed, epoch, position, clip), the mixup lambda from (seed, step), the masks from (seed, rank,
+step), drop path from torch's global generator, which is checkpointed. A resumed run repeats the
+uninterrupted one exactly. ``runs`` repeats the recipe over folds or scenes (ESC-50 folds 1-5, the SPASS scenes):
 ``{run}`` in ``data.dir`` and ``data.weights_file`` is replaced by each entry and each run
-writes under ``<checkpoint.dir>/<run>``; ``summary.json`` in ``checkpoint.dir`` has them all.
+writes under ``<checkpoint.dir>/<run>``; ``summary.json`` in ``checkpoint.dir`` has them all and
+their means (of the reported values, of the last and of the best evaluations).
 """
 from __future__ import annotations
 
@@ -48,7 +64,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +91,9 @@ from .sampling import AS2M_SAMPLES_PER_EPOCH, BalancedSampler, read_weights
 
 logger = logging.getLogger("sslam_fast.finetune")
 TASKS = ("multilabel", "multiclass")
+LR_FLOORS = ("absolute", "scaled")
+FIDELITIES = ("recipe", "custom")
+ORIGINAL_MIN_SAMPLES = 10_000  # the original datasets' min_sample_size
 
 
 # ============================================================================== config
@@ -126,6 +145,7 @@ class FinetuneDataSection:
     target_length: int = 1024
     norm_mean: float = -4.268
     norm_std: float = 4.569
+    min_samples: int = ORIGINAL_MIN_SAMPLES  # shorter manifest entries are left out of both splits, as the original does
     num_workers: int = 8
     prefetch: int = 2
 
@@ -136,6 +156,8 @@ class FinetuneDataSection:
             raise ConfigError(f"{where}.task: must be one of {TASKS}, got {self.task!r}")
         if self.target_length % 16 or self.target_length <= 0:
             raise ConfigError(f"{where}.target_length: must be a positive multiple of 16")
+        if self.min_samples < 0:
+            raise ConfigError(f"{where}.min_samples: must be >= 0")
         if self.prefetch < 1 or self.samples_per_epoch < 1:
             raise ConfigError(f"{where}.prefetch: prefetch and samples_per_epoch must be at least 1")
 
@@ -149,7 +171,8 @@ class FinetuneTrainSection:
     precision: str = "bf16"
     seed: int = 1
     loss: str = "auto"  # "auto" (BCE for multilabel, CE for multiclass), "bce" or "ce"
-    eval_every_steps: int = 0  # 0: only at the end
+    eval_every_steps: int = 0  # 0: only at the end (and eval_every_epochs)
+    eval_every_epochs: int = 0  # the original evaluates after every epoch (1); an epoch = its clips // global_batch updates
     eval_batch: int = 32
     max_bad_steps: int = 20
 
@@ -160,6 +183,8 @@ class FinetuneTrainSection:
             raise ConfigError(f"{where}.precision: must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.loss not in ("auto", "bce", "ce"):
             raise ConfigError(f"{where}.loss: must be 'auto', 'bce' or 'ce', got {self.loss!r}")
+        if self.eval_every_steps < 0 or self.eval_every_epochs < 0:
+            raise ConfigError(f"{where}.eval_every_steps: eval_every_steps and eval_every_epochs must be >= 0")
         if self.max_steps < 1 and self.epochs < 1:
             raise ConfigError(f"{where}.max_steps: set max_steps or epochs")
 
@@ -177,6 +202,15 @@ class FinetuneOptimSection(OptimConfig):
     min_lr: float = 1e-6
     warmup_steps: int = 4000
     clip_grad: float = 1e6  # the original does not clip; DeepSpeed's fp32 ZeRO checks gradients only when clipping
+    # "absolute": each layer-decay group warms up from min_lr and decays to min_lr itself (the original's
+    # per-group fairseq schedulers); "scaled": one multiplier for all groups, each ending at min_lr * its scale
+    lr_floor: str = "absolute"
+    decay_exclusions: bool = False  # no weight decay on biases and 1-D parameters: asked for, never applied by the original
+
+    def validate(self, where: str = "optim") -> None:
+        super().validate(where)
+        if self.lr_floor not in LR_FLOORS:
+            raise ConfigError(f"{where}.lr_floor: must be one of {LR_FLOORS}, got {self.lr_floor!r}")
 
 
 @dataclass
@@ -191,7 +225,12 @@ class TargetSection:
 
     metric: str = ""  # "mAP" or "accuracy", in percent
     published: Dict[str, float] = field(default_factory=dict)  # "mean" or run name -> score
+    reported: str = "best"  # the evaluation the published score is: "best" of the run's or the "last"
     source: str = ""
+
+    def validate(self, where: str = "target") -> None:
+        if self.reported not in ("best", "last"):
+            raise ConfigError(f"{where}.reported: must be 'best' or 'last', got {self.reported!r}")
 
 
 @dataclass
@@ -206,12 +245,30 @@ class FinetuneConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     runs: List[str] = field(default_factory=list)
     target: TargetSection = field(default_factory=TargetSection)
+    # "recipe": what the published runs did, every setting of deviations() refused; "custom": allowed, and logged
+    fidelity: str = "recipe"
 
     def validate(self, where: str = "config") -> None:
-        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed"):
+        for name in ("model", "augment", "data", "train", "optim", "checkpoint", "deepspeed", "target"):
             getattr(self, name).validate(f"{where}.{name}")
         if len(set(self.runs)) != len(self.runs):
             raise ConfigError(f"{where}.runs: listed twice")
+        if self.fidelity not in FIDELITIES:
+            raise ConfigError(f"{where}.fidelity: must be one of {FIDELITIES}, got {self.fidelity!r}")
+        if self.fidelity == "recipe" and self.deviations():
+            raise ConfigError(f"{where}.fidelity: 'recipe' runs what the published runs did, but "
+                              f"{'; '.join(self.deviations())}; set fidelity to 'custom' to run it anyway")
+
+    def deviations(self) -> List[str]:
+        """The settings that depart from what the original code did in the published runs."""
+        out = []
+        if self.optim.lr_floor != "absolute":
+            out.append(f"optim.lr_floor={self.optim.lr_floor!r} (the original: 'absolute')")
+        if self.optim.decay_exclusions:
+            out.append("optim.decay_exclusions=true (the original decays every parameter)")
+        if self.data.min_samples != ORIGINAL_MIN_SAMPLES:
+            out.append(f"data.min_samples={self.data.min_samples} (the original: {ORIGINAL_MIN_SAMPLES})")
+        return out
 
     def for_run(self, run: str) -> "FinetuneConfig":
         """The config of one entry of ``runs``: ``{run}`` substituted, its own checkpoint directory."""
@@ -260,9 +317,11 @@ def build_classifier(cfg: FinetuneModelSection, num_classes: int) -> Classifier:
     return Classifier(encoder, num_classes, cfg.drop_path, cfg.head_norm_eps, cfg.freeze_encoder)
 
 
-def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
-    """AdamW parameter groups: block i of L at ``lr * layer_decay ** (L - i)``, the rest at ``lr``;
-    no weight decay on biases and 1-D parameters. Frozen parameters are left out."""
+def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float,
+                       decay_exclusions: bool = False) -> List[Dict[str, Any]]:
+    """AdamW parameter groups: block i of L at ``lr * layer_decay ** (L - i)``, the rest at ``lr``.
+    Weight decay on every parameter, as the published runs had it; ``decay_exclusions``: none on
+    biases and 1-D parameters. Frozen parameters are left out."""
     depth = len(model.encoder.blocks)
     groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
     for name, p in model.named_parameters():
@@ -271,10 +330,35 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_
         scale = 1.0
         if name.startswith("encoder.blocks."):
             scale = layer_decay ** (depth - int(name.split(".")[2]))
-        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else weight_decay
+        wd = 0.0 if decay_exclusions and (p.ndim <= 1 or name.endswith(".bias")) else weight_decay
         group = groups.setdefault((scale, wd), {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale})
         group["params"].append(p)
     return list(groups.values())
+
+
+def group_learning_rate(step: int, peak: float, floor: float, warmup: int, total: int) -> float:
+    """One layer-decay group's LR after ``step`` updates, as the original's per-group fairseq cosine
+    scheduler computes it: linear from ``floor`` to ``peak`` over ``warmup`` updates, then a cosine
+    from ``peak`` to ``floor`` at ``total``. A group whose peak is not above the floor keeps its peak
+    (the published AS-20K log: blocks 0-2 flat at 5e-5 * 0.65^12 ... 0.65^10)."""
+    if peak <= floor:
+        return peak
+    if step < warmup:
+        return floor + step * (peak - floor) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def group_lr_lambdas(groups: List[Dict[str, Any]], o: "FinetuneOptimSection", total: int) -> List[Callable[[int], float]]:
+    """LambdaLR multipliers, one per group (of its initial ``lr``), for ``o.lr_floor``."""
+    if o.lr_floor == "scaled":
+        shared = CosineWithWarmup(o.lr, o.min_lr, o.warmup_steps, total)
+        return [lambda step: shared(step)] * len(groups)
+
+    def relative(peak: float) -> Callable[[int], float]:
+        return lambda step: group_learning_rate(step, peak, o.min_lr, o.warmup_steps, total) / peak if peak > 0 else 1.0
+
+    return [relative(o.lr * g["lr_scale"]) for g in groups]
 
 
 # ============================================================================== augmentation
@@ -436,8 +520,10 @@ class FinetuneLoader:
             self.epoch, self.position = self.epoch + 1, 0
 
 
-def read_split(d: FinetuneDataSection, split: str, num_classes: int = 0) -> Tuple[_data.Manifest, List[List[int]], int]:
-    """(manifest, class indices per clip, number of classes) of ``<dir>/<split>.tsv`` and ``.lbl``."""
+def read_split(d: FinetuneDataSection, split: str,
+               num_classes: int = 0) -> Tuple[_data.Manifest, List[List[int]], int, np.ndarray]:
+    """(manifest, class indices per clip, number of classes, kept) of ``<dir>/<split>.tsv`` and
+    ``.lbl`` without the entries under ``d.min_samples`` samples; kept: [manifest lines] bool."""
     manifest = _data.read_manifest(os.path.join(d.dir, f"{split}.tsv"))
     table = _data.read_label_descriptors(os.path.join(d.dir, "label_descriptors.csv"))
     labels = _data.read_labels(os.path.join(d.dir, f"{split}.lbl"), table, manifest)
@@ -446,7 +532,14 @@ def read_split(d: FinetuneDataSection, split: str, num_classes: int = 0) -> Tupl
         for line, clip in enumerate(labels, start=1):
             if len(clip) != 1:
                 raise ConfigError(f"{d.dir}/{split}.lbl:{line}: data.task is multiclass but the clip has {len(clip)} labels")
-    return manifest, labels, classes
+    kept = np.array(manifest.sizes, dtype=np.int64) >= d.min_samples
+    if not kept.all():
+        logger.info("%s: %d of %d entries have fewer than %d samples and are left out", manifest.source,
+                    int((~kept).sum()), len(manifest), d.min_samples)
+        index = np.flatnonzero(kept)
+        manifest = replace(manifest, paths=[manifest.paths[i] for i in index], sizes=[manifest.sizes[i] for i in index])
+        labels = [labels[i] for i in index]
+    return manifest, labels, classes, kept
 
 
 # ============================================================================== the run
@@ -460,18 +553,24 @@ class _Engine(nn.Module):
         self.loss, self.task, self.label_smoothing, self.autocast = loss, task, label_smoothing, autocast
 
     def forward(self, fbank: torch.Tensor, target: torch.Tensor, soft: bool) -> Dict[str, torch.Tensor]:
+        """The loss summed over the clips (``loss_normaliser`` of the global batch divides it)."""
         with torch.autocast(fbank.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.classifier(fbank)
         logits = torch.nan_to_num(logits.float())
         if self.loss == "bce":
             total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-            size = target.sum() if self.task == "multilabel" else torch.tensor(float(len(target)), device=target.device)
-            loss = total / size.clamp_min(1e-8)
         elif soft:
-            loss = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            total = -(target * F.log_softmax(logits, dim=-1)).sum()
         else:
-            loss = F.cross_entropy(logits, target.argmax(dim=-1), label_smoothing=self.label_smoothing)
-        return {"loss": loss, "logits": logits.detach()}
+            total = F.cross_entropy(logits, target.argmax(dim=-1), label_smoothing=self.label_smoothing, reduction="sum")
+        return {"loss_sum": total, "logits": logits.detach()}
+
+    def loss_normaliser(self, target: torch.Tensor) -> torch.Tensor:
+        """What the summed loss of these clips is divided by: the sum of the targets for multi-label
+        BCE (the original's sample size), the number of clips otherwise."""
+        if self.loss == "bce" and self.task == "multilabel":
+            return target.sum(dtype=torch.float64)
+        return torch.tensor(float(len(target)), dtype=torch.float64, device=target.device)
 
 
 class FinetuneTrainer:
@@ -484,8 +583,8 @@ class FinetuneTrainer:
         self.run_dir = cfg.checkpoint.dir
         d, t = cfg.data, cfg.train
         self.plan = plan_batch(t.global_batch, self.world, t.max_micro_batch)
-        train_manifest, train_labels, self.num_classes = read_split(d, d.train_split, cfg.model.num_classes)
-        self.eval_split = read_split(d, d.eval_split, self.num_classes)
+        train_manifest, train_labels, self.num_classes, train_kept = read_split(d, d.train_split, cfg.model.num_classes)
+        self.eval_split = read_split(d, d.eval_split, self.num_classes)[:2]
         self.max_steps = len(train_manifest) * t.epochs // t.global_batch if t.epochs > 0 else t.max_steps
         if self.max_steps < 1:
             raise ConfigError(f"train.epochs={t.epochs} of {len(train_manifest)} clips is less than one update")
@@ -499,10 +598,9 @@ class FinetuneTrainer:
         self.module = _Engine(self.classifier, self.loss, d.task, cfg.augment.label_smoothing,
                               torch.bfloat16 if t.precision == "bf16" else None)
         o = cfg.optim
-        groups = layer_decay_groups(self.classifier, o.lr, o.weight_decay, cfg.model.layer_decay)
+        groups = layer_decay_groups(self.classifier, o.lr, o.weight_decay, cfg.model.layer_decay, o.decay_exclusions)
         optimizer = SkipNonFiniteAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        schedule = CosineWithWarmup(o.lr, o.min_lr, o.warmup_steps, o.cosine_steps or self.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_lambdas(groups, o, o.cosine_steps or self.max_steps))
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.plan))
@@ -512,8 +610,11 @@ class FinetuneTrainer:
         weights = None
         if d.weights_file:
             weights = read_weights(d.weights_file)
-            if len(weights) != len(train_manifest):
-                raise ConfigError(f"{d.weights_file}: {len(weights)} weights for {len(train_manifest)} train clips")
+            if len(weights) != len(train_kept):
+                raise ConfigError(f"{d.weights_file}: {len(weights)} weights for {len(train_kept)} train clips")
+            weights = weights[train_kept]
+        epoch_clips = len(train_manifest) if weights is None else min(d.samples_per_epoch, int((weights > 0).sum()))
+        self.epoch_updates = max(1, epoch_clips // t.global_batch)
         dataset = LabelledClips(train_manifest, train_labels, self.num_classes, d, cfg.augment, t.seed)
         self.loader = FinetuneLoader(dataset, self.plan.micro_batch, t.seed, self.rank, self.world, d.num_workers,
                                      weights=weights, samples_per_epoch=d.samples_per_epoch)
@@ -538,37 +639,52 @@ class FinetuneTrainer:
             f"{' (balanced sampling)' if weights is not None else ''}, {self.world} processes x "
             f"{self.plan.accumulation} accumulation x {self.plan.micro_batch} clips, {t.precision}, "
             f"{'linear evaluation' if cfg.model.freeze_encoder else 'fine-tuning'}")
+        if cfg.deviations():
+            self.log.message(f"deviations from the published recipe: {'; '.join(cfg.deviations())}", warning=True)
 
     @property
     def metric(self) -> str:
         return "mAP" if self.cfg.data.task == "multilabel" else "accuracy"
 
+    def eval_due(self, step: int) -> bool:
+        """Whether ``train.eval_every_steps`` or ``train.eval_every_epochs`` asks for an evaluation after ``step``."""
+        t = self.cfg.train
+        by_epochs = t.eval_every_epochs * self.epoch_updates
+        return bool(t.eval_every_steps and step % t.eval_every_steps == 0 or by_epochs and step % by_epochs == 0)
+
     # ------------------------------------------------------------------------------ one update
     def train_step(self) -> Dict[str, float]:
+        """One update over the global batch, as the original's one forward of the whole batch: one
+        mixup lambda for all of it (each clip mixed with the reversed batch of its rank: the batch is
+        a random draw, so this pairs clips as the whole batch reversed would, without moving fbanks
+        between ranks), masks drawn per clip, and the loss of every micro batch divided by the
+        normaliser of the global batch."""
         a, t = self.cfg.augment, self.cfg.train
-        sums = torch.zeros(4, dtype=torch.float64)
         lr = max(self.scheduler.get_last_lr())
-        data_s, norm = 0.0, None
-        for micro in range(self.plan.accumulation):
-            start = time.perf_counter()
-            batch = self.data.next()
-            data_s += time.perf_counter() - start
-            rng = _step_rng(t.seed, 2, self.rank, self.step, micro)
-            fbank, target, lam = mixup(batch["fbank"], batch["target"], a.mixup, a.mixup_prob, rng)
-            fbank = spec_mask(fbank, a.mask_ratio, rng)
-            out = self.engine(fbank, target, soft=a.mixup > 0)
-            self.engine.backward(out["loss"])
+        start = time.perf_counter()
+        batches = [self.data.next() for _ in range(self.plan.accumulation)]
+        data_s = time.perf_counter() - start
+        sizes = [len(b["target"]) for b in batches]
+        fbank, target, lam = mixup(torch.cat([b["fbank"] for b in batches]), torch.cat([b["target"] for b in batches]),
+                                   a.mixup, a.mixup_prob, _step_rng(t.seed, 2, self.step))
+        fbank = spec_mask(fbank, a.mask_ratio, _step_rng(t.seed, 3, self.rank, self.step))
+        normaliser = self.module.loss_normaliser(target)
+        dist.all_reduce(normaliser)
+        # DeepSpeed divides the gradient by the accumulation steps and averages it over the ranks
+        scale = self.world * self.plan.accumulation / float(normaliser.clamp_min(1e-8))
+        loss_sum, norm = 0.0, None
+        for fb, tg in zip(fbank.split(sizes), target.split(sizes)):
+            out = self.engine(fb, tg, soft=a.mixup > 0)
+            self.engine.backward(out["loss_sum"] * scale)
             if self.engine.is_gradient_accumulation_boundary():
                 norm = gradient_norm(p for _, p in self.trainable)
             self.engine.step()
-            sums[0] += float(out["loss"].detach())
-            sums[1] += lam
-        sums[2] = float(not self.engine.was_step_applied())
-        sums[3] = float(self.stop_signal is not None)
+            loss_sum += float(out["loss_sum"].detach())
+        sums = torch.tensor([loss_sum, float(not self.engine.was_step_applied()), float(self.stop_signal is not None)],
+                            dtype=torch.float64)
         dist.all_reduce(sums)
-        n = self.world * self.plan.accumulation
-        m = {"loss": float(sums[0]) / n, "mixup_lambda": float(sums[1]) / n, "skipped": float(sums[2] > 0),
-             "stop": float(sums[3] > 0), "data_s": data_s, "lr": lr}
+        m = {"loss": float(sums[0]) / float(normaliser.clamp_min(1e-8)), "mixup_lambda": lam,
+             "skipped": float(sums[1] > 0), "stop": float(sums[2] > 0), "data_s": data_s, "lr": lr}
         if not m["skipped"]:
             self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
@@ -582,7 +698,7 @@ class FinetuneTrainer:
         """The metric on the eval split (rank 0 computes it; the others wait)."""
         result: Dict[str, float] = {}
         if self.is_main:
-            manifest, labels, _ = self.eval_split
+            manifest, labels = self.eval_split
             dataset = LabelledClips(manifest, labels, self.num_classes, self.cfg.data, None, self.cfg.train.seed)
             loader = FinetuneLoader(dataset, self.cfg.train.eval_batch, self.cfg.train.seed,
                                     num_workers=self.cfg.data.num_workers, infinite=False)
@@ -657,7 +773,7 @@ class FinetuneTrainer:
             self.bad_in_row = 0
 
     def run(self) -> int:
-        cfg, every = self.cfg, self.cfg.train.eval_every_steps
+        cfg = self.cfg
         reason, status, finished = f"reached {self.max_steps} updates", 0, False
         try:
             with run_session(self):
@@ -669,7 +785,7 @@ class FinetuneTrainer:
                     self._guard(m)
                     m["bad_steps"] = self.bad_total
                     self.log.step(self.step, m, data_s, time.perf_counter() - start - data_s)
-                    if every and self.step % every == 0 and self.step < self.max_steps and not m["skipped"]:
+                    if self.eval_due(self.step) and self.step < self.max_steps and not m["skipped"]:
                         self.evaluate()
                     if stop:
                         reason = f"{self.stop_signal or 'a signal to another rank'} received at step {self.step}"
@@ -692,7 +808,10 @@ class FinetuneTrainer:
 
     def _write_final(self) -> None:
         key = f"eval_{self.metric}"
-        final = {"metric": self.metric, "value": self.evals[-1][key], "best": max(e[key] for e in self.evals),
+        best = max(self.evals, key=lambda e: e[key])
+        reported = self.cfg.target.reported
+        final = {"metric": self.metric, "last": self.evals[-1][key], "best": best[key], "best_step": best["step"],
+                 "reported": reported, "value": best[key] if reported == "best" else self.evals[-1][key],
                  "step": self.step, "evals": self.evals, "checkpoint": self.last_checkpoint}
         with open(os.path.join(self.run_dir, "final.json"), "w", encoding="utf-8") as f:
             json.dump(final, f, indent=1)
@@ -718,9 +837,12 @@ def run_finetune(cfg: FinetuneConfig, device: torch.device) -> int:
             return status
         results[run] = read_final(one.checkpoint.dir)
     if dist.get_rank() == 0 and all(results.values()):
-        values = [r["value"] for r in results.values()]
-        summary = {"metric": results[cfg.runs[0]]["metric"], "runs": {k: v["value"] for k, v in results.items()},
-                   "mean": float(np.mean(values)), "published": cfg.target.published, "source": cfg.target.source}
+        summary = {"metric": results[cfg.runs[0]]["metric"], "reported": cfg.target.reported,
+                   "runs": {k: v["value"] for k, v in results.items()},
+                   "mean": float(np.mean([r["value"] for r in results.values()])),
+                   "mean_last": float(np.mean([r["last"] for r in results.values()])),
+                   "mean_best": float(np.mean([r["best"] for r in results.values()])),
+                   "published": cfg.target.published, "source": cfg.target.source}
         with open(os.path.join(cfg.checkpoint.dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         logger.info("summary: %s", json.dumps(summary))

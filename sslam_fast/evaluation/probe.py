@@ -5,6 +5,8 @@ the inputs once, without gradients, and can keep the result in a cache directory
 of the inputs and of the checkpoint, so a second probe on the same data and weights does not run
 the encoder. `train_linear_probe` fits `features @ W.T + b` with AdamW: multi-label (BCE, reported
 as mAP) or multi-class (cross entropy, reported as accuracy). It needs nothing from the trainer.
+It is a quick probe, not the SPASS linear evaluation of the paper (configs/linear_spass.json runs
+that): its scores are not comparable with the published ones.
 """
 
 from __future__ import annotations
