@@ -91,22 +91,50 @@ def _demo_data_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="folder with one subfolder of audio files per class (its name is the label)")
+    p.add_argument("-o", "--output", required=True, help="task directory to write (data.dir of a finetune config)")
+    p.add_argument("--eval-every", type=int, default=4, help="every N-th file of each class goes to eval.tsv (default 4)")
+
+
+def _task_run(args: argparse.Namespace) -> int:
+    from .data.manifest import write_task_from_folders
+
+    counts, bad = write_task_from_folders(args.directory, args.output, args.eval_every)
+    for path, reason in bad:
+        print(f"left out {path}: {reason}", file=sys.stderr)
+    print(f"wrote {args.output}: train {counts['train']}, eval {counts['eval']} entries, "
+          f"label_descriptors.csv; {len(bad)} unreadable files left out")
+    return 0
+
+
 register("manifest", "write a fairseq manifest for a folder of audio files", _manifest_args, _manifest_run)
-register("norm-stats", "mean and std of a dataset's padded fbanks (for --norm-mean/--norm-std)", _norm_stats_args, _norm_stats_run)
+register("task-from-folders", "write a fine-tuning task directory (train/eval .tsv and .lbl, label_descriptors.csv) "
+         "from one subfolder of audio files per class", _task_args, _task_run)
+register("norm-stats", "mean and std of a dataset's padded fbanks (data.norm_mean / data.norm_std of the train and finetune configs)", _norm_stats_args, _norm_stats_run)
 register("check-data", "decode every entry of a manifest as the loader would; report (exit 1) and drop the bad ones", _check_data_args, _check_data_run)
 register("demo-data", "write a small synthetic dataset with a manifest (no downloads)", _demo_data_args, _demo_data_run)
 
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="FILES_OR_MANIFEST", help="audio files, fairseq manifests (.tsv) or folders")
-    p.add_argument("--checkpoint", required=True, help="any checkpoint load_encoder reads (original, ours, safetensors, HF folder)")
+    p.add_argument("--checkpoint", required=True,
+                   help="any checkpoint load_encoder reads: a run's step directory or train.pt, original or own .pt, safetensors, HF folder")
     p.add_argument("--granularity", choices=["all", "frame", "utterance"], default="utterance",
                    help="utterance: [D]; frame: [rows, 8, D]; all: [windows, 1 + P, D] (default utterance)")
     p.add_argument("--which", choices=["student", "teacher"], default="student")
     p.add_argument("-o", "--output", required=True, help="folder for one .npy per input, or a .npz file for all")
-    p.add_argument("--batch-size", type=int, default=8, help="1024-frame windows per forward")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (of the model's clip length) per forward")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    _norm_override_args(p)
     p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
+
+
+def _norm_override_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--norm-mean", type=float, default=None,
+                   help="override the fbank mean the checkpoint states (default: the checkpoint's; AudioSet's -4.268 for original checkpoints)")
+    p.add_argument("--norm-std", type=float, default=None,
+                   help="override the fbank std the checkpoint states (default: the checkpoint's; AudioSet's 4.569 for original checkpoints)")
 
 
 def _report_bad(bad) -> None:
@@ -115,9 +143,12 @@ def _report_bad(bad) -> None:
 
 
 def _extract_run(args: argparse.Namespace) -> int:
+    from .released.encoder import load_encoder
     from .released.tools import extract_files
 
-    written, bad = extract_files(args.checkpoint, args.inputs, args.output, args.granularity, args.which,
+    encoder = load_encoder(args.checkpoint, args.which, args.norm_mean, args.norm_std)
+    print(f"{encoder.found}; {encoder.input.describe()}", file=sys.stderr)
+    written, bad = extract_files(encoder, args.inputs, args.output, args.granularity, args.which,
                                  args.batch_size, args.device, max_seconds=args.max_seconds)
     _report_bad(bad)
     print(f"wrote features of {len(written)} files to {args.output}; {len(bad)} skipped")
@@ -126,20 +157,25 @@ def _extract_run(args: argparse.Namespace) -> int:
 
 def _tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="audio files, fairseq manifests (.tsv) or folders")
-    p.add_argument("--checkpoint", required=True, help="a fine-tuned checkpoint (original, safetensors or HF folder)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a fine-tuned checkpoint: a fine-tuning run's step directory or train.pt, an original one, safetensors or HF folder")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    _norm_override_args(p)
     p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
 
 
 def _tag_run(args: argparse.Namespace) -> int:
     import json
 
+    from .released.encoder import load_classifier
     from .released.tools import tag_files
 
-    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device, max_seconds=args.max_seconds)
+    classifier = load_classifier(args.checkpoint, args.norm_mean, args.norm_std)
+    print(f"{classifier.encoder.found}; {classifier.input.describe()}", file=sys.stderr)
+    results, bad = tag_files(classifier, args.files, args.top_k, args.batch_size, args.device, max_seconds=args.max_seconds)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -152,22 +188,23 @@ def _tag_run(args: argparse.Namespace) -> int:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="any checkpoint load_encoder / load_classifier reads")
+    p.add_argument("checkpoint", metavar="CKPT", help="any checkpoint load_encoder / load_classifier reads (a run's step directory too)")
     p.add_argument("--format", required=True, choices=["safetensors", "hf", "fairseq", "onnx"])
     p.add_argument("-o", "--output", required=True, help="file (safetensors, fairseq .pt, .onnx) or folder (hf)")
     p.add_argument("--which", choices=["student", "teacher"], default="student", help="the encoder ONNX exports")
+    _norm_override_args(p)
 
 
 def _export_run(args: argparse.Namespace) -> int:
     from .released.export import export
 
-    export(args.checkpoint, args.format, args.output, args.which)
+    export(args.checkpoint, args.format, args.output, args.which, args.norm_mean, args.norm_std)
     print(f"wrote {args.output}")
     return 0
 
 
 register("extract", "features of audio files from a released or trained model (.npy per file or one .npz)", _extract_args, _extract_run)
-register("tag", "top-k AudioSet classes of audio files from a fine-tuned model", _tag_args, _tag_run)
+register("tag", "top-k classes of audio files from a fine-tuned model (AudioSet's, or a fine-tuning run's labels)", _tag_args, _tag_run)
 register("export", "convert a checkpoint to safetensors, a Hugging Face folder, the original fairseq layout or ONNX", _export_args, _export_run)
 
 

@@ -11,7 +11,7 @@ def draw_mix_windows(generator: Optional[torch.Generator] = None, num_frames: in
 
     The draws are python ints: from a CPU ``generator`` that costs nothing, from a GPU one it is a
     host sync (``SSLAMPretrainer.draw`` takes a CPU ``host_generator`` for them)."""
-    if w2_max + window > num_frames or w1_max + 2 * window > w2_max + window:
+    if not windows_fit(num_frames, window, w1_max, w2_max):
         raise ValueError(
             f"mixing windows do not fit {num_frames} frames (window {window}, w1_max {w1_max}, w2_max {w2_max})"
         )
@@ -20,6 +20,20 @@ def draw_mix_windows(generator: Optional[torch.Generator] = None, num_frames: in
     choices = range(w1 + window, w2_max + 1, step)
     w2 = choices[int(torch.randint(0, len(choices), (1,), generator=generator, device=device))]
     return w1, w2
+
+
+def windows_fit(num_frames: int, window: int, w1_max: int, w2_max: int) -> bool:
+    """Whether ``draw_mix_windows`` can draw for clips of ``num_frames`` frames."""
+    return w2_max + window <= num_frames and w1_max + 2 * window <= w2_max + window
+
+
+def scaled_mix_windows(num_frames: int, step: int = 16) -> Tuple[int, int, int]:
+    """(window, w1_max, w2_max) of the released recipe (240, 496, 782 frames of 1024) scaled to
+    clips of ``num_frames`` frames, in multiples of ``step``: what a shorter-clip recipe can use."""
+    window = max(step, step * round(240 * num_frames / 1024 / step))
+    w2_max = num_frames - window
+    w1_max = min(step * (496 * num_frames // 1024 // step), w2_max - window)
+    return window, w1_max, w2_max
 
 
 def check_windows(windows: Tuple[int, int], num_frames: int, window: int, step: int) -> Tuple[int, int]:

@@ -90,6 +90,17 @@ def read_label_descriptors(path: str) -> Dict[str, int]:
     return labels
 
 
+def read_class_names(path: str, num_classes: int) -> List[str]:
+    """Class i's display name from label_descriptors.csv (its third column, else its label);
+    "class i" for indices the file does not list."""
+    names = [f"class {i}" for i in range(num_classes)]
+    with open(path, "r", encoding="utf-8", newline="") as f:
+        for row in csv.reader(f):
+            if len(row) >= 2 and row[0].strip().isdigit() and int(row[0]) < num_classes:
+                names[int(row[0])] = row[2] if len(row) > 2 and row[2].strip() else row[1]
+    return names
+
+
 def read_labels(label_path: str, descriptors: Dict[str, int], manifest: Optional[Manifest] = None) -> List[List[int]]:
     """`<split>.lbl` -> class indices per manifest entry (line i belongs to manifest entry i)."""
     out: List[List[int]] = []
@@ -156,3 +167,43 @@ def load_manifest(source: str) -> Manifest:
         paths = scan_folder(source)
         return Manifest(source=source, root=os.path.abspath(source), paths=paths, sizes=[0] * len(paths))
     return read_manifest(source)
+
+
+def write_task_from_folders(directory: str, out_dir: str, eval_every: int = 4) -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
+    """A fine-tuning task directory (the fairseq layout ``finetune`` reads) from a folder with one
+    subfolder of audio files per class: ``train.tsv`` / ``train.lbl``, ``eval.tsv`` / ``eval.lbl``
+    and ``label_descriptors.csv`` (``index,class,class``, classes in sorted order). Every
+    ``eval_every``-th file of each class (in sorted order, the first included) goes to eval, the
+    rest to train. Returns ({split: entries}, [(unreadable file, reason)])."""
+    import soundfile as sf
+
+    root = os.path.abspath(directory)
+    classes = sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+    if not classes:
+        raise ManifestError(f"{directory}: no class subfolders (expected {directory}/<class>/<audio files>)")
+    splits = {split: (Manifest(source=os.path.join(out_dir, f"{split}.tsv"), root=root, paths=[], sizes=[]), [])
+              for split in ("train", "eval")}
+    bad = []
+    for label in classes:
+        if "," in label or any(c.isspace() for c in label):
+            raise ManifestError(f"{os.path.join(directory, label)}: class folder names may not hold commas or spaces")
+        for i, rel in enumerate(os.path.join(label, name) for name in scan_folder(os.path.join(root, label))):
+            try:
+                frames = sf.info(os.path.join(root, rel)).frames
+            except Exception as err:
+                bad.append((rel, str(err)))
+                continue
+            manifest, labels = splits["eval" if i % eval_every == 0 else "train"]
+            manifest.paths.append(rel)
+            manifest.sizes.append(frames)
+            labels.append(f"{os.path.splitext(rel)[0].replace(os.sep, '_')}\t{label}\n")
+    os.makedirs(out_dir, exist_ok=True)
+    for split, (manifest, labels) in splits.items():
+        if not manifest.paths:
+            raise ManifestError(f"{directory}: no readable audio files for the {split} split")
+        manifest.write(manifest.source)
+        with open(os.path.join(out_dir, f"{split}.lbl"), "w", encoding="utf-8") as f:
+            f.writelines(labels)
+    with open(os.path.join(out_dir, "label_descriptors.csv"), "w", encoding="utf-8") as f:
+        f.writelines(f"{i},{label},{label}\n" for i, label in enumerate(classes))
+    return {split: len(manifest) for split, (manifest, _) in splits.items()}, bad

@@ -76,12 +76,13 @@ from .. import data as _data
 from ..config import AT_LEAST_0, AT_LEAST_1, EPS, POSITIVE, ConfigError, Range, SSLAMConfig, check_ranges, from_dict, to_dict
 from ..data import audio as _audio
 from ..model import Encoder
+from ..released.formats import FINETUNE_FORMAT
 from ..serialization import atomic_save
 from ..trainer.checkpoints import (begin_save, finish_save, latest_checkpoint, load_engine_state,
                                    malformed_is_checkpoint_error, read_resume_state, remove_stale_temps,
                                    restore_rng_state, rng_state)
 from ..trainer.config import CheckpointConfig, DeepSpeedSection, LoggingConfig, OptimConfig, load_config
-from ..trainer.engine import MasterWeights, deepspeed_config
+from ..trainer.engine import MasterWeights, deepspeed_config, gradient_norm
 from ..trainer.optim import CosineWithWarmup, SkipNonFiniteAdamW, plan_batch
 from ..trainer.prefetch import Prefetcher
 from ..trainer.runlog import RunLog
@@ -90,7 +91,6 @@ from .metrics import accuracy, mean_average_precision
 from .sampling import AS2M_SAMPLES_PER_EPOCH, BalancedSampler, read_weights
 
 logger = logging.getLogger("sslam_fast.finetune")
-FINETUNE_FORMAT = "sslam-fast/finetune"
 TASKS = ("multilabel", "multiclass")
 LR_FLOORS = ("absolute", "scaled")
 FIDELITIES = ("recipe", "custom")
@@ -693,10 +693,12 @@ class FinetuneTrainer:
         dist.all_reduce(normaliser)
         # DeepSpeed divides the gradient by the accumulation steps and averages it over the ranks
         scale = self.world * self.plan.accumulation / float(normaliser.clamp_min(1e-8))
-        loss_sum = 0.0
+        loss_sum, norm = 0.0, None
         for fb, tg in zip(fbank.split(sizes), target.split(sizes)):
             out = self.engine(fb, tg, soft=a.mixup > 0)
             self.engine.backward(out["loss_sum"] * scale)
+            if self.engine.is_gradient_accumulation_boundary():
+                norm = gradient_norm(p for _, p in self.trainable)
             self.engine.step()
             loss_sum += float(out["loss_sum"].detach())
         sums = torch.tensor([loss_sum, float(not self.engine.was_step_applied()), float(self.stop_signal is not None)],
@@ -707,6 +709,7 @@ class FinetuneTrainer:
         if not m["skipped"]:
             self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = grad_norm if grad_norm is not None else norm
         m["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return m
 
@@ -754,7 +757,9 @@ class FinetuneTrainer:
             state = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
             for (name, _), master in zip(self.trainable, masters):
                 state[name] = master.float()
+            class_names = _data.read_class_names(os.path.join(self.cfg.data.dir, "label_descriptors.csv"), self.num_classes)
             atomic_save({"format": FINETUNE_FORMAT, "version": 1, "config": to_dict(self.cfg),
+                         "encoder_config": to_dict(self.classifier.encoder.cfg), "class_names": class_names,
                          "model": {k[len("classifier."):]: v.detach().cpu() for k, v in state.items()},
                          "num_classes": self.num_classes, "step": self.step, "world_size": self.world,
                          "bad_total": self.bad_total, "evals": json.dumps(self.evals)}, os.path.join(tmp, "train.pt"))

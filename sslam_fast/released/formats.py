@@ -12,24 +12,122 @@
   ``model.local_encoder.proj.*``, ``model.extra_tokens``, ``model.fixed_positional_encoder.positions``,
   ``model.pre_norm.*``, ``model.blocks.*`` and, fine-tuned, ``model.fc_norm.*`` (eps 1e-5 there)
   and ``model.head.*``. Only the JSON and the tensors are read; no code from the folder runs.
-- This project's: ``save_pretrainer`` files, training checkpoints, and the exported safetensors.
+- This project's: ``save_pretrainer`` files, pretraining and fine-tuning run checkpoints (a
+  ``step_*`` directory or its ``train.pt``; a run directory stands for its newest), and the
+  exported safetensors.
+
+Every checkpoint carries the input normalisation its model was trained with (``InputSettings``:
+``norm_mean``, ``norm_std``, ``target_length``): run checkpoints in their config's ``data``
+section, our files and exports beside the weights; original checkpoints hold none, so they get
+the AudioSet values the original code hard-codes, and say so.
 
 Loading needs neither fairseq nor omegaconf; every torch file goes through ``safe_load``.
 """
+import dataclasses
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..config import ConfigError, SSLAMConfig, from_dict, to_dict
+from ..data.audio import NORM_MEAN, NORM_STD, TARGET_LENGTH
 from ..model import sincos_table
 from ..pretrainer import SSLAMPretrainer
-from ..serialization import CheckpointError, atomic_save, names_the_file, safe_load
-from ..trainer.checkpoints import TRAIN_FORMAT
+from ..serialization import CheckpointError, atomic_save, load_bytes, names_the_file, safe_load
+from ..trainer.checkpoints import CHECKSUMS, TRAIN_FORMAT, checked_listing, latest_checkpoint, read_checked
 
+logger = logging.getLogger("sslam_fast.released")
 OWN_FORMAT = "sslam-fast/pretrainer"
+FINETUNE_FORMAT = "sslam-fast/finetune"
+
+
+# --------------------------------------------------------------------------- what a path names
+@dataclass(frozen=True)
+class InputSettings:
+    """How the model's input was made: fbank frames normalised as (x - norm_mean) / (2 * norm_std)
+    (docs/method.md §2), clips of ``target_length`` frames; ``origin`` says where the values come from."""
+
+    norm_mean: float = NORM_MEAN
+    norm_std: float = NORM_STD
+    target_length: int = TARGET_LENGTH
+    origin: str = "AudioSet statistics: the checkpoint stores none (original checkpoints use these)"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"norm_mean": self.norm_mean, "norm_std": self.norm_std, "target_length": self.target_length}
+
+    @classmethod
+    def from_dict(cls, values: Optional[Dict[str, Any]], origin: str) -> "InputSettings":
+        if not values:
+            return cls()
+        if not isinstance(values, dict):
+            raise ConfigError(f"input settings {origin}: expected an object, got {type(values).__name__}")
+        settings = cls(values.get("norm_mean", NORM_MEAN), values.get("norm_std", NORM_STD),
+                       values.get("target_length", TARGET_LENGTH), origin)
+        for key, value in settings.to_dict().items():
+            if isinstance(value, bool) or not isinstance(value, int if key == "target_length" else (int, float)):
+                raise ConfigError(f"input settings {origin}: {key} must be a number, got {value!r}")
+        if not (math.isfinite(settings.norm_mean) and math.isfinite(settings.norm_std) and settings.norm_std > 0):
+            raise ConfigError(f"input settings {origin}: norm_mean must be finite and norm_std finite and > 0, "
+                              f"got {settings.norm_mean!r}, {settings.norm_std!r}")
+        if not 16 <= settings.target_length <= 1 << 20:
+            raise ConfigError(f"input settings {origin}: target_length {settings.target_length} is outside [16, 1048576]")
+        return dataclasses.replace(settings, norm_mean=float(settings.norm_mean), norm_std=float(settings.norm_std))
+
+    def with_overrides(self, norm_mean: Optional[float] = None, norm_std: Optional[float] = None) -> "InputSettings":
+        """These settings with the normalisation replaced where a value is given (the override flags)."""
+        if norm_mean is None and norm_std is None:
+            return self
+        return InputSettings.from_dict({"norm_mean": self.norm_mean if norm_mean is None else norm_mean,
+                                        "norm_std": self.norm_std if norm_std is None else norm_std,
+                                        "target_length": self.target_length},
+                                       "given by the caller, overriding the checkpoint's")
+
+    def describe(self) -> str:
+        return (f"input normalisation mean {self.norm_mean:.4g} std {self.norm_std:.4g}, "
+                f"{self.target_length}-frame windows ({self.origin})")
+
+
+def resolve_checkpoint(path) -> Tuple[str, str]:
+    """(the file or folder to read, what it is) for any form a user may name: a run's ``step_*``
+    directory or its ``train.pt``, a run directory (its newest checkpoint), an original or own
+    ``.pt``, a ``.safetensors`` file, a Hugging Face style folder or its ``model.safetensors``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "train.pt")):
+            return os.path.join(path, "train.pt"), "run checkpoint directory"
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path, "Hugging Face style folder"
+        newest = latest_checkpoint(path)
+        if newest is not None and os.path.isfile(os.path.join(newest, "train.pt")):
+            return os.path.join(newest, "train.pt"), f"run directory, its newest checkpoint {os.path.basename(newest)}"
+        raise CheckpointError(f"{path}: a folder that is neither a run checkpoint (step_*/ with train.pt), a run "
+                              "directory with step_* checkpoints, nor a Hugging Face model folder (config.json)")
+    if path.endswith(".safetensors"):
+        folder = os.path.dirname(path) or "."
+        if os.path.basename(path) == "model.safetensors" and os.path.isfile(os.path.join(folder, "config.json")):
+            return folder, "Hugging Face style folder"
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        return path, "safetensors file"
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path, "torch file"
+
+
+def _read_torch(file: str, map_location="cpu") -> Any:
+    """A torch file through ``safe_load``; a run checkpoint's ``train.pt`` only once its directory
+    passes the checks a resume makes (regular files only, each listed in ``checksums.json``, the
+    digest of the file read), and unpickled from the very bytes checked."""
+    directory = os.path.dirname(file) or "."
+    if os.path.basename(file) == "train.pt" and os.path.lexists(os.path.join(directory, CHECKSUMS)):
+        return load_bytes(read_checked(directory, "train.pt", checked_listing(directory)), file, map_location)
+    return safe_load(file, map_location)
+
+
 _ENC = "modality_encoders.IMAGE."
 _POSITIONS = _ENC + "fixed_positional_encoder.positions"
 
@@ -173,28 +271,52 @@ def _load_strict(path: str, where: str, module: torch.nn.Module, state: Dict[str
 
 # --------------------------------------------------------------------------- public
 @names_the_file
-def load_pretrainer(path: str, map_location="cpu", **overrides) -> SSLAMPretrainer:
-    """Read a pretraining checkpoint into an ``SSLAMPretrainer``.
+def load_pretrainer(path, map_location="cpu", **overrides) -> SSLAMPretrainer:
+    """Read any checkpoint (``resolve_checkpoint``) into an ``SSLAMPretrainer``.
 
-    Accepts the original fairseq SSLAM/EAT format, this project's exported format
-    (``save_pretrainer``) and this project's training checkpoints. ``overrides`` replace model
-    config values, e.g. ``stage=2`` to continue an EAT (stage-1) checkpoint as SSLAM.
+    Pretraining checkpoints give student, decoder and teacher as stored (the original fairseq
+    format, ``save_pretrainer`` files, run checkpoints, exports). Where a file has no teacher (a
+    fine-tuned model, a Hugging Face folder of the hub) the teacher starts as a copy of the student;
+    where it has no decoder, the decoder keeps its fresh initialisation (logged). ``overrides``
+    replace model config values, e.g. ``stage=2`` to continue an EAT (stage-1) checkpoint as SSLAM.
+    ``model.input_settings`` is the checkpoint's ``InputSettings``.
     """
-    ckpt = safe_load(path, map_location)
+    file, kind = resolve_checkpoint(path)
+    if os.path.isdir(file) or file.endswith(".safetensors"):
+        return _pretrainer_from_weights(read_weights(file), overrides)
+    ckpt = _read_torch(file, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt and "student" not in ckpt:
-        raise CheckpointError(f"{path}: not a pretraining checkpoint (no 'model' or 'student' entry)")
+        raise CheckpointError(f"{file}: not a pretraining checkpoint (no 'model' or 'student' entry)")
     fmt = ckpt.get("format")
     if fmt == OWN_FORMAT:
-        model = SSLAMPretrainer(_own_config(path, ckpt["config"], overrides))
+        model = SSLAMPretrainer(_own_config(file, ckpt["config"], overrides))
         for part in ("student", "decoder", "teacher"):
-            _load_strict(path, part, getattr(model, part), ckpt[part])
-        return model
-    if fmt == TRAIN_FORMAT:
+            _load_strict(file, part, getattr(model, part), ckpt[part])
+    elif fmt == TRAIN_FORMAT:
         config = ckpt.get("config") or {}
-        model = SSLAMPretrainer(_own_config(path, config.get("model", {}), overrides))
-        _load_strict(path, "model", model, ckpt["model"])
-        return model
-    return _load_fairseq(path, ckpt, overrides)
+        model = SSLAMPretrainer(_own_config(file, config.get("model", {}), overrides))
+        _load_strict(file, "model", model, ckpt["model"])
+    elif fmt == FINETUNE_FORMAT or _is_finetuned(ckpt):
+        return _pretrainer_from_weights(_weights_of(file, kind, ckpt), overrides)
+    else:
+        model = _load_fairseq(file, ckpt, overrides)
+    model.input_settings = _input_of(ckpt)
+    return model
+
+
+def _pretrainer_from_weights(weights: "ReleasedWeights", overrides: Dict[str, Any]) -> SSLAMPretrainer:
+    config = from_dict(SSLAMConfig, {**to_dict(weights.config), **overrides}, where=f"{weights.path}: config")
+    model = SSLAMPretrainer(config)
+    if weights.positions is not None:
+        _check_positions(weights.path, weights.positions, model.student)
+    _load_strict(weights.path, "student", model.student, weights.student)
+    _load_strict(weights.path, "teacher", model.teacher, weights.teacher or weights.student)
+    if weights.decoder:
+        _load_strict(weights.path, "decoder", model.decoder, weights.decoder)
+    else:
+        logger.warning("%s (%s) holds no decoder: the decoder starts freshly initialised", weights.path, weights.found)
+    model.input_settings = weights.input
+    return model
 
 
 # Model keys of earlier versions that now live outside the model config (ignored when read).
@@ -206,13 +328,16 @@ def _own_config(path: str, values: Dict[str, Any], overrides: Dict[str, Any]) ->
     return from_dict(SSLAMConfig, {**values, **overrides}, where=f"{path}: config")
 
 
-def save_pretrainer(model: SSLAMPretrainer, path: str) -> None:
-    """Write student, decoder, teacher and config in this project's format (atomically)."""
+def save_pretrainer(model: SSLAMPretrainer, path: str, input_settings: Optional[InputSettings] = None) -> None:
+    """Write student, decoder, teacher, config and the input normalisation (``input_settings``,
+    else the model's ``input_settings``, else AudioSet's) in this project's format (atomically)."""
+    settings = input_settings or getattr(model, "input_settings", None) or InputSettings()
     atomic_save(
         {
             "format": OWN_FORMAT,
             "version": 1,
             "config": to_dict(model.cfg),
+            "input": settings.to_dict(),
             "student": model.student.state_dict(),
             "decoder": model.decoder.state_dict(),
             "teacher": model.teacher.state_dict(),
@@ -237,6 +362,8 @@ class HeadWeights:
     norm_bias: Optional[torch.Tensor] = None
     norm_eps: float = 1e-6
     pooling: str = "cls"  # "cls" (CLS token), "mean" (mean of the patch tokens) or "lin_softmax"
+    labels: Optional[List[str]] = None  # class i's name; None: AudioSet's for 527 classes, else "class i"
+    task: str = "multilabel"  # "multilabel": a sigmoid per class; "multiclass": one softmax (single-label fine-tunes)
 
     @property
     def num_classes(self) -> int:
@@ -248,7 +375,8 @@ class ReleasedWeights:
     """Everything a released checkpoint holds, in this project's key names and the stored dtypes.
 
     ``teacher`` and ``decoder`` exist for pretraining checkpoints, ``head`` for fine-tuned ones;
-    ``positions`` is the stored fixed positional table ([1, N, D]) when the file has one.
+    ``positions`` is the stored fixed positional table ([1, N, D]) when the file has one;
+    ``input`` the input normalisation; ``path`` the file read and ``found`` what it is, in words.
     """
 
     config: SSLAMConfig
@@ -258,6 +386,9 @@ class ReleasedWeights:
     decoder: Optional[Dict[str, torch.Tensor]] = None
     positions: Optional[torch.Tensor] = None
     head: Optional[HeadWeights] = None
+    input: InputSettings = InputSettings()
+    path: str = ""
+    found: str = ""
 
     def positions_table(self) -> torch.Tensor:
         if self.positions is not None:
@@ -308,7 +439,8 @@ def _read_finetuned(path: str, ckpt: Dict[str, Any]) -> ReleasedWeights:
     return ReleasedWeights(
         config, parts["student"], "fairseq-finetuned", positions=parts["positions"],
         head=HeadWeights(head["head.weight"], head["head.bias"], head.get("fc_norm.weight"), head.get("fc_norm.bias"),
-                         1e-6, settings["pooling"]))
+                         1e-6, settings["pooling"], _fairseq_extra(ckpt).get("labels"),
+                         _fairseq_extra(ckpt).get("task", "multilabel")))
 
 
 def _is_finetuned(ckpt: Dict[str, Any]) -> bool:
@@ -316,20 +448,61 @@ def _is_finetuned(ckpt: Dict[str, Any]) -> bool:
     return isinstance(model, dict) and "head.weight" in model
 
 
-def _read_torch(path: str) -> ReleasedWeights:
-    ckpt = safe_load(path)
+def _input_of(ckpt: Dict[str, Any]) -> InputSettings:
+    """The input settings a torch checkpoint stores: our files beside the weights, run checkpoints
+    in their config's data section, our fairseq exports in ``extra_state``; else AudioSet's."""
+    fmt = ckpt.get("format")
+    if fmt == OWN_FORMAT:
+        return InputSettings.from_dict(ckpt.get("input"), "stored in the checkpoint")
+    if fmt in (TRAIN_FORMAT, FINETUNE_FORMAT):
+        return InputSettings.from_dict((ckpt.get("config") or {}).get("data"), "the run's data config")
+    return InputSettings.from_dict(_fairseq_extra(ckpt).get("input"), "stored in the checkpoint's extra_state")
+
+
+def _fairseq_extra(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """What our fairseq exports add in ``extra_state["sslam_fast"]`` (input settings, class names);
+    the original code ignores it."""
+    extra = ckpt.get("extra_state")
+    stored = extra.get("sslam_fast") if isinstance(extra, dict) else None
+    return stored if isinstance(stored, dict) else {}
+
+
+def _read_own_finetuned(path: str, ckpt: Dict[str, Any]) -> ReleasedWeights:
+    """A fine-tuning run's ``train.pt``: ``encoder.*``, ``head_norm.*`` (LayerNorm), ``head.*``."""
+    if "encoder_config" not in ckpt:
+        raise CheckpointError(f"{path}: a fine-tuning checkpoint written before it stored its encoder's config "
+                              "('encoder_config'); fine-tune again with this version")
+    config = from_dict(SSLAMConfig, ckpt["encoder_config"], where=f"{path}: encoder_config")
+    state = ckpt["model"]
+    student = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    config_of_run = ckpt.get("config") or {}
+    eps = (config_of_run.get("model") or {}).get("head_norm_eps", 1e-6)
+    task = (config_of_run.get("data") or {}).get("task", "multilabel")
+    head = HeadWeights(state["head.weight"], state["head.bias"], state["head_norm.weight"], state["head_norm.bias"],
+                       float(eps), "cls", ckpt.get("class_names"), task)
+    return ReleasedWeights(config, student, "sslam-fast fine-tuning run", head=head)
+
+
+def _weights_of(path: str, found: str, ckpt: Dict[str, Any]) -> ReleasedWeights:
+    """``ReleasedWeights`` of a torch checkpoint already read by ``safe_load``."""
     if not isinstance(ckpt, dict) or "model" not in ckpt and "student" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of SSLAM/EAT (no 'model' or 'student' entry)")
-    if ckpt.get("format") in (OWN_FORMAT, TRAIN_FORMAT):
+    fmt = ckpt.get("format")
+    if fmt == FINETUNE_FORMAT:
+        weights = _read_own_finetuned(path, ckpt)
+    elif fmt in (OWN_FORMAT, TRAIN_FORMAT):
         model = load_pretrainer(path)
-        return ReleasedWeights(model.cfg, model.student.state_dict(), "sslam-fast", model.teacher.state_dict(),
-                               model.decoder.state_dict())
-    if _is_finetuned(ckpt):
-        return _read_finetuned(path, ckpt)
-    config = _fairseq_config(path, ckpt.get("cfg") or {}, {})
-    parts = _fairseq_parts(path, ckpt["model"])
-    return ReleasedWeights(config, parts["student"], "fairseq-pretraining", parts["teacher"], parts["decoder"],
-                           parts["positions"])
+        source = "sslam-fast pretraining run" if fmt == TRAIN_FORMAT else "sslam-fast pretrainer file"
+        weights = ReleasedWeights(model.cfg, model.student.state_dict(), source, model.teacher.state_dict(),
+                                  model.decoder.state_dict())
+    elif _is_finetuned(ckpt):
+        weights = _read_finetuned(path, ckpt)
+    else:
+        config = _fairseq_config(path, ckpt.get("cfg") or {}, {})
+        parts = _fairseq_parts(path, ckpt["model"])
+        weights = ReleasedWeights(config, parts["student"], "fairseq-pretraining", parts["teacher"], parts["decoder"],
+                                  parts["positions"])
+    return dataclasses.replace(weights, input=_input_of(ckpt), path=path, found=found)
 
 
 # Our encoder names <-> the Hugging Face EAT names (under "model.").
@@ -392,7 +565,8 @@ def _head_from(path: str, tensors: Dict[str, torch.Tensor], prefix: str, setting
     _check_head_settings(path, settings)
     return HeadWeights(tensors[prefix + "head.weight"], tensors[prefix + "head.bias"],
                        tensors.get(prefix + "fc_norm.weight"), tensors.get(prefix + "fc_norm.bias"),
-                       float(settings.get("fc_norm_eps", 1e-6)), settings.get("pooling", "cls"))
+                       float(settings.get("fc_norm_eps", 1e-6)), settings.get("pooling", "cls"), settings.get("labels"),
+                       settings.get("task", "multilabel"))
 
 
 def _read_hf_folder(path: str) -> ReleasedWeights:
@@ -421,9 +595,11 @@ def _read_hf_folder(path: str) -> ReleasedWeights:
         elif not key.startswith(("teacher.", "decoder.")):
             raise CheckpointError(f"{weights_path}: unexpected tensor {key!r} in a Hugging Face EAT folder")
     # The hub's fine-tuned model applies nn.LayerNorm's default eps (1e-5) in fc_norm.
-    settings = {"fc_norm_eps": ours.get("fc_norm_eps", 1e-5), "pooling": ours.get("pooling", "cls")}
+    settings = {"fc_norm_eps": ours.get("fc_norm_eps", 1e-5), "pooling": ours.get("pooling", "cls"),
+                "labels": ours.get("labels"), "task": ours.get("task", "multilabel")}
     return ReleasedWeights(cfg, student, "hf", _prefixed(tensors, "teacher."), _prefixed(tensors, "decoder."),
-                           tensors.get(_HF_POSITIONS), _head_from(path, extra, "", settings))
+                           tensors.get(_HF_POSITIONS), _head_from(path, extra, "", settings),
+                           InputSettings.from_dict(ours.get("input"), "stored in config.json"))
 
 
 def _read_own_safetensors(path: str) -> ReleasedWeights:
@@ -437,26 +613,26 @@ def _read_own_safetensors(path: str) -> ReleasedWeights:
     if not student:
         raise CheckpointError(f"{path}: holds no student.* tensors")
     return ReleasedWeights(cfg, student, "safetensors", _prefixed(tensors, "teacher."), _prefixed(tensors, "decoder."),
-                           tensors.get("positions"), _head_from(path, tensors, "", settings))
+                           tensors.get("positions"), _head_from(path, tensors, "", settings),
+                           InputSettings.from_dict(json.loads(meta.get("input", "{}")), "stored in the file's metadata"))
 
 
 @names_the_file
-def read_weights(path: str) -> ReleasedWeights:
-    """Read any supported checkpoint: original pretraining or fine-tuned (fairseq), this project's
-    files, an exported ``.safetensors`` or a Hugging Face style folder (config.json + model.safetensors).
+def read_weights(path) -> ReleasedWeights:
+    """Read any supported checkpoint (every form ``resolve_checkpoint`` names): original pretraining
+    or fine-tuned (fairseq), this project's files and run checkpoints, an exported ``.safetensors``
+    or a Hugging Face style folder (config.json + model.safetensors).
 
     Nothing from the file is executed; errors name the file.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _read_hf_folder(path)
-    if path.endswith(".safetensors"):
-        if os.path.basename(path) == "model.safetensors" and os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")):
-            return _read_hf_folder(os.path.dirname(path) or ".")
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no such checkpoint file")
-        return _read_own_safetensors(path)
-    return _read_torch(path)
+    file, found = resolve_checkpoint(path)
+    if os.path.isdir(file):
+        weights = _read_hf_folder(file)
+    elif file.endswith(".safetensors"):
+        weights = _read_own_safetensors(file)
+    else:
+        return _weights_of(file, found, _read_torch(file))
+    return dataclasses.replace(weights, path=file, found=found)
 
 
 # --------------------------------------------------------------------------- writers
@@ -521,9 +697,14 @@ def _fairseq_task_cfg(name: str) -> Dict[str, Any]:
     return {"_name": name, "audio_mae": True, "downsr_16hz": True, "target_length": 1024, "h5_format": False}
 
 
-def _fairseq_envelope(cfg: Dict[str, Any], state: Dict[str, Any]) -> Dict[str, Any]:
+def _fairseq_envelope(cfg: Dict[str, Any], state: Dict[str, Any], weights: ReleasedWeights) -> Dict[str, Any]:
+    extra = {"input": weights.input.to_dict()}
+    if weights.head is not None:
+        extra["task"] = weights.head.task
+        if weights.head.labels is not None:
+            extra["labels"] = list(weights.head.labels)
     return {"args": None, "cfg": cfg, "model": state, "criterion": None,
-            "optimizer_history": [], "task_state": {}, "extra_state": {}}
+            "optimizer_history": [], "task_state": {}, "extra_state": {"sslam_fast": extra}}
 
 
 def fairseq_checkpoint(weights: ReleasedWeights) -> Dict[str, Any]:
@@ -538,7 +719,7 @@ def fairseq_checkpoint(weights: ReleasedWeights) -> Dict[str, Any]:
             state["_ema"] = _fairseq_encoder({k: v.float() for k, v in weights.teacher.items()}, positions.float())
         cfg = {"_name": None, "common": common, "model": _fairseq_model_cfg(weights.config),
                "task": _fairseq_task_cfg("mae_image_pretraining"), "criterion": {"_name": "model"}}
-        return _fairseq_envelope(cfg, state)
+        return _fairseq_envelope(cfg, state, weights)
     head = weights.head
     state = _fairseq_encoder(weights.student, positions, prefix="model.")
     if head.norm_weight is not None:
@@ -552,12 +733,18 @@ def fairseq_checkpoint(weights: ReleasedWeights) -> Dict[str, Any]:
                  "target_length": 1024, "pretrained_model_args": pretrained}
     cfg = {"_name": None, "common": common, "model": model_cfg, "task": _fairseq_task_cfg("mae_image_classification"),
            "criterion": {"_name": "model"}}
-    return _fairseq_envelope(cfg, state)
+    return _fairseq_envelope(cfg, state, weights)
 
 
 def _head_settings(weights: ReleasedWeights) -> Dict[str, Any]:
     head = weights.head
-    return {} if head is None else {"pooling": head.pooling, "fc_norm_eps": head.norm_eps, "num_classes": head.num_classes}
+    if head is None:
+        return {}
+    settings = {"pooling": head.pooling, "fc_norm_eps": head.norm_eps, "num_classes": head.num_classes,
+                "task": head.task}
+    if head.labels is not None:
+        settings["labels"] = list(head.labels)
+    return settings
 
 
 def _head_tensors(head: Optional[HeadWeights], prefix: str) -> Dict[str, torch.Tensor]:
@@ -585,7 +772,7 @@ def safetensors_tensors(weights: ReleasedWeights) -> Tuple[Dict[str, torch.Tenso
     tensors["positions"] = weights.positions_table()
     tensors.update(_head_tensors(weights.head, ""))
     meta = {"format": SAFETENSORS_FORMAT, "config": json.dumps(to_dict(weights.config)),
-            "head": json.dumps(_head_settings(weights))}
+            "head": json.dumps(_head_settings(weights)), "input": json.dumps(weights.input.to_dict())}
     return tensors, meta
 
 
@@ -608,6 +795,8 @@ def hf_folder(weights: ReleasedWeights) -> Tuple[Dict[str, Any], Dict[str, torch
         "img_size": [1024, c.num_mel_bins],
         "model_variant": "finetune" if weights.head is not None else "pretrain",
         "num_classes": weights.head.num_classes if weights.head is not None else 527,
-        "sslam_fast": {"config": to_dict(c), **_head_settings(weights)},
+        "sslam_fast": {"config": to_dict(c), "input": weights.input.to_dict(), **_head_settings(weights)},
     }
+    if weights.head is not None and weights.head.labels is not None:
+        config["id2label"] = {str(i): name for i, name in enumerate(weights.head.labels)}
     return config, tensors

@@ -1,12 +1,12 @@
 """``sslam-fast extract`` and ``sslam-fast tag``: files through a released model.
 
 Each file is decoded (channels averaged, resampled to 16 kHz) and windowed as in
-``released/hear.py``; windows of several files are encoded together, ``batch_size`` at a time, on
+``released/hear.py``, normalised with the statistics the checkpoint states; windows of several files are encoded together, ``batch_size`` at a time, on
 the GPU when there is one. A file that cannot be decoded (missing, corrupt, empty, shorter than
 one 25 ms frame, NaN/Inf) is reported and skipped; the caller exits non-zero when any was.
 """
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ from tqdm import tqdm
 from ..data.audio import MAX_SECONDS, AudioError, load_audio, probe
 from ..data.manifest import load_manifest
 from .classes import audioset_classes
-from .encoder import load_classifier, load_encoder
+from .encoder import AudioClassifier, AudioEncoder, load_classifier, load_encoder
+from .formats import InputSettings
 from .hear import encode_windows, fbank_windows, pool_clips
 
 
@@ -49,12 +50,12 @@ def _within_limit(files: List[str], max_seconds: float, bad: List[Tuple[str, str
     return kept
 
 
-def _windows_of(files: List[str], device: str, bad: List[Tuple[str, str]], progress: bool):
-    """Yield (file, windows [W, 1024, 128], frames) for each file that decodes."""
+def _windows_of(files: List[str], input: InputSettings, device: str, bad: List[Tuple[str, str]], progress: bool):
+    """Yield (file, windows [W, L, 128], frames) for each file that decodes."""
     for path in tqdm(files, desc="files", unit="file", disable=not progress):
         try:
             wave = load_audio(path)
-            windows, frames = fbank_windows(wave.to(device))
+            windows, frames = fbank_windows(wave.to(device), input)
         except AudioError as err:
             bad.append((path, err.reason))
             continue
@@ -74,9 +75,9 @@ def _batched(items, batch_size: int):
         yield group
 
 
-def _run(model, files, device, batch_size, progress, bad):
+def _run(model, input, files, device, batch_size, progress, bad):
     """Yield (file, tokens of its windows [W, ...], frames), encoding windows of several files at once."""
-    for group in _batched(_windows_of(files, device, bad, progress), batch_size):
+    for group in _batched(_windows_of(files, input, device, bad, progress), batch_size):
         out = encode_windows(model, torch.cat([w for _, w, _ in group]), batch_size)
         start = 0
         for path, windows, frames in group:
@@ -94,23 +95,25 @@ def _output_names(files: List[str]) -> Dict[str, str]:
     return names
 
 
-def extract_files(checkpoint: str, inputs: Iterable[str], out: str, granularity: str = "utterance",
+def extract_files(checkpoint: Union[str, AudioEncoder], inputs: Iterable[str], out: str, granularity: str = "utterance",
                   which: str = "student", batch_size: int = 8, device: Optional[str] = None,
                   progress: bool = True, max_seconds: float = MAX_SECONDS) -> Tuple[List[str], List[Tuple[str, str]]]:
     """Features of each input: "utterance" [D] (mean over windows of the CLS token), "frame"
     [R, 8, D] (patch tokens of the rows inside the clip), "all" [W, 1 + P, D] (each window's
-    encoder output). ``out`` ending in ``.npz`` gets one archive keyed by input path, else it is a
-    folder with one ``<stem>.npy`` per input. A file longer than ``max_seconds`` is refused (a bad
-    file). Returns (files written, [(bad file, reason)])."""
+    encoder output). ``checkpoint`` is a path (``load_encoder``) or a loaded ``AudioEncoder``.
+    ``out`` ending in ``.npz`` gets one archive keyed by input path, else it is a folder with one
+    ``<stem>.npy`` per input. A file longer than ``max_seconds`` is refused (a bad file). Returns
+    (files written, [(bad file, reason)])."""
     device = device or default_device()
     files = expand_inputs(inputs)
-    encoder = load_encoder(checkpoint, which).to(device)
+    encoder = (checkpoint if isinstance(checkpoint, AudioEncoder) else load_encoder(checkpoint, which)).to(device)
     bad, written, archive = [], [], {}
     names = _output_names(files)
     to_npz = out.endswith(".npz")
     if not to_npz:
         os.makedirs(out, exist_ok=True)
-    for path, tokens, frames in _run(encoder, _within_limit(files, max_seconds, bad), device, batch_size, progress, bad):
+    for path, tokens, frames in _run(encoder, encoder.input, _within_limit(files, max_seconds, bad), device,
+                                     batch_size, progress, bad):
         array = pool_clips(encoder, tokens, 1, frames)[granularity][0].cpu().numpy()
         if to_npz:
             archive[path] = array
@@ -124,28 +127,32 @@ def extract_files(checkpoint: str, inputs: Iterable[str], out: str, granularity:
 
 
 class _Probabilities(torch.nn.Module):
-    """The classifier followed by the sigmoid: per-class probabilities of each window."""
+    """The classifier's per-class probabilities of each window (sigmoid, or softmax for single-label heads)."""
 
     def __init__(self, classifier):
         super().__init__()
         self.classifier = classifier
 
     def forward(self, fbank):
-        return torch.sigmoid(self.classifier(fbank))
+        return self.classifier.probabilities(fbank)
 
 
-def tag_files(checkpoint: str, files: Iterable[str], top_k: int = 5, batch_size: int = 8,
+def tag_files(checkpoint: Union[str, AudioClassifier], files: Iterable[str], top_k: int = 5, batch_size: int = 8,
               device: Optional[str] = None, progress: bool = False,
               max_seconds: float = MAX_SECONDS) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """Top-k classes of each file: the sigmoid of the logits of each 1024-frame window, the maximum
-    over windows (an event anywhere in the clip counts). Returns ([{"file", "labels": [{"index",
-    "mid", "name", "probability"}]}], [(bad file, reason)])."""
+    """Top-k classes of each file: the probabilities of each window (the sigmoid of the logits, or
+    their softmax for a single-label fine-tune), the maximum over windows (an event anywhere in the
+    clip counts). ``checkpoint`` is a path (``load_classifier``) or a loaded ``AudioClassifier``; a
+    file longer than ``max_seconds`` is refused (a bad file). Returns ([{"file", "labels": [{"index",
+    "mid", "name", "probability"}]}], [(bad file, reason)]); "mid" is the AudioSet id of AudioSet
+    heads, else ""."""
     device = device or default_device()
-    classifier = load_classifier(checkpoint).to(device)
-    mids = [c.mid for c in audioset_classes()] if classifier.num_classes == 527 else [""] * classifier.num_classes
+    classifier = (checkpoint if isinstance(checkpoint, AudioClassifier) else load_classifier(checkpoint)).to(device)
+    audioset = classifier.num_classes == 527 and classifier.labels == [c.name for c in audioset_classes()]
+    mids = [c.mid for c in audioset_classes()] if audioset else [""] * classifier.num_classes
     bad, results = [], []
     files = _within_limit(expand_inputs(files), max_seconds, bad)
-    for path, probs, _ in _run(_Probabilities(classifier), files, device, batch_size, progress, bad):
+    for path, probs, _ in _run(_Probabilities(classifier), classifier.input, files, device, batch_size, progress, bad):
         clip = probs.max(dim=0).values
         values, indices = torch.topk(clip, min(top_k, clip.shape[0]))
         results.append({"file": path, "labels": [

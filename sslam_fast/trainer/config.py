@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, ConfigError, Range, SSLAMConfig, check_ranges, from_dict
+from ..mixing import scaled_mix_windows, windows_fit
 
 EXECUTIONS = {"fast": ("auto", "bf16", "fp32"), "original": ("auto", "fp16", "fp32")}  # execution -> precisions
 
@@ -162,9 +163,17 @@ class TrainConfig:
             check_ranges(section, f"{where}.{name}")
             if hasattr(section, "validate"):
                 section.validate(f"{where}.{name}")
-        if self.data.target_length < self.model.patch_size:
-            raise ConfigError(f"{where}.data.target_length: {self.data.target_length} frames, fewer than one patch "
-                              f"({where}.model.patch_size={self.model.patch_size})")
+        m, frames = self.model, self.data.target_length
+        if frames < m.patch_size:
+            raise ConfigError(f"{where}.data.target_length: {frames} frames, fewer than one patch "
+                              f"({where}.model.patch_size={m.patch_size})")
+        if m.stage == 2 and not windows_fit(frames, m.mix_window, m.mix_w1_max, m.mix_w2_max):
+            window, w1, w2 = scaled_mix_windows(frames, m.patch_size)
+            raise ConfigError(
+                f"{where}.model.mix_window={m.mix_window}, mix_w1_max={m.mix_w1_max}, mix_w2_max={m.mix_w2_max}: the "
+                f"stage-2 mixing windows do not fit {where}.data.target_length={frames} frames (need mix_w2_max + "
+                f"mix_window <= target_length and mix_w1_max + mix_window <= mix_w2_max); the recipe scaled to "
+                f"{frames} frames is --set model.mix_window={window} --set model.mix_w1_max={w1} --set model.mix_w2_max={w2}")
 
     @property
     def cosine_steps(self) -> int:

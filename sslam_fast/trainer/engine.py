@@ -81,6 +81,17 @@ class StudentAndDecoder(nn.Module):
             return self.pretrainer(fbank, generator=generator, host_generator=host_generator, stats=stats)
 
 
+def gradient_norm(params) -> Optional[torch.Tensor]:
+    """The global L2 norm of the gradients ``params`` hold (before clipping), left on their device
+    (no host sync: the caller reads it one step late). None when they hold none: with bf16 or
+    ZeRO-1/2 the reduced gradients live in DeepSpeed's partitions, and DeepSpeed reports their norm
+    (``engine.get_global_grad_norm()``), which it does not with fp32 ZeRO-0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float())
+
+
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> Dict[str, Any]:
     ds = {
         "train_batch_size": plan.global_batch,

@@ -31,9 +31,10 @@ from ..data.loader import NoClipsError, resharded_state
 from ..serialization import CheckpointError, UnsafeCheckpointError, atomic_save
 from .checkpoints import (OPTIMIZER_FILE, TRAIN_FORMAT, begin_save, finish_save, list_checkpoints,
                           load_engine_state, malformed_is_checkpoint_error, read_resume_state, reject,
-                          remove_stale_temps, restore_rng_state, rng_state, train_checkpoint_file, verify_checkpoint)
+                          remove_stale_temps, restore_rng_state, rng_state, verify_checkpoint)
 from .config import TrainConfig
-from .engine import MasterWeights, StudentAndDecoder, deepspeed_config
+from .engine import MasterWeights, StudentAndDecoder, deepspeed_config, gradient_norm
+from .memory import available_bytes, memory_message
 from .optim import build_optimizer, build_scheduler, plan_batch
 from .prefetch import Prefetcher
 from .runlog import RunLog
@@ -58,6 +59,10 @@ class Trainer:
         self.plan = plan_batch(cfg.train.global_batch, self.world, cfg.train.max_micro_batch)
         resume_from, resume_files = self._choose_checkpoint() if cfg.checkpoint.resume else (None, None)
 
+        if self.is_main:
+            here = int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if device.type == "cpu" else 1
+            text, fits = memory_message(cfg, self.plan.micro_batch, here, available_bytes(device))
+            logger.log(logging.INFO if fits else logging.WARNING, text)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = SSLAMPretrainer(cfg.model)
         if cfg.train.init_from and resume_from is None:
@@ -113,10 +118,15 @@ class Trainer:
     def _init_weights(self, path: str) -> None:
         from ..released.formats import load_pretrainer
 
-        source = load_pretrainer(train_checkpoint_file(path), **to_dict(self.cfg.model))
+        source = load_pretrainer(path, **to_dict(self.cfg.model))
         self.model.load_state_dict(source.state_dict())
         if self.is_main:
             logger.info("initialised student, decoder and teacher from %s (fresh optimizer and schedule)", path)
+            given, d = source.input_settings, self.cfg.data
+            if (given.norm_mean, given.norm_std) != (d.norm_mean, d.norm_std):
+                logger.warning("%s was trained on fbanks normalised with mean %.4g std %.4g (%s); this run uses "
+                               "data.norm_mean=%.4g data.norm_std=%.4g", path, given.norm_mean, given.norm_std,
+                               given.origin, d.norm_mean, d.norm_std)
 
     def _build_loader(self):
         from ..data.loader import build_loader
@@ -147,14 +157,15 @@ class Trainer:
         """Forward/backward over the micro batches, the optimizer step and the teacher's EMA.
 
         Returns the step's record for ``read_metrics``: the metric sums over ranks still on the device,
-        the grad norm as DeepSpeed keeps it, and the host values (``skipped`` is 1 when DeepSpeed
+        the gradient norm before clipping (DeepSpeed's where it keeps one, else computed here at the
+        accumulation boundary, on the device), and the host values (``skipped`` is 1 when DeepSpeed
         skipped the update for a non-finite gradient: the weights, the schedule and the teacher stay
         unchanged).
         """
         sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         lr = self.scheduler.get_last_lr()[0]  # the LR this update uses
         stats = self.stats_due(self.step + 1)
-        data_s = 0.0
+        data_s, norm = 0.0, None
         for _ in range(self.plan.accumulation):
             t = time.perf_counter()
             fbank = self.data.next()["fbank"]
@@ -163,6 +174,8 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
             out = self.engine(fbank, generator=self.generator, host_generator=self.host_generator, stats=stats)
             self.engine.backward(out["loss"])
+            if self.engine.is_gradient_accumulation_boundary():
+                norm = gradient_norm(self.trainable.parameters())
             self.engine.step()
             ss = out["sample_size"].double()
             values = [out["loss"].detach().double(), out["patch_loss"].double() / ss, out["cls_loss"].double() / ss,
@@ -178,7 +191,8 @@ class Trainer:
             self.step += 1
             source = self.masters.gather() if self.cfg.train.ema_from == "master" else self.model.student.parameters()
             record["ema_decay"] = self.model.update_teacher(self.step, list(source)[:self.num_student_params])
-        record["grad_norm"] = self.engine.get_global_grad_norm()
+        reported = self.engine.get_global_grad_norm()
+        record["grad_norm"] = reported if reported is not None else norm
         record["step"] = self.step
         return record
 

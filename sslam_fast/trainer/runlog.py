@@ -103,7 +103,8 @@ class RunLog:
             f"steps {self.start_step} -> {step} ({steps} this session) in {_fmt_duration(elapsed)}",
             f"throughput {steps * self.clips_per_step / busy if busy > 0 else 0.0:.1f} clips/s, "
             f"data wait {100 * self.totals['data_s'] / busy if busy > 0 else 0.0:.1f}% of step time",
-            f"last loss {self.last.get('loss', float('nan')):.5f}, non-finite steps skipped {bad_steps}, "
+            (f"last loss {self.last['loss']:.5f}" if "loss" in self.last else "last loss: no metrics line yet")
+            + f", non-finite steps skipped {bad_steps}, "
             f"steps below the collapse thresholds {collapse_steps}",
             f"checkpoint {checkpoint or 'none'}",
         ]
