@@ -170,7 +170,7 @@ class Worker:
         def cap():
             resource.setrlimit(resource.RLIMIT_AS, (self.memory, self.memory))
 
-        env = dict(os.environ, PYTHONPATH=REPO)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "kernels")]))
         self.proc = subprocess.Popen([sys.executable, "-c", WORKER], cwd=REPO, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=cap)
         self.pending = b""

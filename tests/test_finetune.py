@@ -353,6 +353,14 @@ def test_entries_under_10000_samples_leave_both_splits(toy, tmp_path, monkeypatc
     assert eval_lines(run_dir)[-1]["eval_clips"] == 16 - 6
 
 
+def test_fewer_clips_than_one_batch_is_an_error_not_a_hang(toy, tmp_path, monkeypatch, caplog):
+    """48 train clips and a batch of 64: the loader could never fill a batch and would spin."""
+    code = run_in_process(monkeypatch, toy, str(tmp_path), "train.global_batch=64", "train.max_steps=1")
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "has 48 clips" in errors[0] and "fewer than train.global_batch=64" in errors[0], errors
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------

@@ -634,7 +634,12 @@ class FinetuneTrainer:
                 raise ConfigError(f"{d.weights_file}: {len(weights)} weights for {len(train_kept)} train clips")
             weights = weights[train_kept]
         epoch_clips = len(train_manifest) if weights is None else min(d.samples_per_epoch, int((weights > 0).sum()))
-        self.epoch_updates = max(1, epoch_clips // t.global_batch)
+        if epoch_clips < t.global_batch:
+            raise ConfigError(
+                f"{d.dir}: an epoch of {d.train_split} has {epoch_clips} clips (after leaving out entries under "
+                f"data.min_samples={d.min_samples} samples{' and clips of weight 0' if weights is not None else ''}), "
+                f"fewer than train.global_batch={t.global_batch}: not one update can be made")
+        self.epoch_updates = epoch_clips // t.global_batch
         dataset = LabelledClips(train_manifest, train_labels, self.num_classes, d, cfg.augment, t.seed)
         self.loader = FinetuneLoader(dataset, self.plan.micro_batch, t.seed, self.rank, self.world, d.num_workers,
                                      weights=weights, samples_per_epoch=d.samples_per_epoch)

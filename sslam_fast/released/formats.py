@@ -106,15 +106,15 @@ def resolve_checkpoint(path) -> Tuple[str, str]:
             return os.path.join(newest, "train.pt"), f"run directory, its newest checkpoint {os.path.basename(newest)}"
         raise CheckpointError(f"{path}: a folder that is neither a run checkpoint (step_*/ with train.pt), a run "
                               "directory with step_* checkpoints, nor a Hugging Face model folder (config.json)")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file")
     if path.endswith(".safetensors"):
         folder = os.path.dirname(path) or "."
         if os.path.basename(path) == "model.safetensors" and os.path.isfile(os.path.join(folder, "config.json")):
             return folder, "Hugging Face style folder"
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no such checkpoint file")
         return path, "safetensors file"
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
     return path, "torch file"
 
 
