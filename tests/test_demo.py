@@ -29,8 +29,11 @@ def _quick_demo(out):
 
 
 def _table(stdout):
-    """The printed results without the time line and the paths."""
-    return [line for line in stdout.splitlines() if not line.startswith(("time:", "wrote "))]
+    """The printed results (from the benchmark line on; libraries log before it) without the
+    time line and the paths."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("benchmark: "))
+    return [line for line in lines[start:] if not line.startswith(("time:", "wrote "))]
 
 
 @pytest.mark.slow
