@@ -88,6 +88,11 @@ class Recipe:
 RECIPE = Recipe()
 PROBE_INPUTS = ("cls", "mean", "top_mean")
 REPLICATES = 2000
+MODELS = ("log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
+PRETRAINED = ("stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
+TASKS = {"mono_accuracy": "monophonic accuracy %", "poly_mAP": "polyphonic mAP %"}
+DIFFERENCES = (("stage 1 (EAT)", "random init"), ("stage 1 + 2 (SSLAM)", "random init"),
+               ("stage 1 + 2 (SSLAM)", "stage 1 (EAT)"))
 
 
 def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm: tuple, stage: int, lr: float,
@@ -156,13 +161,6 @@ def _load_split(bench, split: str, size: DemoSize, norm: tuple):
     for i, clip in enumerate(labels):
         targets[i, clip] = 1.0
     return clips, targets
-
-
-MODELS = ("log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
-PRETRAINED = ("stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
-TASKS = {"mono_accuracy": "monophonic accuracy %", "poly_mAP": "polyphonic mAP %"}
-DIFFERENCES = (("stage 1 (EAT)", "random init"), ("stage 1 + 2 (SSLAM)", "random init"),
-               ("stage 1 + 2 (SSLAM)", "stage 1 (EAT)"))
 
 
 def _plot(results: Dict[str, Any], path: str) -> None:
