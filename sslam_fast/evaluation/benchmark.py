@@ -34,6 +34,14 @@ An event is a recording with its leading/trailing silence trimmed, cropped at ra
 length when longer, scaled to a common RMS and then by a random gain (`gain_db` range); a clip that
 would clip is scaled down as a whole.
 
+With `source="instruments"` the classes are General MIDI instrument families (`INSTRUMENT_FAMILIES`:
+piano, organ, guitar, bass, strings, brass, reed, pipe, ...) rendered by fluidsynth (Debian
+`fluidsynth`) from a GM soundfont (`fluid-soundfont-gm` or `timgm6mb-soundfont`): each "recording"
+is a phrase of notes and chords that one program of the family plays, drawn from the seed, so a
+family has programs x `INSTRUMENT_PHRASES` recordings; one MIDI file holds every phrase and is
+rendered once. A scene mixes events of distinct families, so its labels are the union of its
+events' families.
+
 With `source="synthetic"` (or "auto" when the recordings are missing) the classes are synthesised
 signals instead (tones, chirps, noise bursts, ...: `SYNTHETIC_CLASSES`), each "recording" one
 random prototype of its class. That benchmark is labelled as synthesised everywhere: it is written
@@ -51,6 +59,10 @@ import csv
 import glob
 import json
 import os
+import shutil
+import struct
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -114,6 +126,28 @@ SYNTHETIC_CLASSES: Dict[str, str] = {
     "synth_two_tone": "Synthetic two-tone alternation",
 }
 SYNTHETIC_RECORDINGS_PER_CLASS = 6
+
+SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/TimGM6mb.sf2",
+              "/usr/share/sounds/sf2/default-GM.sf2")
+DRUM_CHANNEL = 9  # GM: MIDI channel 10 plays the percussion kit whatever the program
+# label -> (display name, GM programs (0-based), MIDI pitch range); "drums" plays kit 0 on the drum
+# channel, its "pitches" being the GM percussion keys.
+INSTRUMENT_FAMILIES: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, int]]] = {
+    "piano": ("Piano", tuple(range(0, 8)), (36, 84)),
+    "chromatic_percussion": ("Chromatic percussion", tuple(range(8, 16)), (60, 96)),
+    "organ": ("Organ", tuple(range(16, 24)), (36, 84)),
+    "guitar": ("Guitar", tuple(range(24, 32)), (40, 76)),
+    "bass": ("Bass", tuple(range(32, 40)), (28, 55)),
+    "strings": ("Bowed or plucked strings", tuple(range(40, 47)), (40, 84)),
+    "brass": ("Brass", tuple(range(56, 64)), (40, 80)),
+    "reed": ("Reed", tuple(range(64, 72)), (48, 80)),
+    "pipe": ("Pipe", tuple(range(72, 80)), (60, 90)),
+    "synth_lead": ("Synth lead", tuple(range(80, 88)), (48, 84)),
+    "drums": ("Drum kit", (0,), (35, 81)),
+}
+INSTRUMENT_PHRASES = 2  # phrases per program (drums: per kit, times 8)
+PHRASE_SECONDS = 3.0
+RELEASE_SECONDS = 1.5  # silence after each phrase in the rendering, for its release tail
 
 
 @dataclass
@@ -204,6 +238,88 @@ def _synthetic_recording(label: str, rng: np.random.Generator) -> np.ndarray:
     return wave * envelope
 
 
+def soundfont() -> Optional[str]:
+    """The first GM soundfont of `SOUNDFONTS` on this machine, or None."""
+    return next((path for path in SOUNDFONTS if os.path.isfile(path)), None)
+
+
+def instruments_available() -> bool:
+    return shutil.which("fluidsynth") is not None and soundfont() is not None
+
+
+def _phrase(label: str, rng: np.random.Generator) -> List[Tuple[float, float, List[int], int]]:
+    """A phrase of `label`'s family: [(start s, duration s, MIDI pitches, velocity)], notes and chords
+    (a major or minor triad) at random pitches of the family's range, within PHRASE_SECONDS."""
+    low, high = INSTRUMENT_FAMILIES[label][2]
+    notes, t = [], 0.0
+    while True:
+        duration = float(rng.uniform(0.3, 1.2))
+        if t + duration > PHRASE_SECONDS:
+            return notes
+        if label == "drums":
+            pitches = sorted({int(p) for p in rng.integers(low, high + 1, size=int(rng.integers(1, 3)))})
+        else:
+            root = int(rng.integers(low, high - 6))
+            pitches = [root] if rng.random() < 0.5 else [root, root + (3 if rng.random() < 0.5 else 4), root + 7]
+        notes.append((t, duration, pitches, int(rng.integers(60, 121))))
+        t += duration + float(rng.uniform(0.0, 0.3))
+
+
+def _midi_file(events: List[Tuple[float, bytes]]) -> bytes:
+    """A format-0 standard MIDI file of (time s, channel message) at 120 bpm, 480 ticks a quarter."""
+    ticks_per_second = 960
+
+    def vlq(n: int) -> bytes:
+        out = [n & 0x7F]
+        while n > 0x7F:
+            n >>= 7
+            out.append((n & 0x7F) | 0x80)
+        return bytes(reversed(out))
+
+    track, last = b"", 0
+    for time_s, message in sorted(events, key=lambda e: e[0]):
+        tick = int(round(time_s * ticks_per_second))
+        track += vlq(tick - last) + message
+        last = tick
+    track += vlq(0) + b"\xff\x2f\x00"
+    return b"MThd" + struct.pack(">IHHH", 6, 0, 1, 480) + b"MTrk" + struct.pack(">I", len(track)) + track
+
+
+def _instrument_recordings(seed: int) -> Tuple[Dict[str, List[str]], Dict[str, np.ndarray]]:
+    """Render every family's phrases (one MIDI file, one fluidsynth run): (label -> recording ids,
+    recording id -> 16 kHz samples with silence trimmed)."""
+    slot = PHRASE_SECONDS + RELEASE_SECONDS
+    recordings, slots, events = {}, {}, []
+    melodic = [c for c in range(16) if c != DRUM_CHANNEL]
+    for f, (label, (_, programs, _)) in enumerate(INSTRUMENT_FAMILIES.items()):
+        phrases = INSTRUMENT_PHRASES * (8 if label == "drums" else 1)
+        recordings[label] = []
+        for program in programs:
+            for k in range(phrases):
+                rec = f"gm:{label}/program{program:03d}/phrase{k}"
+                start = len(slots) * slot
+                channel = DRUM_CHANNEL if label == "drums" else melodic[len(slots) % len(melodic)]
+                events.append((start, bytes([0xC0 | channel, program])))
+                for t, duration, pitches, velocity in _phrase(label, np.random.default_rng([seed, 5, f, program, k])):
+                    for pitch in pitches:
+                        events.append((start + t, bytes([0x90 | channel, pitch, velocity])))
+                        events.append((start + t + duration, bytes([0x80 | channel, pitch, 0])))
+                slots[rec] = len(slots)
+                recordings[label].append(rec)
+    with tempfile.TemporaryDirectory() as tmp:
+        midi, wav = os.path.join(tmp, "phrases.mid"), os.path.join(tmp, "phrases.wav")
+        with open(midi, "wb") as f:
+            f.write(_midi_file(events))
+        # no reverb or chorus: each phrase ends within its slot; -q -n -i: no banner, MIDI input or shell
+        subprocess.run(["fluidsynth", "-q", "-n", "-i", "-R", "0", "-C", "0", "-g", "0.5", "-r", str(SAMPLE_RATE),
+                        "-F", wav, soundfont(), midi], check=True, capture_output=True, timeout=600)
+        mono, rate = _audio.decode(wav)
+    samples = _audio.resample(torch.from_numpy(mono), rate, SAMPLE_RATE).numpy().astype(np.float64)
+    n = int(slot * SAMPLE_RATE)
+    waves = {rec: _trim_silence(samples[i * n: (i + 1) * n]) for rec, i in slots.items()}
+    return recordings, waves
+
+
 def _split_recordings(ids: Sequence[str], rng: np.random.Generator, test_fraction: float) -> Tuple[List[str], List[str]]:
     order = [ids[i] for i in rng.permutation(len(ids))]
     n_test = min(len(ids) - 1, max(1, int(round(test_fraction * len(ids)))))
@@ -232,12 +348,16 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
     """Write the benchmark (module docstring) under `out_dir/recordings` or `out_dir/synthesised`.
 
     source: "recordings" (the packaged recordings; an error when fewer than two classes have two
-    recordings), "synthetic" (the labelled synthesised fallback) or "auto" (recordings when
-    available, else the fallback). The same arguments and the same installed files give the same
+    recordings), "instruments" (GM instrument families rendered by fluidsynth; an error when
+    fluidsynth or a soundfont is missing), "synthetic" (the labelled synthesised fallback) or
+    "auto" (recordings when available, else the fallback). The same arguments and the same installed files give the same
     benchmark, byte for byte.
     """
-    if source not in ("auto", "recordings", "synthetic"):
-        raise ValueError(f"source must be 'auto', 'recordings' or 'synthetic', got {source!r}")
+    if source not in ("auto", "recordings", "instruments", "synthetic"):
+        raise ValueError(f"source must be 'auto', 'recordings', 'instruments' or 'synthetic', got {source!r}")
+    if source == "instruments" and not instruments_available():
+        raise ValueError(f"the instruments benchmark needs fluidsynth and a GM soundfont ({', '.join(SOUNDFONTS)}): "
+                         "apt-get install fluidsynth fluid-soundfont-gm")
     if not 1 <= min_events <= max_events:
         raise ValueError(f"need 1 <= min_events <= max_events, got {min_events}, {max_events}")
     if not 0.0 < test_fraction < 1.0:
@@ -250,12 +370,14 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
     if _audio.num_frames(n) == 0:
         raise ValueError(f"clip_seconds={clip_seconds} gives no fbank frame")
 
-    found = recorded_sources() if source != "synthetic" else {}
+    found = recorded_sources() if source in ("auto", "recordings") else {}
     usable = {label: recs for label, recs in found.items() if len(recs) >= 2}
     synthesised = source == "synthetic" or (source == "auto" and len(usable) < 2)
-    if not synthesised and len(usable) < 2:
+    if source == "recordings" and len(usable) < 2:
         raise ValueError(f"only {len(usable)} classes have two or more recordings installed; install {', '.join(PACKAGES)}")
-    if max_events > (len(SYNTHETIC_CLASSES) if synthesised else len(usable)):
+    n_classes = (len(SYNTHETIC_CLASSES) if synthesised else len(INSTRUMENT_FAMILIES) if source == "instruments"
+                 else len(usable))
+    if max_events > n_classes:
         raise ValueError(f"max_events={max_events} exceeds the number of classes")
 
     if synthesised:
@@ -265,6 +387,10 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
             for r in range(SYNTHETIC_RECORDINGS_PER_CLASS):
                 waves[f"synthetic:{label}/{r}"] = _synthetic_recording(label, np.random.default_rng([seed, 1, c, r]))
         recordings = {label: sorted(k for k in waves if k.startswith(f"synthetic:{label}/")) for label in names}
+        paths, dropped = {}, []
+    elif source == "instruments":
+        names = {label: entry[0] for label, entry in INSTRUMENT_FAMILIES.items()}
+        recordings, waves = _instrument_recordings(seed)
         paths, dropped = {}, []
     else:
         names = {label: RECORDED_CLASSES[label][0] for label in usable}
@@ -283,7 +409,7 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
             waves[rec] = _load_recording(paths[rec])
         return waves[rec]
 
-    root = os.path.join(os.path.abspath(out_dir), "synthesised" if synthesised else "recordings")
+    root = os.path.join(os.path.abspath(out_dir), "synthesised" if synthesised else source if source == "instruments" else "recordings")
     os.makedirs(root, exist_ok=True)
     descriptors = os.path.join(root, "label_descriptors.csv")
     with open(descriptors, "w", encoding="utf-8", newline="") as f:
@@ -345,7 +471,9 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
         "events_per_scene": [min_events, max_events],
         "gain_db": list(gain_db),
         "test_fraction": test_fraction,
-        "packages": {} if synthesised else {p: _package_dir(p) for p in PACKAGES},
+        "source": "synthetic" if synthesised else source if source == "instruments" else "recordings",
+        "packages": ({} if synthesised else {"fluidsynth": shutil.which("fluidsynth"), "soundfont": soundfont()}
+                     if source == "instruments" else {p: _package_dir(p) for p in PACKAGES}),
         "dropped_classes": dropped,
         "classes": [{"index": i, "label": label, "name": names[label],
                      "train_recordings": split_of[label][0], "test_recordings": split_of[label][1]} for i, label in enumerate(labels)],
