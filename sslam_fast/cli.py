@@ -105,6 +105,18 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for one .npy per input, or a .npz file for all")
     p.add_argument("--batch-size", type=int, default=8, help="1024-frame windows per forward")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    _precision_args(p)
+
+
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="how the model computes: auto = bf16 on a CPU with native bf16 (AVX512-BF16 / AMX), checked "
+                        "against fp32 on the first window, else fp32; int8 = dynamic int8 Linear layers (CPU)")
+    p.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _report_bad(bad) -> None:
@@ -116,7 +128,7 @@ def _extract_run(args: argparse.Namespace) -> int:
     from .released.tools import extract_files
 
     written, bad = extract_files(args.checkpoint, args.inputs, args.output, args.granularity, args.which,
-                                 args.batch_size, args.device)
+                                 args.batch_size, args.device, precision=args.precision, report=_say)
     _report_bad(bad)
     print(f"wrote features of {len(written)} files to {args.output}; {len(bad)} skipped")
     return 1 if bad else 0
@@ -129,6 +141,8 @@ def _tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument("--windows", action="store_true", help="also the top-k of each 10.24 s window with its time span")
+    _precision_args(p)
 
 
 def _tag_run(args: argparse.Namespace) -> int:
@@ -136,7 +150,8 @@ def _tag_run(args: argparse.Namespace) -> int:
 
     from .released.tools import tag_files
 
-    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device)
+    results, bad = tag_files(args.checkpoint, args.files, args.top_k, args.batch_size, args.device,
+                             precision=args.precision, windows=args.windows, report=_say)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -144,6 +159,9 @@ def _tag_run(args: argparse.Namespace) -> int:
             print(result["file"])
             for label in result["labels"]:
                 print(f"  {label['probability']:.3f}  {label['name']} ({label['mid'] or label['index']})")
+            for window in result.get("windows", []):
+                top = ", ".join(f"{label['name']} {label['probability']:.2f}" for label in window["labels"])
+                print(f"  {window['start_s']:8.2f} - {window['end_s']:8.2f} s: {top}")
     _report_bad(bad)
     return 1 if bad else 0
 

@@ -18,6 +18,7 @@ Windowing policy (the model sees 1024 frames, 10.24 s, as in training):
 
 A clip shorter than one 25 ms frame (400 samples) has no frame and is refused (``AudioError``).
 """
+import logging
 import math
 from typing import Dict, Tuple
 
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 
 from ..data.audio import SAMPLE_RATE, AudioError, kaldi_fbank, normalise, num_frames, subtract_mean
 from .encoder import AudioEncoder, load_encoder
+from .inference import for_inference
+
+logger = logging.getLogger(__name__)
 
 WINDOW_FRAMES = 1024
 FRAME_MS = 10.0
@@ -88,11 +92,16 @@ class HearModel(nn.Module):
         return pool_clips(self.encoder, tokens, audio.shape[0], frames), frames
 
 
-def load_model(model_file_path: str = "", which: str = "student", batch_size: int = 8) -> HearModel:
-    """HEAR ``load_model``: any checkpoint ``load_encoder`` reads."""
+def load_model(model_file_path: str = "", which: str = "student", batch_size: int = 8,
+               precision: str = "auto", device: str = "cpu") -> HearModel:
+    """HEAR ``load_model``: any checkpoint ``load_encoder`` reads, on the inference path of
+    ``precision`` (``released/inference.py``; ``"fp32"`` forces fp32). ``model.encoder.path`` says
+    which path runs it; it is also logged."""
     if not model_file_path:
         raise ValueError("load_model needs the path of a checkpoint (no weights are downloaded)")
-    return HearModel(load_encoder(model_file_path, which), batch_size).eval()
+    encoder = for_inference(load_encoder(model_file_path, which), device, precision)
+    logger.info(encoder.path.describe())
+    return HearModel(encoder, batch_size).eval()
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
