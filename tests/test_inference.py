@@ -180,3 +180,33 @@ def test_streamed_extract_and_tag_equal_whole_file(checkpoints, tmp_path, capsys
         assert [label["index"] for label in a["labels"]] == [label["index"] for label in b["labels"]]
         np.testing.assert_allclose([label["probability"] for label in a["labels"]],
                                    [label["probability"] for label in b["labels"]], atol=2e-4)
+
+
+@needs_recordings
+def test_linear_probe_features_take_the_path(tmp_path):
+    from sslam_fast.evaluation import compute_features
+    from sslam_fast.released.encoder import AudioEncoder
+
+    class Utterance(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = AudioEncoder(tiny_model().student)
+
+        def forward(self, fbank):
+            return self.encoder.extract_features(fbank, "utterance")
+
+    module = Utterance().train()
+    clips = torch.cat([fbank_windows(audio.load_audio(path))[0] for path in RECORDINGS])
+    fp32 = compute_features(module, clips, cache_path=str(tmp_path), precision="fp32", batch_size=2)
+    assert module.training and len(os.listdir(tmp_path)) == 1
+    with torch.no_grad():
+        assert torch.equal(fp32, module.eval()(clips))
+    module.train()
+    int8 = compute_features(module, clips, cache_path=str(tmp_path), precision="int8", batch_size=2)
+    assert len(os.listdir(tmp_path)) == 2, "another path, another cache entry"
+    assert not torch.equal(int8, fp32) and float(cosine_per_window(int8, fp32).min()) >= inference.COSINE_BOUND
+    assert all(p.dtype == torch.float32 for p in module.parameters()), "the module passed in is left as it is"
+    auto = compute_features(module, clips, precision="auto", batch_size=2)
+    assert torch.equal(auto, fp32) != inference.native_bf16()
+    with pytest.raises(ValueError, match="holds none"):
+        compute_features(torch.nn.Flatten(), clips, precision="bf16")

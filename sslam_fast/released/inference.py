@@ -167,16 +167,17 @@ def cosine_per_window(out: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
 class InferenceModel(nn.Module):
     """A model (``AudioEncoder``, a classifier, ...) run on an ``InferencePath``: fp32 fbank in,
     fp32 outputs out, whatever the path computes in. ``path`` says which path runs it (after a
-    fall back, fp32 and why). Attributes it does not have are the model's (``embed_dim``, ...)."""
+    fall back, fp32 and why). Attributes it does not have are the model's (``embed_dim``, ...).
+    The bf16 and int8 paths run a converted copy: the model passed in is left as it is."""
 
     def __init__(self, model: nn.Module, path: InferencePath):
         super().__init__()
         self.path = path
         self.reference = model if path.verify else None  # the fp32 model until the check is done
         if path.precision == "bf16":
-            model = encoders_to_bf16(copy.deepcopy(model) if path.verify else model)
+            model = encoders_to_bf16(copy.deepcopy(model))
         elif path.precision == "int8":
-            model = quantize_int8(model)
+            model = quantize_int8(copy.deepcopy(model))
         self.model = model.eval()
 
     def __getattr__(self, name):
@@ -210,5 +211,11 @@ class InferenceModel(nn.Module):
 
 
 def for_inference(model: nn.Module, device: str = "cpu", precision: str = "auto") -> InferenceModel:
-    """``model`` (fp32, eval mode) on ``device`` on the path ``choose_path(device, precision)``."""
-    return InferenceModel(model.to(device), choose_path(device, precision))
+    """``model`` (fp32, eval mode, holding an SSLAM ``Encoder``) on ``device`` on the path
+    ``choose_path(device, precision)``; "auto" keeps fp32 for a module without an ``Encoder``."""
+    path = choose_path(device, precision)
+    if path.precision != "fp32" and not any(isinstance(m, Encoder) for m in model.modules()):
+        if precision != "auto":
+            raise ValueError(f"precision {precision!r} converts SSLAM / EAT encoders; {type(model).__name__} holds none")
+        path = InferencePath("fp32", path.device, "no SSLAM / EAT encoder in the module")
+    return InferenceModel(model.to(device), path)
