@@ -42,7 +42,11 @@ def export_fairseq(src: str, out: str) -> None:
 def export_onnx(src: str, out: str, which: str = "student", opset: int = 17) -> None:
     """The encoder as ONNX: input ``fbank`` [batch, frames, 128] (frames a multiple of 16), output
     ``tokens`` [batch, 1 + frames / 16 * 8, D]; batch and frames are dynamic axes."""
-    encoder = load_encoder(src, which)  # on the CPU: the fused ops take their plain PyTorch paths
+    encoder_to_onnx(load_encoder(src, which), out, opset)  # on the CPU: the fused ops take their plain PyTorch paths
+
+
+def encoder_to_onnx(encoder, out: str, opset: int = 17) -> None:
+    """``export_onnx`` of a loaded ``AudioEncoder`` (its attention set to eager, which ONNX traces)."""
     for block in encoder.encoder.blocks:
         block.attn.mode = "eager"  # matmul + softmax, whatever attention the checkpoint's config names
     example = torch.zeros(2, 1024, encoder.config.num_mel_bins)
