@@ -128,6 +128,8 @@ class _Features:
 
 
 class _Result:
+    """A file's output (features, or window probabilities) and the fbank frames of the file."""
+
     def __init__(self, value, frames: int):
         self.value, self.frames = value, frames
 
