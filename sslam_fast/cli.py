@@ -231,6 +231,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run for CI (about a minute or two on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (benchmark, pretraining runs, results.json, demo.png)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="pretraining precision: bf16 = CPU bf16 autocast with fp32 masters (fast on CPUs with AVX512-BF16 / AMX)")
 
 
 def _demo_run(args: argparse.Namespace) -> int:
@@ -240,7 +242,7 @@ def _demo_run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        results = run_demo(args.out, quick=args.quick, seed=args.seed)
+        results = run_demo(args.out, quick=args.quick, seed=args.seed, precision=args.precision)
     except DemoError as e:
         print(f"sslam-fast demo: error: {e}", file=sys.stderr)
         return 1

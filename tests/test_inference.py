@@ -210,3 +210,18 @@ def test_linear_probe_features_take_the_path(tmp_path):
     assert torch.equal(auto, fp32) != inference.native_bf16()
     with pytest.raises(ValueError, match="holds none"):
         compute_features(torch.nn.Flatten(), clips, precision="bf16")
+
+
+def test_demo_pretrains_in_the_precision_asked(monkeypatch, tmp_path):
+    """`sslam-fast demo --precision bf16` hands train.precision=bf16 to the trainer (CPU bf16 autocast)."""
+    from sslam_fast import train
+    from sslam_fast.evaluation import demo
+
+    seen = []
+    monkeypatch.setattr(train, "main", lambda argv: seen.append(argv) or 1)
+    for precision in ("fp32", "bf16"):
+        with pytest.raises(RuntimeError, match="stopped with status 1"):
+            demo._pretrain(str(tmp_path), "m.tsv", demo.QUICK, (0.0, 1.0), 1, 2, 0, precision=precision)
+        assert f"train.precision={precision}" in seen[-1]
+    with pytest.raises(ValueError, match="precision"):
+        demo.run_demo(str(tmp_path), quick=True, precision="fp16")

@@ -64,7 +64,7 @@ PEAK_LR = 5e-4
 
 
 def _pretrain(run_dir: str, manifest: str, size: DemoSize, norm: tuple, stage: int, updates: int, seed: int,
-              init_from: str = "") -> Dict[str, Any]:
+              init_from: str = "", precision: str = "fp32") -> Dict[str, Any]:
     from .. import train
 
     model = dict(MODEL, stage=stage, clone_batch=4 if stage == 1 else 2, ema_anneal_end_step=updates,
@@ -73,7 +73,7 @@ def _pretrain(run_dir: str, manifest: str, size: DemoSize, norm: tuple, stage: i
         f"data.manifest={manifest}", f"data.target_length={size.target_length}", f"data.norm_mean={norm[0]}",
         f"data.norm_std={norm[1]}", "data.backend=torch", "data.num_workers=1",
         f"train.global_batch={BATCH}", f"train.max_micro_batch={BATCH}", f"train.max_steps={updates}",
-        "train.precision=fp32", f"train.seed={seed}", f"train.collapse_after={updates}",
+        f"train.precision={precision}", f"train.seed={seed}", f"train.collapse_after={updates}",
         f"optim.lr={PEAK_LR if stage == 1 else PEAK_LR / 10}", f"optim.warmup_steps={max(1, updates // 10)}",
         f"optim.cosine_steps={updates}",
         f"checkpoint.dir={run_dir}", f"checkpoint.every_steps={updates}", "checkpoint.keep_last=1",
@@ -177,7 +177,10 @@ def check_needs() -> None:
                         f"installed: pip install {' '.join(missing)} (both are dependencies of `pip install sslam-fast`)")
 
 
-def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> Dict[str, Any]:
+def run_demo(out_dir: str, quick: bool = False, seed: int = 0, precision: str = "fp32") -> Dict[str, Any]:
+    """The demo; ``precision`` "bf16" pretrains under CPU bf16 autocast (fp32 masters), fp32 otherwise."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     check_needs()
     size = QUICK if quick else FULL
     started = time.perf_counter()
@@ -198,11 +201,14 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> Dict[str, Any]
 
     half = size.updates // 2
     pretraining = {
-        "stage1": _pretrain(os.path.join(runs_dir, "stage1"), manifest, size, norm, 1, size.updates, seed + 1),
-        "sslam_stage1": _pretrain(os.path.join(runs_dir, "sslam_stage1"), manifest, size, norm, 1, half, seed + 1),
+        "stage1": _pretrain(os.path.join(runs_dir, "stage1"), manifest, size, norm, 1, size.updates, seed + 1,
+                            precision=precision),
+        "sslam_stage1": _pretrain(os.path.join(runs_dir, "sslam_stage1"), manifest, size, norm, 1, half, seed + 1,
+                                  precision=precision),
     }
     pretraining["sslam_stage2"] = _pretrain(os.path.join(runs_dir, "sslam_stage2"), manifest, size, norm, 2,
-                                            size.updates - half, seed + 1, init_from=pretraining["sslam_stage1"]["checkpoint"])
+                                            size.updates - half, seed + 1, init_from=pretraining["sslam_stage1"]["checkpoint"],
+                                            precision=precision)
     pretrained = time.perf_counter()
 
     from ..released.formats import load_pretrainer
@@ -236,7 +242,7 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> Dict[str, Any]
                       "clip_seconds": size.clip_seconds,
                       "clips": {split: len(clips) for split, (clips, _) in splits.items()},
                       "chance_mono_accuracy": 100.0 / len(bench.classes)},
-        "pretraining": {"clips_per_update": BATCH, "updates_per_run": size.updates, "model": MODEL,
+        "pretraining": {"clips_per_update": BATCH, "updates_per_run": size.updates, "model": MODEL, "precision": precision,
                         "norm_mean": norm[0], "norm_std": norm[1], "target_length": size.target_length,
                         **pretraining},
         "scores": scores,
