@@ -127,7 +127,8 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows (of the model's clip length) per forward")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     _norm_override_args(p)
-    p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
+    _precision_args(p)
+    _max_seconds_arg(p)
 
 
 def _norm_override_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +136,22 @@ def _norm_override_args(p: argparse.ArgumentParser) -> None:
                    help="override the fbank mean the checkpoint states (default: the checkpoint's; AudioSet's -4.268 for original checkpoints)")
     p.add_argument("--norm-std", type=float, default=None,
                    help="override the fbank std the checkpoint states (default: the checkpoint's; AudioSet's 4.569 for original checkpoints)")
+
+
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="how the model computes: auto = bf16 on a CPU with native bf16 (AVX512-BF16 / AMX), checked "
+                        "against fp32 on the first window, else fp32; int8 = dynamic int8 Linear layers (CPU)")
+    p.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
+
+
+def _max_seconds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-seconds", type=float, default=86400.0,
+                   help="longer files are refused (default 86400, a day; files over 60 s are streamed in bounded memory)")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _report_bad(bad) -> None:
@@ -148,8 +165,8 @@ def _extract_run(args: argparse.Namespace) -> int:
 
     encoder = load_encoder(args.checkpoint, args.which, args.norm_mean, args.norm_std)
     print(f"{encoder.found}; {encoder.input.describe()}", file=sys.stderr)
-    written, bad = extract_files(encoder, args.inputs, args.output, args.granularity, args.which,
-                                 args.batch_size, args.device, max_seconds=args.max_seconds)
+    written, bad = extract_files(encoder, args.inputs, args.output, args.granularity, args.which, args.batch_size,
+                                 args.device, precision=args.precision, report=_say, max_seconds=args.max_seconds)
     _report_bad(bad)
     print(f"wrote features of {len(written)} files to {args.output}; {len(bad)} skipped")
     return 1 if bad else 0
@@ -163,8 +180,10 @@ def _tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument("--windows", action="store_true", help="also the top-k of each window (10.24 s for the released models) with its time span")
     _norm_override_args(p)
-    p.add_argument("--max-seconds", type=float, default=600.0, help="longer files are refused (default 600)")
+    _precision_args(p)
+    _max_seconds_arg(p)
 
 
 def _tag_run(args: argparse.Namespace) -> int:
@@ -175,7 +194,8 @@ def _tag_run(args: argparse.Namespace) -> int:
 
     classifier = load_classifier(args.checkpoint, args.norm_mean, args.norm_std)
     print(f"{classifier.encoder.found}; {classifier.input.describe()}", file=sys.stderr)
-    results, bad = tag_files(classifier, args.files, args.top_k, args.batch_size, args.device, max_seconds=args.max_seconds)
+    results, bad = tag_files(classifier, args.files, args.top_k, args.batch_size, args.device, precision=args.precision,
+                             windows=args.windows, report=_say, max_seconds=args.max_seconds)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -183,6 +203,9 @@ def _tag_run(args: argparse.Namespace) -> int:
             print(result["file"])
             for label in result["labels"]:
                 print(f"  {label['probability']:.3f}  {label['name']} ({label['mid'] or label['index']})")
+            for window in result.get("windows", []):
+                top = ", ".join(f"{label['name']} {label['probability']:.2f}" for label in window["labels"])
+                print(f"  {window['start_s']:8.2f} - {window['end_s']:8.2f} s: {top}")
     _report_bad(bad)
     return 1 if bad else 0
 
@@ -253,6 +276,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run for CI (about a minute or two on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (benchmark, pretraining runs, results.json, demo.png)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="pretraining precision: bf16 = CPU bf16 autocast with fp32 masters (fast on CPUs with AVX512-BF16 / AMX)")
 
 
 def _demo_run(args: argparse.Namespace) -> int:
@@ -262,7 +287,7 @@ def _demo_run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        results = run_demo(args.out, quick=args.quick, seed=args.seed)
+        results = run_demo(args.out, quick=args.quick, seed=args.seed, precision=args.precision)
     except DemoError as e:
         print(f"sslam-fast demo: error: {e}", file=sys.stderr)
         return 1

@@ -62,9 +62,9 @@ def extracted(tmp_path_factory, files, checkpoints):
     for granularity in ("utterance", "frame", "all"):
         target = out / granularity
         rc = cli.main(["extract", "--checkpoint", checkpoints["pretrain"], *files["good"], *files["bad"],
-                       "--granularity", granularity, "-o", str(target), "--batch-size", "3"])
+                       "--granularity", granularity, "-o", str(target), "--batch-size", "3", "--fp32"])
         results[granularity] = (rc, target)
-    rc = cli.main(["extract", "--checkpoint", checkpoints["pretrain"], *files["good"], "-o", str(out / "all.npz")])
+    rc = cli.main(["extract", "--checkpoint", checkpoints["pretrain"], *files["good"], "-o", str(out / "all.npz"), "--fp32"])
     results["npz"] = (rc, out / "all.npz")
     return results
 
@@ -77,7 +77,8 @@ def test_extract_shapes_and_bad_files(extracted, files, capsys):
     for granularity in ("utterance", "frame", "all"):
         rc, target = extracted[granularity]
         assert rc == 1, "bad files make the exit status non-zero"
-        assert sorted(os.listdir(target)) == sorted(stem(f) + ".npy" for f in files["good"])
+        suffixes = (".npy", ".ms.npy") if granularity == "frame" else (".npy",)
+        assert sorted(os.listdir(target)) == sorted(stem(f) + s for f in files["good"] for s in suffixes)
         for path in files["good"]:
             array = np.load(target / (stem(path) + ".npy"))
             n = frames_of(path)
@@ -99,7 +100,7 @@ def test_bad_files_are_named_on_stderr(files, checkpoints, tmp_path, capsys):
 
 
 def test_extract_agrees_with_hear(extracted, files, checkpoints):
-    model = hear.load_model(checkpoints["pretrain"])
+    model = hear.load_model(checkpoints["pretrain"], precision="fp32")
     archive = np.load(extracted["npz"][1])
     assert sorted(archive.files) == sorted(files["good"])
     for path in files["good"]:
@@ -107,6 +108,7 @@ def test_extract_agrees_with_hear(extracted, files, checkpoints):
         emb, stamps = hear.get_timestamp_embeddings(wave, model)
         scene = hear.get_scene_embeddings(wave, model)
         frame = np.load(extracted["frame"][1] / (stem(path) + ".npy"))
+        np.testing.assert_array_equal(np.load(extracted["frame"][1] / (stem(path) + ".ms.npy")), stamps[0].numpy())
         utterance = np.load(extracted["utterance"][1] / (stem(path) + ".npy"))
         np.testing.assert_allclose(emb[0].numpy(), frame.mean(axis=1), atol=1e-5, rtol=0)
         np.testing.assert_allclose(scene[0].numpy(), utterance, atol=1e-5, rtol=0)
@@ -136,7 +138,7 @@ def test_window_policy(checkpoints):
 
 
 def test_hear_api_batch_equals_single_clips(checkpoints):
-    model = hear.load_model(checkpoints["pretrain"])
+    model = hear.load_model(checkpoints["pretrain"], precision="fp32")
     assert model.sample_rate == 16000 and model.scene_embedding_size == model.timestamp_embedding_size == 32
     a = audio.load_audio(LONG)[:20000]
     b = audio.load_audio(STEREO)[:20000]
@@ -155,7 +157,7 @@ def test_hear_api_batch_equals_single_clips(checkpoints):
 
 
 def test_tag_real_recording(checkpoints, capsys, tmp_path):
-    assert cli.main(["tag", "--checkpoint", checkpoints["finetuned"], STEREO, LONG, "--json", "--top-k", "5"]) == 0
+    assert cli.main(["tag", "--checkpoint", checkpoints["finetuned"], STEREO, LONG, "--json", "--top-k", "5", "--fp32"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["file"] for r in results] == [STEREO, LONG]
     classes = audioset_classes()

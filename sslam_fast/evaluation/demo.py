@@ -96,7 +96,7 @@ DIFFERENCES = (("stage 1 (EAT)", "random init"), ("stage 1 + 2 (SSLAM)", "random
 
 
 def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm: tuple, stage: int, lr: float,
-              seed: int, init_from: str = "") -> Dict[str, Any]:
+              seed: int, init_from: str = "", precision: str = "fp32") -> Dict[str, Any]:
     from .. import train
 
     updates = size.updates
@@ -106,7 +106,7 @@ def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm:
         f"data.manifest={manifest}", f"data.target_length={size.target_length}", f"data.norm_mean={norm[0]}",
         f"data.norm_std={norm[1]}", "data.backend=torch", "data.num_workers=1",
         f"train.global_batch={recipe.batch}", f"train.max_micro_batch={recipe.batch}", f"train.max_steps={updates}",
-        "train.precision=fp32", f"train.seed={seed}", f"train.collapse_after={updates}",
+        f"train.precision={precision}", f"train.seed={seed}", f"train.collapse_after={updates}",
         f"optim.lr={lr}", f"optim.warmup_steps={max(1, int(updates * recipe.warmup_fraction))}",
         f"optim.cosine_steps={updates}",
         f"checkpoint.dir={run_dir}", f"checkpoint.every_steps={updates}", "checkpoint.keep_last=1",
@@ -308,10 +308,13 @@ def _probe_scores(features: Dict[str, torch.Tensor], splits, num_classes: int, s
 
 
 def run_demo(out_dir: str, quick: bool = False, seed: int = 0, size: Optional[DemoSize] = None,
-             recipe: Recipe = RECIPE, source: str = "") -> Dict[str, Any]:
+             recipe: Recipe = RECIPE, source: str = "", precision: str = "fp32") -> Dict[str, Any]:
     """The demo (module docstring) at `size` (FULL, or QUICK with `quick`) with `recipe`; seeds
     seed, seed + 1, ...; `source` picks the benchmark (default: instruments when fluidsynth and a
-    soundfont are installed, else "auto"). Returns what results.json holds."""
+    soundfont are installed, else "auto"); `precision` "bf16" pretrains under CPU bf16 autocast
+    (fp32 masters), fp32 otherwise. Returns what results.json holds."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     check_needs()
     size = size or (QUICK if quick else FULL)
     source = source or ("instruments" if instruments_available() else "auto")
@@ -340,7 +343,8 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, size: Optional[De
     predictions = {task: {name: [] for name in MODELS} for task in TASKS}
     for s in seeds:
         def run(name: str, stage: int, lr: float, init_from: str = "") -> Dict[str, Any]:
-            return _pretrain(os.path.join(runs_dir, f"seed{s}", name), manifest, size, recipe, norm, stage, lr, s, init_from)
+            return _pretrain(os.path.join(runs_dir, f"seed{s}", name), manifest, size, recipe, norm, stage, lr, s, init_from,
+                             precision)
 
         start = run("start", 1, recipe.peak_lr)
         seed_runs = {"start": start, "stage1": run("stage1", 1, recipe.peak_lr / 10, start["checkpoint"]),
@@ -399,7 +403,7 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, size: Optional[De
                    # a random ranking's expected AP is the class's share of positive clips
                    "poly_mAP": float(100 * poly_test.mean(0)[poly_test.sum(0) > 0].mean())},
         "recipe": asdict(recipe),
-        "pretraining": {"clips_per_update": recipe.batch, "updates_per_run": size.updates, "norm_mean": norm[0],
+        "pretraining": {"clips_per_update": recipe.batch, "updates_per_run": size.updates, "precision": precision, "norm_mean": norm[0],
                         "norm_std": norm[1], "target_length": size.target_length, "runs": runs},
         "scores": scores,
         "differences": differences,

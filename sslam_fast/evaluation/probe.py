@@ -69,7 +69,7 @@ def _inputs_key(batches: List[torch.Tensor], checkpoint_id: str) -> str:
 
 def compute_features(encoder_fn: Callable[[torch.Tensor], torch.Tensor], inputs: Union[torch.Tensor, np.ndarray, Iterable],
                      cache_path: Optional[str] = None, checkpoint_id: Optional[str] = None, input_key: str = "fbank",
-                     batch_size: int = 64) -> torch.Tensor:
+                     batch_size: int = 64, precision: str = "auto") -> torch.Tensor:
     """encoder_fn over all inputs -> float32 features [clips, dim] on the CPU.
 
     inputs: a tensor/array of clips [clips, ...] (run `batch_size` at a time), or a finite iterable
@@ -82,16 +82,33 @@ def compute_features(encoder_fn: Callable[[torch.Tensor], torch.Tensor], inputs:
     and loaded instead of running the encoder when that file exists. checkpoint_id names the
     encoder weights (a checkpoint path and step, say); for a torch module it defaults to
     `module_id(module)`.
+
+    precision: the inference path (``sslam_fast.released.inference``) of an encoder_fn that is a
+    torch module holding an SSLAM / EAT encoder: "auto" runs it in bf16 on a CPU with native bf16
+    (checked against fp32 on the first clip), "fp32" as it is. A plain callable runs as it is.
+    The path is logged and enters the cache key.
     """
     batches = _batches(inputs, input_key, batch_size)
     if not batches:
         raise ValueError("no inputs")
+    module = encoder_fn if isinstance(encoder_fn, torch.nn.Module) else None
+    run = encoder_fn
+    if module is not None:
+        from ..released.inference import for_inference
+
+        parameter = next(module.parameters(), None)
+        was_training = module.training
+        run = for_inference(module, parameter.device if parameter is not None else "cpu", precision)
+        module.train(was_training)
+        logger.info(run.path.describe())
+        if checkpoint_id is None and cache_path is not None:
+            checkpoint_id = module_id(module)
+        if checkpoint_id is not None and run.path.precision != "fp32":
+            checkpoint_id = f"{checkpoint_id}|{run.path.precision}"
     cache_file = None
     if cache_path is not None:
         if checkpoint_id is None:
-            if not isinstance(encoder_fn, torch.nn.Module):
-                raise ValueError("checkpoint_id is needed to cache the features of an encoder_fn that is not a torch module")
-            checkpoint_id = module_id(encoder_fn)
+            raise ValueError("checkpoint_id is needed to cache the features of an encoder_fn that is not a torch module")
         cache_file = os.path.join(cache_path, f"features-{_inputs_key(batches, checkpoint_id)[:32]}.pt")
         if os.path.isfile(cache_file):
             try:
@@ -107,15 +124,15 @@ def compute_features(encoder_fn: Callable[[torch.Tensor], torch.Tensor], inputs:
                     return cached
                 found = f"{cached.dtype} {tuple(cached.shape)}" if torch.is_tensor(cached) else type(cached).__name__
                 logger.warning("%s holds %s, not float32 features [%d, dim]; computing the features again", cache_file, found, clips)
-    was_training = encoder_fn.training if isinstance(encoder_fn, torch.nn.Module) else None
+    was_training = module is not None and module.training
     if was_training:
-        encoder_fn.eval()
+        module.eval()
     try:
         with torch.inference_mode():
-            outputs = [encoder_fn(batch) for batch in batches]
+            outputs = [run(batch) for batch in batches]
     finally:
         if was_training:
-            encoder_fn.train()
+            module.train()
     for batch, out in zip(batches, outputs):
         if out.ndim != 2 or out.shape[0] != batch.shape[0]:
             raise ValueError(f"encoder_fn must map a batch of {batch.shape[0]} to [{batch.shape[0]}, dim], gave {tuple(out.shape)}")

@@ -55,9 +55,14 @@ def export_onnx(src: str, out: str, which: str = "student", opset: int = 17, nor
     """The encoder as ONNX: input ``fbank`` [batch, frames, 128] (frames a multiple of 16), normalised
     as the metadata says, output ``tokens`` [batch, 1 + frames / 16 * 8, D]; batch and frames are
     dynamic axes."""
+    encoder_to_onnx(load_encoder(src, which, norm_mean, norm_std), out, opset)  # on the CPU: the fused ops take their plain PyTorch paths
+
+
+def encoder_to_onnx(encoder, out: str, opset: int = 17) -> None:
+    """``export_onnx`` of a loaded ``AudioEncoder`` (its attention set to eager, which ONNX traces);
+    the model's normalisation goes into the file's metadata."""
     import onnx
 
-    encoder = load_encoder(src, which, norm_mean, norm_std)  # on the CPU: the fused ops take their plain PyTorch paths
     for block in encoder.encoder.blocks:
         block.attn.mode = "eager"  # matmul + softmax, whatever attention the checkpoint's config names
     example = torch.zeros(2, encoder.input.target_length, encoder.config.num_mel_bins)

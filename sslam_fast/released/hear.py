@@ -26,6 +26,7 @@ frames: 1024, 10.24 s, for the released models), normalised with the checkpoint'
 
 A clip shorter than one 25 ms frame (400 samples) has no frame and is refused (``AudioError``).
 """
+import logging
 import math
 from typing import Dict, Optional, Tuple
 
@@ -36,6 +37,9 @@ import torch.nn.functional as F
 from ..data.audio import MAX_SECONDS, SAMPLE_RATE, AudioError, kaldi_fbank, normalise, num_frames, subtract_mean
 from .encoder import AudioEncoder, load_encoder
 from .formats import InputSettings
+from .inference import for_inference
+
+logger = logging.getLogger(__name__)
 
 FRAME_MS = 10.0
 
@@ -141,13 +145,18 @@ class HearModel(nn.Module):
 
 
 def load_model(model_file_path: str = "", which: str = "student", batch_size: int = 8,
-               norm_mean: Optional[float] = None, norm_std: Optional[float] = None, hop_ms: float = 160.0) -> HearModel:
+               norm_mean: Optional[float] = None, norm_std: Optional[float] = None, hop_ms: float = 160.0,
+               precision: str = "auto", device: str = "cpu") -> HearModel:
     """HEAR ``load_model``: any checkpoint ``load_encoder`` reads, fed with the normalisation it
     states (``norm_mean`` / ``norm_std`` override it); timestamp embeddings every ``hop_ms``
-    (160: one encoder pass, the patch rows; 10, 20, 40 or 80: 160 / hop_ms passes)."""
+    (160: one encoder pass, the patch rows; 10, 20, 40 or 80: 160 / hop_ms passes); on the
+    inference path of ``precision`` (``released/inference.py``; ``"fp32"`` forces fp32).
+    ``model.encoder.path`` says which path runs it; it is also logged."""
     if not model_file_path:
         raise ValueError("load_model needs the path of a checkpoint (no weights are downloaded)")
-    return HearModel(load_encoder(model_file_path, which, norm_mean, norm_std), batch_size, hop_ms).eval()
+    encoder = for_inference(load_encoder(model_file_path, which, norm_mean, norm_std), device, precision)
+    logger.info(encoder.path.describe())
+    return HearModel(encoder, batch_size, hop_ms).eval()
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
