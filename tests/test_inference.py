@@ -20,7 +20,8 @@ from sslam_fast.data import audio
 from sslam_fast.released import inference
 from sslam_fast.released.hear import fbank_windows
 from sslam_fast.released.inference import CpuInfo, choose_path, cosine_per_window, read_cpu_info
-from sslam_fast.released.stream import WINDOW_HOP, stream_windows
+from sslam_fast.released.formats import InputSettings
+from sslam_fast.released.stream import HOP, stream_windows
 from sslam_fast.released.tools import extract_files, tag_files
 
 from helpers import tiny_model
@@ -146,12 +147,13 @@ def test_stream_equals_whole_file(tmp_path):
     noise = tmp_path / "noise44k.flac"  # 25 s at 44.1 kHz, stereo: three windows, resampled block by block
     sf.write(noise, (0.1 * rng.standard_normal((44100 * 25 + 123, 2))).astype(np.float32), 44100)
     edge = tmp_path / "edge.wav"  # two full windows and 239 samples: no third window
-    sf.write(edge, (0.1 * rng.standard_normal(2 * WINDOW_HOP + 239)).astype(np.float32), 16000)
-    for path in [*RECORDINGS, str(noise), str(edge)]:
-        whole, frames = fbank_windows(audio.load_audio(path))
+    sf.write(edge, (0.1 * rng.standard_normal(2 * 1024 * HOP + 239)).astype(np.float32), 16000)
+    own = InputSettings(norm_mean=-6.5, norm_std=3.2, target_length=512)  # a checkpoint's own statistics and clip length
+    for path, input in [*((p, InputSettings()) for p in [*RECORDINGS, str(noise), str(edge)]), (str(noise), own)]:
+        whole, frames = fbank_windows(audio.load_audio(path), input)
         for block_seconds in (0.7, 20.0):
-            pieces = list(stream_windows(path, block_seconds))
-            assert max(p.shape[0] for p, _ in pieces) <= max(1, round(block_seconds * 16000 / WINDOW_HOP))
+            pieces = list(stream_windows(path, block_seconds, input))
+            assert max(p.shape[0] for p, _ in pieces) <= max(1, round(block_seconds * 16000 / (input.target_length * HOP)))
             streamed = torch.cat([p for p, _ in pieces])
             assert streamed.shape == whole.shape and sum(n for _, n in pieces) == frames, path
             # only rounding differs: the whole-file path subtracts the clip's mean first (see stream.py)
@@ -221,7 +223,7 @@ def test_demo_pretrains_in_the_precision_asked(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "main", lambda argv: seen.append(argv) or 1)
     for precision in ("fp32", "bf16"):
         with pytest.raises(RuntimeError, match="stopped with status 1"):
-            demo._pretrain(str(tmp_path), "m.tsv", demo.QUICK, (0.0, 1.0), 1, 2, 0, precision=precision)
+            demo._pretrain(str(tmp_path), "m.tsv", demo.QUICK, demo.RECIPE, (0.0, 1.0), 1, 1e-3, 0, precision=precision)
         assert f"train.precision={precision}" in seen[-1]
     with pytest.raises(ValueError, match="precision"):
         demo.run_demo(str(tmp_path), quick=True, precision="fp16")

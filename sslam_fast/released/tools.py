@@ -102,7 +102,7 @@ def _run(model, input: InputSettings, files: List[str], device: str, batch_size:
             yield from ((p, reduce(pieces)) for p, pieces in _encode_group(model, group, batch_size))
             group, count, began = [], 0, time.perf_counter()
             try:
-                result = reduce(_streamed(model, path, device, batch_size))
+                result = reduce(_streamed(model, input, path, device, batch_size))
             except AudioError as err:
                 bad.append((path, err.reason))
                 continue
