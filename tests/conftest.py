@@ -18,6 +18,10 @@ if not _has_cuda:
 # sslam_kernels is this tree's kernels/sslam_kernels/, also where an editable install of another
 # checkout (a second worktree, say) would provide its own.
 _KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "sslam_kernels")
+# Child processes (the CLI and launch tests, and loader workers started from a fork server once
+# DALI is loaded) import this tree's packages too, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [os.path.dirname(os.path.dirname(_KERNELS)), os.path.dirname(_KERNELS), os.environ.get("PYTHONPATH")]))
 if "sslam_kernels" not in sys.modules:
     _spec = importlib.util.spec_from_file_location("sslam_kernels", os.path.join(_KERNELS, "__init__.py"),
                                                    submodule_search_locations=[_KERNELS])

@@ -149,11 +149,11 @@ def test_features_use_the_checkpoint_normalisation(runs, forms, tmp_path, capsys
     path = tmp_path / "clip.wav"
     sf.write(path, wave.numpy(), 16000, subtype="FLOAT")
     for name in ("step directory", "hf folder", "fairseq"):
-        assert cli.main(["extract", "--checkpoint", forms[name], "-o", str(tmp_path / "f.npz"), str(path)]) == 0
+        assert cli.main(["extract", "--fp32", "--checkpoint", forms[name], "-o", str(tmp_path / "f.npz"), str(path)]) == 0
         assert f"mean {MEAN:.4g} std {STD:.4g}" in capsys.readouterr().err
         got = np.load(tmp_path / "f.npz")[str(path)]
         np.testing.assert_allclose(got, want[0, 0].numpy(), atol=1e-5, err_msg=name)
-    scene = hear.get_scene_embeddings(wave[None], hear.load_model(forms["safetensors"]))
+    scene = hear.get_scene_embeddings(wave[None], hear.load_model(forms["safetensors"], precision="fp32"))
     torch.testing.assert_close(scene, want[:, 0], atol=1e-5, rtol=1e-5)
 
     assert cli.main(["export", forms["step directory"], "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
@@ -166,7 +166,7 @@ def test_features_use_the_checkpoint_normalisation(runs, forms, tmp_path, capsys
     audioset = own_input(wave, -4.268, 4.569)
     with torch.no_grad():
         want_override = load_pretrainer(forms["step directory"]).student(audioset)
-    assert cli.main(["extract", "--checkpoint", forms["step directory"], "--norm-mean", "-4.268", "--norm-std", "4.569",
+    assert cli.main(["extract", "--fp32", "--checkpoint", forms["step directory"], "--norm-mean", "-4.268", "--norm-std", "4.569",
                      "-o", str(tmp_path / "o.npz"), str(path)]) == 0
     assert "overriding" in capsys.readouterr().err
     got = np.load(tmp_path / "o.npz")[str(path)]
