@@ -461,6 +461,19 @@ def test_mixup_and_loss_normaliser_span_the_global_batch(toy_multilabel, tmp_pat
     assert [line["loss"] for line in logged[4]] == pytest.approx([line["loss"] for line in logged[8]], rel=1e-5)
 
 
+def test_init_checkpoint_with_other_statistics_is_warned_about(toy, pretrained, tmp_path, monkeypatch, caplog):
+    """The init checkpoint states AudioSet's statistics; a run normalising otherwise says so, once."""
+    def warnings_of(run_dir, *extra):
+        caplog.clear()
+        assert run_in_process(monkeypatch, toy, str(tmp_path / run_dir), f"model.init_from={pretrained}",
+                              "train.max_steps=1", "checkpoint.every_steps=100", *extra) == 0
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "pretrained on fbanks" in r.getMessage()]
+
+    assert warnings_of("same") == []
+    (message,) = warnings_of("other", "data.norm_mean=-6.5", "data.norm_std=3.25")
+    assert "mean -4.268 std 4.569" in message and "data.norm_mean=-6.5 data.norm_std=3.25" in message
+
+
 def test_linear_evaluation_trains_only_the_head(toy, pretrained, tmp_path, monkeypatch):
     run_dir = str(tmp_path)
     assert run_in_process(monkeypatch, toy, run_dir, "train.max_steps=3", "model.freeze_encoder=true",

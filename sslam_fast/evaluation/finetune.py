@@ -318,13 +318,19 @@ class Classifier(nn.Module):
 
 
 def build_classifier(cfg: FinetuneModelSection, num_classes: int) -> Classifier:
+    """The classifier; ``.input_settings`` is the init checkpoint's input normalisation (None
+    without ``init_from``)."""
+    input_settings = None
     if cfg.init_from:
         from ..released.formats import load_pretrainer
 
-        encoder = load_pretrainer(cfg.init_from, **cfg.encoder).student
+        pretrainer = load_pretrainer(cfg.init_from, **cfg.encoder)
+        encoder, input_settings = pretrainer.student, pretrainer.input_settings
     else:
         encoder = Encoder(from_dict(SSLAMConfig, dict(cfg.encoder), where="model.encoder"))
-    return Classifier(encoder, num_classes, cfg.drop_path, cfg.head_norm_eps, cfg.freeze_encoder)
+    classifier = Classifier(encoder, num_classes, cfg.drop_path, cfg.head_norm_eps, cfg.freeze_encoder)
+    classifier.input_settings = input_settings
+    return classifier
 
 
 def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float,
@@ -615,6 +621,11 @@ class FinetuneTrainer:
 
         torch.manual_seed(t.seed)  # the same head on every rank
         self.classifier = build_classifier(cfg.model, self.num_classes).to(device)
+        given = self.classifier.input_settings
+        if self.is_main and given is not None and (given.norm_mean, given.norm_std) != (d.norm_mean, d.norm_std):
+            logger.warning("%s was pretrained on fbanks normalised with mean %.4g std %.4g (%s); this run uses "
+                           "data.norm_mean=%.4g data.norm_std=%.4g", cfg.model.init_from, given.norm_mean,
+                           given.norm_std, given.origin, d.norm_mean, d.norm_std)
         self.module = _Engine(self.classifier, self.loss, d.task, cfg.augment.label_smoothing,
                               torch.bfloat16 if t.precision == "bf16" else None)
         o = cfg.optim
