@@ -4,7 +4,7 @@ import enum
 
 import torch
 
-from helpers import save_with_classes_of
+from helpers import save_with_classes_of, tiny_model
 from sslam_fast.model import sincos_table
 
 ENC = "modality_encoders.IMAGE."
@@ -107,3 +107,12 @@ def reference_logits(model, head, fbank, pooling="cls", eps=1e-6):
     if "fc_norm.weight" in head:
         x = torch.nn.functional.layer_norm(x, x.shape[-1:], head["fc_norm.weight"], head["fc_norm.bias"], eps)
     return x @ head["head.weight"].T + head["head.bias"]
+
+
+def write_original_checkpoints(folder) -> dict:
+    """A tiny model's original pretraining checkpoint and its original fine-tuned one (527-class
+    head) in ``folder``: {"pretrain": path, "finetuned": path}."""
+    model = tiny_model().eval()
+    torch.save(original_pretraining(model), folder / "pretrain.pt")
+    save_with_original_enum(original_finetuned(model, tiny_head(model)), folder / "finetuned.pt")
+    return {"pretrain": str(folder / "pretrain.pt"), "finetuned": str(folder / "finetuned.pt")}

@@ -482,9 +482,8 @@ def _cli_process(*argv, cwd, timeout: float):
     import subprocess
     import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.path.join(repo, "kernels"), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "sslam_fast.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # conftest puts this checkout on PYTHONPATH for child processes
+    return subprocess.run([sys.executable, "-m", "sslam_fast.cli", *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_process_prints_one_line_and_exits_1(tmp_path):

@@ -58,8 +58,3 @@ def test_rng_state_round_trip():
     ck.restore_rng_state(state, g)
     b = (torch.rand(3, generator=g), torch.rand(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-def test_train_checkpoint_file_accepts_a_directory(tmp_path):
-    assert ck.train_checkpoint_file(str(tmp_path)) == os.path.join(str(tmp_path), "train.pt")
-    assert ck.train_checkpoint_file("x/train.pt") == "x/train.pt"

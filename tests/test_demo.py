@@ -14,9 +14,7 @@ from sslam_fast.evaluation import benchmark, demo
 from sslam_fast.evaluation.benchmark import INSTRUMENT_FAMILIES, build_benchmark, instruments_available
 from sslam_fast.evaluation.intervals import Interval, bootstrap_replicates, interval
 
-from test_train import REPO, python_path
-
-ENV = dict(os.environ, PYTHONPATH=python_path())
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 SCORED = {"log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)"}
@@ -25,7 +23,7 @@ SCORED = {"log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLA
 def _quick_demo(out):
     # `python -m sslam_fast.cli` is the `sslam-fast` entry point, run from this checkout
     done = subprocess.run([sys.executable, "-m", "sslam_fast.cli", "demo", "--quick", "--seed", "3", "--out", str(out)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, json.load(open(out / "results.json"))
 
@@ -167,7 +165,7 @@ def test_demo_says_what_to_install_before_any_work(tmp_path):
         "sys.meta_path.insert(0, Hide())\n"
         "from sslam_fast.cli import main\n"
         f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'demo')!r}]))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip() == ("sslam-fast demo: error: the demo needs matplotlib, which is not installed: "
                                    "pip install matplotlib (both are dependencies of `pip install sslam-fast`)")

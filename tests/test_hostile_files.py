@@ -244,9 +244,7 @@ LOADERS = {"safe_load": safe_load, "load_pretrainer": load_pretrainer, "load_enc
 
 
 def in_child(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_numpy_dtype_flags_payload_is_refused_without_a_crash(run, tmp_path):

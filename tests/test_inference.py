@@ -25,7 +25,7 @@ from sslam_fast.released.stream import HOP, stream_windows
 from sslam_fast.released.tools import extract_files, tag_files
 
 from helpers import tiny_model
-from released_builders import original_finetuned, original_pretraining, save_with_original_enum, tiny_head
+from released_builders import write_original_checkpoints
 
 STEREO = "/usr/share/sounds/freedesktop/stereo/phone-incoming-call.oga"  # 44.1 kHz stereo, 1.46 s
 SHORT = "/usr/share/sounds/freedesktop/stereo/bell.oga"  # 0.14 s
@@ -69,11 +69,7 @@ def test_path_selection(monkeypatch):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    model = tiny_model().eval()
-    torch.save(original_pretraining(model), d / "pretrain.pt")
-    save_with_original_enum(original_finetuned(model, tiny_head(model)), d / "finetuned.pt")
-    return {"pretrain": str(d / "pretrain.pt"), "finetuned": str(d / "finetuned.pt")}
+    return write_original_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_cli_says_which_path(checkpoints, tmp_path, capsys):

@@ -86,9 +86,7 @@ def test_readme_journey_from_own_audio_to_tagger_features_onnx_and_hear(tmp_path
             shutil.copy(path, tmp_path / "my_audio" / f"{label}_{os.path.basename(path)}")
     for name in ("configs", "sslam_fast"):
         os.symlink(os.path.join(REPO, name), tmp_path / name)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.path.join(REPO, "kernels"),
-                                                                    os.environ.get("PYTHONPATH")])))
-    done = run_script(as_script(blocks), tmp_path, env)
+    done = run_script(as_script(blocks), tmp_path, dict(os.environ))  # conftest put this checkout on PYTHONPATH
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
 
     clean = open(tmp_path / "my_audio.clean.tsv").read().splitlines()[1:]

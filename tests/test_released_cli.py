@@ -23,8 +23,7 @@ from sslam_fast.data import audio
 from sslam_fast.released.classes import audioset_classes
 from sslam_fast.released.hear import fbank_windows
 
-from helpers import tiny_model
-from released_builders import original_finetuned, original_pretraining, save_with_original_enum, tiny_head
+from released_builders import write_original_checkpoints
 
 STEREO = "/usr/share/sounds/freedesktop/stereo/phone-incoming-call.oga"
 SHORT = "/usr/share/sounds/freedesktop/stereo/bell.oga"
@@ -45,11 +44,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    model = tiny_model().eval()
-    torch.save(original_pretraining(model), d / "pretrain.pt")
-    save_with_original_enum(original_finetuned(model, tiny_head(model)), d / "finetuned.pt")
-    return {"pretrain": str(d / "pretrain.pt"), "finetuned": str(d / "finetuned.pt")}
+    return write_original_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 def frames_of(path):

@@ -282,14 +282,12 @@ def _versions() -> Dict[str, str]:
 
 
 def _machine() -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": "cpu"}
+    from ..released.inference import cpu_info
+
+    info = cpu_info()
+    cpu = info.model if info.model != "unknown CPU" else platform.processor() or platform.machine()
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_bf16": info.bf16_flag, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": "cpu"}
 
 
 def _probe_scores(features: Dict[str, torch.Tensor], splits, num_classes: int, seed: int, recipe: Recipe):

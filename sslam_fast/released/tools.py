@@ -9,6 +9,7 @@ at a time, in memory bounded whatever its length. A file that cannot be decoded 
 empty, shorter than one 25 ms frame, NaN/Inf, longer than ``max_seconds``) is reported and
 skipped; the caller exits non-zero when any was.
 """
+import math
 import os
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.audio import AudioError, load_audio, probe
+from ..data.audio import MAX_RATE, AudioError, load_audio, probe
 from ..data.manifest import load_manifest
 from .classes import audioset_classes
 from .encoder import AudioClassifier, AudioEncoder, load_classifier, load_encoder
@@ -46,29 +47,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _within_limit(files: List[str], max_seconds: float, bad: List[Tuple[str, str]]) -> List[str]:
-    """The files whose header allows decoding them and says at most ``max_seconds``; the others go
-    to ``bad`` with the reason."""
+def _within_limit(files: List[str], max_seconds: float, bad: List[Tuple[str, str]]) -> List[Tuple[str, float]]:
+    """(file, seconds by its header) of each file whose header allows decoding it and says at most
+    ``max_seconds``; the others go to ``bad`` with the reason. ``max_seconds`` alone bounds the
+    length: files over ``STREAM_SECONDS`` are streamed, never held whole."""
     kept = []
     for path in files:
         try:
-            probe(path, max_seconds=max_seconds)
+            frames, rate, _ = probe(path, max_samples=math.ceil(max_seconds * MAX_RATE), max_seconds=max_seconds)
         except AudioError as err:
             bad.append((path, err.reason))
             continue
-        kept.append(path)
+        kept.append((path, frames / rate))
     return kept
-
-
-def _duration(path: str) -> float:
-    """Seconds of audio in the file by its header; 0 when the header cannot be read (the whole-file
-    path then reports why)."""
-    import soundfile as sf
-
-    try:
-        return float(sf.info(path).duration)
-    except Exception:
-        return 0.0
 
 
 def _encode_group(model, group, batch_size: int):
@@ -89,16 +80,16 @@ def _streamed(model, input: InputSettings, path: str, device: str, batch_size: i
         yield encode_windows(model, windows.to(device), batch_size), frames
 
 
-def _run(model, input: InputSettings, files: List[str], device: str, batch_size: int, progress: bool,
+def _run(model, input: InputSettings, files: List[Tuple[str, float]], device: str, batch_size: int, progress: bool,
          bad: List[Tuple[str, str]], reduce: Callable, stream_seconds: float, report: Callable[[str], None]):
-    """Yield (file, reduce(pieces)) for each file that decodes, in order; pieces is an iterable of
+    """Yield (file, reduce(pieces)) for each (file, seconds) that decodes, in order; pieces is an iterable of
     (tokens of k consecutive windows [k, ...], the fbank frames they cover). Files of at most
     ``stream_seconds`` are decoded whole and their windows encoded together, ``batch_size`` at a
     time; longer ones are streamed (``stream.py``) in bounded memory, with their real-time factor
     reported. ``input`` is the checkpoint's window length and normalisation."""
     group, count, seconds, start = [], 0, 0.0, time.perf_counter()
-    for path in tqdm(files, desc="files", unit="file", disable=not progress):
-        if _duration(path) > stream_seconds:
+    for path, length in tqdm(files, desc="files", unit="file", disable=not progress):
+        if length > stream_seconds:
             yield from ((p, reduce(pieces)) for p, pieces in _encode_group(model, group, batch_size))
             group, count, began = [], 0, time.perf_counter()
             try:

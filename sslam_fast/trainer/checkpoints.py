@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..serialization import CheckpointError, fsync_dir, load_bytes, safe_load
+from ..serialization import CheckpointError, fsync_dir, load_bytes
 
 TRAIN_FORMAT = "sslam-fast/train"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -445,8 +445,3 @@ def prune(run_dir: str, keep_last: int) -> List[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def train_checkpoint_file(path: str) -> str:
-    """``path`` may name a checkpoint directory or its ``train.pt``."""
-    return os.path.join(path, "train.pt") if os.path.isdir(path) else path
