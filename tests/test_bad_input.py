@@ -111,6 +111,24 @@ def test_every_broken_file_is_an_audio_error_or_accepted(corpus, name):
                     audio.probe(path, max_seconds=4.0)
 
 
+@pytest.mark.parametrize("name", sorted(set(AUDIO_CASES) - {"too_long.wav"}))  # a stream has no length limit
+def test_streaming_refuses_what_decoding_refuses(corpus, name):
+    """extract / tag stream files over a minute (released/stream.py): the same broken files are
+    refused for the same reasons, within seconds, and the good ones give finite windows."""
+    from sslam_fast.released.stream import stream_windows
+
+    root, _ = corpus
+    path = str(root / name)
+    expected = AUDIO_CASES[name][1]
+    with time_limit(20):
+        if expected is None:
+            assert all(torch.isfinite(windows).all() for windows, _ in stream_windows(path))
+        else:
+            with pytest.raises(audio.AudioError) as caught:
+                list(stream_windows(path))
+            assert caught.value.path == path and expected in caught.value.reason
+
+
 def test_check_data_lists_and_counts_every_broken_file(corpus):
     """check-data's pass (the loader's read_clip in order): each bad entry listed once with its reason,
     the good ones not, under a time limit."""

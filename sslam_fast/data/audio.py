@@ -68,15 +68,15 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
     samples at a third of its cost.
     """
     try:
-        with _regular_file(path) as f:
-            rate = _check_rate(path, f.samplerate, f.channels)
+        with regular_file(path) as f:
+            rate = check_rate(path, f.samplerate, f.channels)
             _check_limit(path, f.frames, rate, max_samples, max_seconds)
             pcm16 = f.subtype == "PCM_16"
             data = f.read(dtype="int16" if pcm16 else "float32", always_2d=True)
     except AudioError:
         raise
     except Exception as err:  # libsndfile reports missing, truncated and foreign files alike
-        raise AudioError(path, _reason(err)) from err
+        raise AudioError(path, decode_reason(err)) from err
     if data.shape[0] == 0:
         raise AudioError(path, "no samples")
     if pcm16:
@@ -84,16 +84,22 @@ def decode(path: PathOrFile, max_samples: int = MAX_SAMPLES, max_seconds: Option
         data *= np.float32(1.0 / 32768.0)
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if not pcm16:
-        peak = float(np.abs(mono).max())
-        if not np.isfinite(peak):
-            raise AudioError(path, "NaN or Inf samples")
-        if peak > MAX_AMPLITUDE:
-            raise AudioError(path, f"samples up to {peak:.3g}, beyond +-{MAX_AMPLITUDE:g}: not audio scaled to [-1, 1]")
+        check_samples(path, mono)
     return np.ascontiguousarray(mono), rate
 
 
+def check_samples(path, mono: np.ndarray) -> None:
+    """AudioError for NaN or Inf samples, or samples beyond +-MAX_AMPLITUDE (float audio whose
+    features would overflow)."""
+    peak = float(np.abs(mono).max()) if mono.size else 0.0
+    if not np.isfinite(peak):
+        raise AudioError(path, "NaN or Inf samples")
+    if peak > MAX_AMPLITUDE:
+        raise AudioError(path, f"samples up to {peak:.3g}, beyond +-{MAX_AMPLITUDE:g}: not audio scaled to [-1, 1]")
+
+
 @contextlib.contextmanager
-def _regular_file(source: PathOrFile):
+def regular_file(source: PathOrFile):
     """An open libsndfile handle of `source`, which must be a regular file when given by path.
     The descriptor is opened without blocking and checked itself: a FIFO or a device named in a
     manifest would otherwise block or stream for ever."""
@@ -116,12 +122,12 @@ def _regular_file(source: PathOrFile):
         os.close(fd)
 
 
-def _reason(err: Exception) -> str:
+def decode_reason(err: Exception) -> str:
     """libsndfile's own message, without the file descriptor or file object it was opened from."""
     return f"cannot decode: {getattr(err, 'error_string', err)}"
 
 
-def _check_rate(path, rate, channels: int) -> int:
+def check_rate(path, rate, channels: int) -> int:
     """The header's sample rate, checked with its channel count."""
     if not MIN_RATE <= rate <= MAX_RATE:
         raise AudioError(path, f"sample rate {rate} Hz outside the supported {MIN_RATE}-{MAX_RATE} Hz")
@@ -152,13 +158,13 @@ def probe(source: PathOrFile, path=None, max_samples: int = MAX_SAMPLES, max_sec
     """
     path = source if path is None else path
     try:
-        with _regular_file(source) as f:
+        with regular_file(source) as f:
             frames, rate, channels, container = f.frames, f.samplerate, f.channels, f.format
     except AudioError as err:
         raise AudioError(path, err.reason) from err
     except Exception as err:
-        raise AudioError(path, _reason(err)) from err
-    rate = _check_rate(path, rate, channels)
+        raise AudioError(path, decode_reason(err)) from err
+    rate = check_rate(path, rate, channels)
     if frames <= 0:
         raise AudioError(path, "no samples")
     _check_limit(path, frames, rate, max_samples, max_seconds)

@@ -16,6 +16,7 @@ The whole-file path subtracts the clip's mean before the fbank; a stream cannot 
 and does not, which changes nothing but rounding: the Kaldi fbank removes each frame's own mean
 (its DC offset) before anything else, and a constant offset cancels there.
 """
+import contextlib
 import math
 from typing import Iterator, Tuple
 
@@ -23,21 +24,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.audio import SAMPLE_RATE, AudioError, kaldi_fbank, normalise, num_frames, resample
+from ..data.audio import (SAMPLE_RATE, AudioError, check_rate, check_samples, decode_reason, kaldi_fbank, normalise,
+                          num_frames, regular_file, resample)
 from .formats import InputSettings
 
 HOP = 160  # samples per fbank frame at 16 kHz
 
 
-def _blocks(sound_file, block: int) -> Iterator[np.ndarray]:
-    """Mono float32 blocks of ``block`` samples (the last shorter) at the file's own rate."""
+def _blocks(path: str, sound_file, block: int) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of ``block`` samples (the last shorter) at the file's own rate, each
+    checked as ``decode`` checks a whole file (finite, within +-MAX_AMPLITUDE)."""
     while True:
         data = sound_file.read(block, dtype="float32", always_2d=True)
         if data.shape[0] == 0:
             return
         mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-        if not np.isfinite(mono).all():
-            raise AudioError(sound_file.name, "NaN or Inf samples")
+        check_samples(path, mono)
         yield np.ascontiguousarray(mono)
 
 
@@ -79,24 +81,24 @@ def stream_windows(path: str, block_seconds: float = 20.0,
     order, about ``block_seconds`` of audio at a time (at least one window); L and the
     normalisation are ``input``'s. Raises AudioError for a file that cannot be decoded, is empty or
     has no 25 ms frame."""
-    import soundfile as sf
-
     window_frames = input.target_length
     window_hop = window_frames * HOP  # 16 kHz samples from one window's start to the next
     window_span = (window_frames - 1) * HOP + 400  # 16 kHz samples one window's frames cover
 
-    try:
-        sound_file = sf.SoundFile(path)
-    except Exception as err:  # libsndfile reports missing, truncated and foreign files alike
-        raise AudioError(path, f"cannot decode: {err}") from err
-    with sound_file:
-        rate = int(sound_file.samplerate)
+    with contextlib.ExitStack() as opened:
+        try:  # a regular file only (a FIFO or device never blocks), its header checked as decode checks it
+            sound_file = opened.enter_context(regular_file(path))
+        except AudioError:
+            raise
+        except Exception as err:  # libsndfile reports missing, truncated and foreign files alike
+            raise AudioError(path, decode_reason(err)) from err
+        rate = check_rate(path, sound_file.samplerate, sound_file.channels)
         period = rate // math.gcd(rate, SAMPLE_RATE)
         block = period * max(1, round(block_seconds * rate / period))
         per_piece = max(1, round(block_seconds * SAMPLE_RATE / window_hop))
         buffer, pieces, frames = torch.zeros(0), [], 0
         try:
-            for samples in _resampled(_blocks(sound_file, block), rate, block):
+            for samples in _resampled(_blocks(path, sound_file, block), rate, block):
                 buffer = torch.cat([buffer, samples])
                 while buffer.shape[0] >= window_span:
                     pieces.append(kaldi_fbank(buffer[:window_span]))
@@ -108,7 +110,7 @@ def stream_windows(path: str, block_seconds: float = 20.0,
         except AudioError:
             raise
         except Exception as err:
-            raise AudioError(path, f"cannot decode: {err}") from err
+            raise AudioError(path, decode_reason(err)) from err
         tail = num_frames(buffer.shape[0])
         if tail:
             pieces.append(F.pad(kaldi_fbank(buffer), (0, 0, 0, window_frames - tail)))
