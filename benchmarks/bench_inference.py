@@ -31,11 +31,18 @@ Also ``test_long_recordings_in_bounded_memory``: the peak resident memory of ``s
 demo's small model (8 clips) and of ViT-B (1 clip, 2 views), fp32 against CPU bf16 autocast,
 interleaved, medians and the ratio.
 
+A CPU with neither AVX512-BF16 nor AMX (nor AVX-512) is emulated on an AVX-512 machine by capping
+oneDNN, MKL and ATen to AVX2 in the environment (``ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2``, with ``SSLAM_BENCH_PATHS`` leaving out bf16,
+which such a CPU only emulates); the table's first line says so. Same cores and clock: a proxy for
+the libraries' AVX2 code paths, not a measurement of another CPU.
+
 Run: ``python -m pytest benchmarks/bench_inference.py -s`` (environment: SSLAM_BENCH_CLIPS, default
 8; SSLAM_BENCH_ROUNDS, default 3; SSLAM_BENCH_PATHS, comma-separated subset; SSLAM_BENCH_JSON=path
 writes the figures) or ``python benchmarks/bench_inference.py [--inference] [--training] [--memory] [OUT.json]`` (all three by default).
 """
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -56,7 +63,7 @@ from sslam_fast.data.audio import fbank_features, load_audio
 from sslam_fast.implementation import set_implementation
 from sslam_fast.model import Encoder
 from sslam_fast.released.encoder import AudioEncoder
-from sslam_fast.released.formats import save_pretrainer
+from sslam_fast.released.formats import FINETUNE_FORMAT, save_pretrainer
 from sslam_fast.released.export import encoder_to_onnx
 from sslam_fast.released.hear import encode_windows, fbank_windows
 from sslam_fast.released.inference import choose_path, cpu_info, for_inference
@@ -169,9 +176,14 @@ def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "min_cosine_all": float(cos(out.flatten(1), ref.flatten(1), dim=1).min())}
 
 
+# Caps that make this CPU compute as one without AVX-512 (and so without AVX512-BF16 / AMX) would:
+# oneDNN's, MKL's and ATen's kernels limited to AVX2 (set before torch loads: run in a fresh process).
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
 def machine() -> dict:
     info = cpu_info()
-    return {"cpu": info.model, "bf16_flags": sorted(f for f in info.flags if "bf16" in f or f.startswith("amx")),
+    return {"cpu": info.model, "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ}, "bf16_flags": sorted(f for f in info.flags if "bf16" in f or f.startswith("amx")),
             "auto_path": choose_path("cpu", "auto").precision, "threads": torch.get_num_threads(),
             "cores_visible": os.cpu_count(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -210,7 +222,9 @@ def run_benchmark(names=None, clips: int = CLIPS, rounds: int = ROUNDS) -> dict:
 
 def table(figures: dict) -> str:
     m = figures["machine"]
-    lines = [f"{m['cpu']} ({', '.join(m['bf16_flags']) or 'no bf16 / AMX flags'}; auto path {m['auto_path']}), "
+    caps = ", ".join(f"{k}={v}" for k, v in m.get("isa_caps", {}).items())
+    lines = [f"{m['cpu']} ({', '.join(m['bf16_flags']) or 'no bf16 / AMX flags'}; auto path {m['auto_path']})"
+             + (f" EMULATING A CPU WITHOUT AVX-512: {caps}" if caps else "") + ", "
              f"{m['threads']} threads of {m['cores_visible']} visible cores, torch {m['torch']}, {m['date']}; "
              f"{figures['clips']} clips of 10 s, {figures['rounds']} interleaved rounds, medians",
              f"{'path':<14} {'clips/s':>8} {'x orig':>7} {'pass MiB':>9} {'max abs':>9} {'cos utt':>9} {'cos all':>9}  rounds (s)"]
@@ -276,9 +290,25 @@ def write_long_wav(path: str, minutes: float) -> None:
             f.write((0.05 * rng.standard_normal(960000) + 0.2 * np.sin(2 * np.pi * (100 + 10 * minute) * t)).astype(np.float32))
 
 
+def small_tagger(path: str) -> None:
+    """A fine-tuning run's checkpoint form (``train.pt``) of the demo's small model with a random
+    527-class AudioSet head: what ``sslam-fast tag`` loads, at the demo model's size."""
+    torch.manual_seed(0)
+    config = SSLAMConfig(stage=1, **TRAIN_MODELS["small"][0])
+    encoder = Encoder(config)
+    head = torch.nn.Linear(config.embed_dim, 527)
+    state = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+             "head_norm.weight": torch.ones(config.embed_dim), "head_norm.bias": torch.zeros(config.embed_dim),
+             "head.weight": head.weight.detach(), "head.bias": head.bias.detach()}
+    torch.save({"format": FINETUNE_FORMAT, "encoder_config": dataclasses.asdict(config), "model": state,
+                "config": {"data": {"task": "multilabel"}}}, path)
+
+
 def streamed_memory(minutes=(10, 60)) -> list:
-    """Peak resident memory of ``sslam-fast extract`` (its own process) on a recording of each
-    length, with the demo's small model: streamed files keep it flat whatever the length."""
+    """Peak resident memory of ``sslam-fast extract`` and ``sslam-fast tag --windows`` (each in
+    its own process, the demo's small model) on a recording of each length, streamed
+    (``released/stream.py``), and the real-time factor: streamed files keep memory flat whatever
+    the length."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "kernels"), os.environ.get("PYTHONPATH", "")]))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (larger) benchmark process
@@ -288,17 +318,29 @@ def streamed_memory(minutes=(10, 60)) -> list:
     out = []
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
-        checkpoint = os.path.join(folder, "small.pt")
+        checkpoint, tagger = os.path.join(folder, "small.pt"), os.path.join(folder, "tagger.pt")
         save_pretrainer(SSLAMPretrainer(SSLAMConfig(stage=1, **TRAIN_MODELS["small"][0])), checkpoint)
+        small_tagger(tagger)
+        commands = {"extract": ["extract", "--checkpoint", checkpoint, "-o", os.path.join(folder, "out.npz")],
+                    "tag": ["tag", "--checkpoint", tagger, "--windows", "--json"]}
         for length in minutes:
             wav = os.path.join(folder, f"{length}min.wav")
             write_long_wav(wav, length)
-            done = subprocess.run([sys.executable, "-c", code, "extract", "--checkpoint", checkpoint, wav, "--batch-size", "8",
-                                   "-o", os.path.join(folder, "out.npz")], env=env, capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr
-            lines = done.stderr.splitlines()
-            out.append({"minutes": length, "peak_mib": int(lines[-1].split()[1]) / 1024, "path": lines[0],
-                        "rtf": [line for line in lines if "real-time factor" in line][-1]})
+            for tool, args in commands.items():
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-c", code, *args, wav, "--batch-size", "8"],
+                                      env=env, capture_output=True, text=True)
+                assert done.returncode == 0, done.stderr
+                lines = done.stderr.splitlines()
+                entry = {"tool": tool, "minutes": length, "peak_mib": int(lines[-1].split()[1]) / 1024,
+                         "process_s": time.perf_counter() - start,
+                         "path": next(line for line in lines if line.startswith("inference:") or "inference:" in line),
+                         "rtf": [line for line in lines if "real-time factor" in line][-1]}
+                if tool == "tag":
+                    windows = json.loads(done.stdout)[0]["windows"]
+                    entry["windows"] = len(windows)
+                    entry["last_window_end_s"] = windows[-1]["end_s"]
+                out.append(entry)
     return out
 
 
@@ -318,6 +360,8 @@ def test_inference_paths(benchmark):
     for name, e in figures["paths"].items():
         if name in ("bf16", "fp32-compiled", "onnxruntime", "original"):
             assert e["min_cosine_utterance"] >= 0.999 and e["min_cosine_all"] >= 0.999, name
+        if name in ("fp32-compiled", "onnxruntime", "original"):  # fp32 maths: fp32's up to summation order
+            assert e["max_abs"] <= 1e-4, name
 
 
 @pytest.mark.parametrize("model", list(TRAIN_MODELS))
@@ -331,7 +375,11 @@ def test_long_recordings_in_bounded_memory(benchmark):
     figures = benchmark.pedantic(streamed_memory, rounds=1, iterations=1)
     print("\n" + json.dumps(figures, indent=2))
     benchmark.extra_info["streamed"] = figures
-    assert figures[-1]["peak_mib"] < 1.2 * figures[0]["peak_mib"], "memory grew with the recording's length"
+    for tool in ("extract", "tag"):
+        peaks = [e["peak_mib"] for e in figures if e["tool"] == tool]
+        assert peaks[-1] < 1.2 * peaks[0], f"{tool}: memory grew with the recording's length"
+    hour = next(e for e in figures if e["tool"] == "tag" and e["minutes"] == 60)
+    assert abs(hour["last_window_end_s"] - 3600) < 1, "tag --windows must cover the whole hour"
 
 
 if __name__ == "__main__":
