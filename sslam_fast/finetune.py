@@ -10,6 +10,8 @@ import os
 import sys
 from typing import List, Optional
 
+import torch
+
 if __package__ in (None, ""):  # run as a file (deepspeed sslam_fast/finetune.py): import the package, not its files
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +21,7 @@ from sslam_fast.evaluation.finetune import load_finetune_config, run_finetune
 from sslam_fast.serialization import CheckpointError
 from sslam_fast.trainer.engine import init_distributed
 from sslam_fast.trainer.optim import plan_batch
-from sslam_fast.trainer.preflight import launch_rank_and_world
+from sslam_fast.trainer.preflight import emulated_bf16_warning, launch_rank_and_world
 
 logger = logging.getLogger("sslam_fast.finetune")
 
@@ -38,6 +40,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_finetune_config(args.config, args.set)
         plan_batch(cfg.train.global_batch, world, cfg.train.max_micro_batch)  # decided before the rendezvous
+        warning = emulated_bf16_warning(cfg.train.dtype, torch.cuda.is_available())
+        if warning and rank == 0:
+            logger.warning(warning)
         return run_finetune(cfg, init_distributed(args.local_rank))
     except (ConfigError, CheckpointError, ManifestError, FileNotFoundError) as e:
         if rank == 0:  # every rank stops with the same status; one says why

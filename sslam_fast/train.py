@@ -9,6 +9,8 @@ import os
 import sys
 from typing import List, Optional
 
+import torch
+
 if __package__ in (None, ""):  # run as a file (deepspeed sslam_fast/train.py): import the package, not its files
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +19,7 @@ from sslam_fast.serialization import CheckpointError
 from sslam_fast.trainer.config import load_config
 from sslam_fast.trainer.engine import init_distributed
 from sslam_fast.trainer.loop import Trainer
-from sslam_fast.trainer.preflight import check_launch, launch_rank_and_world
+from sslam_fast.trainer.preflight import check_launch, emulated_bf16_warning, launch_rank_and_world
 
 logger = logging.getLogger("sslam_fast.train")
 
@@ -35,6 +37,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)
         check_launch(cfg, world)  # every rank decides alone, before the rendezvous
+        warning = emulated_bf16_warning(cfg.train.dtype, torch.cuda.is_available())
+        if warning and rank == 0:
+            logger.warning(warning)
         trainer = Trainer(cfg, init_distributed(args.local_rank))
     except (ConfigError, CheckpointError) as e:
         if rank == 0:  # every rank stops with the same status; one says why

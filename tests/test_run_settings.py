@@ -122,3 +122,42 @@ def test_the_smoke_run_and_the_demo_write_to_different_folders():
     demo = next(a for a in cli.build_parser()._actions if a.choices and "demo" in a.choices).choices["demo"]
     out = next(a.default for a in demo._actions if "--out" in a.option_strings)
     assert os.path.normpath(smoke) != os.path.normpath(out)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_named(tmp_path, monkeypatch, caplog):
+    """Pretraining and fine-tuning launches say, once, that bf16 is emulated (slower than fp32) on
+    a CPU without AVX512-BF16 / AMX; nothing on a CPU with them, in fp32, or on CUDA."""
+    from sslam_fast import finetune
+    from sslam_fast.evaluation import finetune as ft
+    from sslam_fast.released import inference
+    from sslam_fast.trainer import preflight
+
+    monkeypatch.setattr(inference, "native_bf16", lambda info=None: False)
+    text = preflight.emulated_bf16_warning("bf16", cuda=False)
+    assert "no native bf16" in text and "train.precision=fp32" in text
+    assert preflight.emulated_bf16_warning("fp32", cuda=False) is None
+    assert preflight.emulated_bf16_warning("bf16", cuda=True) is None
+    monkeypatch.setattr(inference, "native_bf16", lambda info=None: True)
+    assert preflight.emulated_bf16_warning("bf16", cuda=False) is None
+
+    class Stop(ConfigError):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop("stopped after the launch checks")
+
+    monkeypatch.setattr(inference, "native_bf16", lambda info=None: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "Trainer", stop)
+    monkeypatch.setattr(finetune, "run_finetune", stop)
+    one_process(monkeypatch)
+    caplog.set_level(logging.WARNING)
+    for precision, expected in (("bf16", 1), ("fp32", 0)):
+        caplog.clear()
+        values = TINY + [f"train.precision={precision}", f"checkpoint.dir={tmp_path / precision}"]
+        assert train.main([a for s in values for a in ("--set", s)]) == 1
+        assert caplog.text.count("no native bf16") == expected, caplog.text
+    assert ft.FinetuneConfig().train.precision == "bf16"
+    caplog.clear()
+    assert finetune.main(["--set", f"data.dir={tmp_path}"]) == 1  # the defaults: bf16; stopped before data is read
+    assert caplog.text.count("no native bf16") == 1, caplog.text

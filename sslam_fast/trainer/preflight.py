@@ -8,7 +8,7 @@ exit can break a peer's rendezvous into a traceback (launch.py prints the error 
 """
 import os
 import tempfile
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -60,6 +60,17 @@ def check_writable(directory: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"checkpoint.dir={directory} is not writable ({e.strerror or e})") from None
+
+
+def emulated_bf16_warning(dtype: str, cuda: bool) -> Optional[str]:
+    """What to tell a CPU run in bf16 on a CPU that computes bf16 only by emulation (no AVX512-BF16
+    / AMX: oneDNN converts every product, slower than fp32); None when there is nothing to say."""
+    from ..released.inference import cpu_info, native_bf16
+
+    if dtype != "bf16" or cuda or native_bf16():
+        return None
+    return (f"train.precision: bf16 autocast on {cpu_info().model}, which has no native bf16 (AVX512-BF16 / AMX): "
+            "oneDNN emulates it, slower than fp32; set train.precision=fp32 for speed here")
 
 
 def check_launch(cfg: TrainConfig, world_size: int) -> None:
