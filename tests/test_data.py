@@ -17,7 +17,6 @@ from sslam_fast.data import (
     read_label_descriptors,
     read_labels,
     read_manifest,
-    write_manifest,
 )
 
 
