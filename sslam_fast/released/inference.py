@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import platform
 import types
 import warnings
 from dataclasses import dataclass
@@ -100,8 +101,10 @@ class InferencePath:
 
 
 def onednn_linear_available() -> bool:
-    """True where this torch can run fp32 Linear layers as oneDNN matrix products."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """True where this torch can run fp32 Linear layers as oneDNN matrix products, on x86 (where it
+    was measured against MKL; elsewhere torch's own BLAS choice stands)."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def choose_path(device: str = "cpu", precision: str = "auto", info: Optional[CpuInfo] = None) -> InferencePath:
@@ -130,7 +133,7 @@ def choose_path(device: str = "cpu", precision: str = "auto", info: Optional[Cpu
 
 
 def _fp32_matmuls() -> str:
-    return "oneDNN fp32 matmuls" if onednn_linear_available() else "torch's fp32 matmuls (no oneDNN in this torch)"
+    return "oneDNN fp32 matmuls" if onednn_linear_available() else "torch's own fp32 matmuls (oneDNN's: x86 torch builds with oneDNN)"
 
 
 def _attend_by_modules(self: Attention, x: torch.Tensor):
