@@ -572,3 +572,27 @@ def test_finetune_loader_stops_when_no_entry_gives_a_clip(tmp_path, caplog):
     with time_limit(60), pytest.raises(NoClipsError, match=r"none of 40 entries in a row gave a clip \(rank 0\)"):
         next(iter(loader))
     assert len([r for r in caplog.records if r.name == "sslam_fast.finetune"]) == LOGGED_SKIPS
+
+
+def test_one_rank_out_of_clips_stops_a_two_rank_run(tmp_path):
+    """Under torchrun, one rank's NoClipsError (3 unreadable entries in a row, half of the manifest
+    missing) ends the whole run with an error naming the manifest, instead of leaving the other
+    rank waiting in a collective: the launcher tears the group down when a rank exits."""
+    import subprocess
+    import sys
+
+    from test_train import REPO, python_path, sets
+
+    manifest = _missing_manifest(tmp_path, 64, good=range(0, 64, 2))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "sslam_fast", "train.py"),
+           *sets(run_dir, "data.demo_clips=0", f"data.manifest={manifest}", "data.max_skips_in_a_row=3",
+                 "train.global_batch=4", "train.max_micro_batch=2", "train.max_steps=400", "checkpoint.every_steps=1000")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # a hang fails here: TimeoutExpired
+    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=python_path(), OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert re.search(rf"{re.escape(manifest)}: none of 3 entries in a row gave a clip \(rank [01]\)", out), out[-3000:]
