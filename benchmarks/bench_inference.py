@@ -26,10 +26,11 @@ the real model's, the error figures are of random weights. The CPU model, its bf
 thread count and the date are printed with the figures.
 
 Also ``test_long_recordings_in_bounded_memory``: the peak resident memory of ``sslam-fast extract``
-(its own process, the demo's small model) on a 10-minute and a 60-minute recording, streamed
-(``released/stream.py``), and its real-time factor. And a training-step entry (``test_training_step_bf16``): one stage-2 pretraining step of the
-demo's small model (8 clips) and of ViT-B (1 clip, 2 views), fp32 against CPU bf16 autocast,
-interleaved, medians and the ratio.
+and ``sslam-fast tag --windows`` (each in its own process, the demo's small model) on a 10-minute
+and a 60-minute recording, streamed (``released/stream.py``), and their real-time factor. And a
+training-step entry (``test_training_step_bf16``): one stage-2 pretraining step of the
+demo's small model (8 clips) and of ViT-B (1 clip, 2 views), fp32 against CPU bf16 autocast and
+against the "original" implementation in fp32, interleaved, medians and the ratios.
 
 A CPU with neither AVX512-BF16 nor AMX (nor AVX-512) is emulated on an AVX-512 machine by capping
 oneDNN, MKL and ATen to AVX2 in the environment (``ONEDNN_MAX_CPU_ISA=AVX2
@@ -246,20 +247,23 @@ TRAIN_MODELS = {
 
 def training_steps(model: str, rounds: int = ROUNDS) -> dict:
     """One stage-2 pretraining step (forward, backward, clip, AdamW, EMA) of the fused
-    implementation in fp32 and under CPU bf16 autocast (fp32 weights, as the trainer's fast
-    execution), timed in interleaved rounds after one warm-up step each: medians and the ratio."""
+    implementation in fp32 (its Linear layers through oneDNN on x86, ``cpu_gemm``) and under CPU
+    bf16 autocast (fp32 weights, as the trainer's fast execution), and of the "original"
+    implementation in fp32 (F.linear, MKL: the original code's execution of the model on a CPU),
+    timed in interleaved rounds after one warm-up step each: medians and the ratios."""
     overrides, batch = TRAIN_MODELS[model]
     torch.manual_seed(0)
     fbank = torch.randn(batch, 1, 1024, 128) * 0.5
+    variants = {"original-fp32": ("original", False), "fp32": ("fused", False), "bf16": ("fused", True)}
     steps, times, losses = {}, {}, {}
-    for precision in ("fp32", "bf16"):
+    for name, (implementation, bf16) in variants.items():
         torch.manual_seed(0)
-        net = SSLAMPretrainer(SSLAMConfig(stage=2, **overrides)).train()
+        net = set_implementation(SSLAMPretrainer(SSLAMConfig(stage=2, **overrides)).train(), implementation)
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
         gen, host = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
 
-        def step(net=net, params=params, opt=opt, gen=gen, host=host, bf16=precision == "bf16", count=[0]):
+        def step(net=net, params=params, opt=opt, gen=gen, host=host, bf16=bf16, count=[0]):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = net(fbank, generator=gen, host_generator=host, stats=False)
             out["loss"].backward()
@@ -269,16 +273,18 @@ def training_steps(model: str, rounds: int = ROUNDS) -> dict:
             count[0] += 1
             net.update_teacher(count[0])
             return float(out["loss"])
-        losses[precision] = step()
-        steps[precision], times[precision] = step, []
+        losses[name] = step()
+        steps[name], times[name] = step, []
+    names = list(variants)
     for r in range(rounds):
-        for precision in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+        for name in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            steps[precision]()
-            times[precision].append(time.perf_counter() - start)
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
     medians = {p: statistics.median(t) for p, t in times.items()}
     return {"model": model, "batch": batch, "rounds": rounds, "step_s": medians, "round_s": times,
-            "first_loss": losses, "bf16_speedup": medians["fp32"] / medians["bf16"]}
+            "first_loss": losses, "bf16_speedup": medians["fp32"] / medians["bf16"],
+            "fp32_vs_original": medians["original-fp32"] / medians["fp32"]}
 
 
 def write_long_wav(path: str, minutes: float) -> None:

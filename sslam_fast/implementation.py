@@ -52,6 +52,7 @@ class Ops:
     bias_gelu: Optional[Callable] = sslam_kernels.bias_gelu  # the MLP's fc1 bias + GELU; None: nn.Linear then F.gelu
     add_layer_norm: Optional[Callable] = sslam_kernels.add_layer_norm  # the blocks' residual add + LayerNorm; None: unfused
     residual_gemm: bool = True  # qkv / fc1 input gradients and the residual gradient summed in one GEMM
+    cpu_gemm: bool = True  # fp32 Linear layers on x86 CPUs through oneDNN (``cpu_gemm``); False: F.linear (MKL)
     # static shapes (the fast paths): dense losses, fixed-index mixed rows, no host sync in the step;
     # False: objectives.gathered_losses (nonzero) and bool-mask indexing, as the original code runs
     static_shapes: bool = True
@@ -81,6 +82,7 @@ REFERENCE = Ops(
     norm_gelu_residual=functools.partial(sslam_kernels.norm_gelu_residual, use_triton=False),
     bias_gelu=functools.partial(sslam_kernels.bias_gelu, use_triton=False),
     add_layer_norm=functools.partial(sslam_kernels.add_layer_norm, use_triton=False),
+    cpu_gemm=False,
 )
 ORIGINAL = dataclasses.replace(REFERENCE, name="original", attention="eager", layer_norm="autocast",
                                decoder_layout="transposed", static_shapes=False, teacher_shadow=False,

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_gemm
 from .attention import attention
 from .config import SSLAMConfig
 from .implementation import FUSED
@@ -73,12 +74,13 @@ class _ResidualLinear(torch.autograd.Function):
     over the whole activation. Computes in the autocast dtype when autocast is on, as F.linear."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, onednn):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type, enabled=False):
             xc, wc = x.to(dtype), weight.to(dtype)
-            y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+            ctx.onednn = onednn and cpu_gemm.applies(xc, wc)
+            y = (cpu_gemm.matmul if ctx.onednn else F.linear)(xc, wc, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y, x.view_as(x)
@@ -88,25 +90,36 @@ class _ResidualLinear(torch.autograd.Function):
         xc, wc = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(wc.dtype)
+        residual = None if grad_residual is None else grad_residual.reshape(-1, xc.shape[-1]).to(wc.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            if grad_residual is None:
+            if ctx.onednn:
+                grad_x = cpu_gemm.grad_input(gy, wc, residual)
+            elif residual is None:
                 grad_x = gy @ wc
             else:
-                grad_x = torch.addmm(grad_residual.reshape(-1, xc.shape[-1]).to(wc.dtype), gy, wc)
+                grad_x = torch.addmm(residual, gy, wc)
             grad_x = grad_x.view(xc.shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (gy.t() @ xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+            x2d = xc.reshape(-1, xc.shape[-1])
+            grad_w = (cpu_gemm.grad_weight(gy, x2d) if ctx.onednn else gy.t() @ x2d).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = gy.sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def residual_linear(x: torch.Tensor, linear_weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool):
-    """(linear(x), x for the residual add); ``fused``: their gradients meet in one GEMM (``_ResidualLinear``)."""
+def residual_linear(x: torch.Tensor, linear_weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool,
+                    onednn: bool = False):
+    """(linear(x), x for the residual add); ``fused``: their gradients meet in one GEMM
+    (``_ResidualLinear``); ``onednn``: fp32 on an x86 CPU through oneDNN (``cpu_gemm``)."""
     if fused and torch.is_grad_enabled() and x.requires_grad:
-        return _ResidualLinear.apply(x, linear_weight, bias)
-    return F.linear(x, linear_weight, bias), x
+        return _ResidualLinear.apply(x, linear_weight, bias, onednn)
+    return linear(x, linear_weight, bias, onednn), x
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool) -> torch.Tensor:
+    """``F.linear``; ``onednn``: through oneDNN where ``cpu_gemm.applies`` (the fused implementation)."""
+    return cpu_gemm.linear(x, weight, bias) if onednn else F.linear(x, weight, bias)
 
 
 class Attention(nn.Module):
@@ -124,12 +137,12 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(attention output, x for the residual add; see ``residual_linear``)."""
         B, N, C = x.shape
-        qkv, x = residual_linear(x, self.qkv.weight, self.qkv.bias, self.ops.residual_gemm)
+        qkv, x = residual_linear(x, self.qkv.weight, self.qkv.bias, self.ops.residual_gemm, self.ops.cpu_gemm)
         # q, k, v as [B, H, N, Dh] views of the packed qkv: their gradients stack straight back into
         # its layout (no extra copy in the backward)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.num_heads, C // self.num_heads).unbind(2))
         out = attention(q, k, v, self.ops.attention or self.mode)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C)), x
+        return linear(out.transpose(1, 2).reshape(B, N, C), self.proj.weight, self.proj.bias, self.ops.cpu_gemm), x
 
 
 class Mlp(nn.Module):
@@ -144,12 +157,13 @@ class Mlp(nn.Module):
 
     def transform(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, x for the residual add; see ``residual_linear``)."""
+        onednn = self.ops.cpu_gemm
         if self.ops.bias_gelu is None:
-            h, x = residual_linear(x, self.fc1.weight, self.fc1.bias, self.ops.residual_gemm)
-            return self.fc2(F.gelu(h)), x
+            h, x = residual_linear(x, self.fc1.weight, self.fc1.bias, self.ops.residual_gemm, onednn)
+            return linear(F.gelu(h), self.fc2.weight, self.fc2.bias, onednn), x
         # bias-free matmul, then bias + GELU in one pass (its backward reduces the bias gradient)
-        h, x = residual_linear(x, self.fc1.weight, None, self.ops.residual_gemm)
-        return self.fc2(self.ops.bias_gelu(h, self.fc1.bias)), x
+        h, x = residual_linear(x, self.fc1.weight, None, self.ops.residual_gemm, onednn)
+        return linear(self.ops.bias_gelu(h, self.fc1.bias), self.fc2.weight, self.fc2.bias, onednn), x
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -312,7 +326,7 @@ class CNNDecoder(nn.Module):
             weight = conv.weight.contiguous(memory_format=torch.channels_last)
             y = conv._conv_forward(h.permute(0, 3, 1, 2), weight, conv.bias).permute(0, 2, 3, 1)
             h = self.ops.norm_gelu_residual(y, h, self.eps)  # h + GELU(LayerNorm(y)), one pass
-        return self.proj(h.reshape(V, P, D))
+        return linear(h.reshape(V, P, D), self.proj.weight, self.proj.bias, self.ops.cpu_gemm)
 
     def _forward_transposed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         V, P, D = x.shape

@@ -2,8 +2,6 @@
 
 - path selection: bf16 only where the CPU has native bf16 (AVX512-BF16 / AMX), the forced-fp32
   flag, int8 on request, CUDA left in fp32;
-- the fp32 path's oneDNN Linear layers (GELU fused) against F.linear / the plain model, forward on
-  odd shapes, and the plain model where oneDNN is missing;
 - accuracy of each path on real recordings (the Debian sounds) against fp32: cosine similarity
   >= 0.999 per clip for the utterance and frame features, the tag's top 5 unchanged (bf16);
 - an automatic bf16 choice that misses the bound falls back to fp32;
@@ -67,54 +65,6 @@ def test_path_selection(monkeypatch):
         choose_path("cpu", "fp16")
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert choose_path("cpu", "auto", AVX512_BF16).precision == "fp32"
-
-
-needs_onednn = pytest.mark.skipif(not inference.onednn_linear_available(), reason="needs a torch with oneDNN")
-
-
-@needs_onednn
-@pytest.mark.parametrize("shape", [(1, 7, 48), (3, 37, 48), (2, 513, 48)])
-def test_onednn_linear_matches_f_linear(shape):
-    g = torch.Generator().manual_seed(shape[1])
-    linear = torch.nn.Linear(shape[-1], 83)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(83, shape[-1], generator=g) / 7)
-        linear.bias.copy_(torch.randn(83, generator=g))
-    x = torch.randn(*shape, generator=g)
-    with torch.no_grad():
-        ref = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
-        plain, fused = inference.OneDNNLinear(linear)(x), inference.OneDNNLinear(linear, gelu=True)(x)
-        strided = inference.OneDNNLinear(linear)(x.transpose(0, 1))
-    # fp32 products summed in another order than float64's: 1e-5 relative to the outputs' scale
-    assert (plain.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert (fused.double() - torch.nn.functional.gelu(ref)).abs().max() <= 1e-5 * ref.abs().max()
-    assert torch.allclose(strided, plain.transpose(0, 1), rtol=1e-6, atol=1e-6)
-    assert not torch.equal(fused, plain), "GELU must be applied"
-    with pytest.raises(RuntimeError, match="no_grad"):
-        inference.OneDNNLinear(linear)(x)
-
-
-@needs_onednn
-def test_fp32_path_runs_onednn_linears_on_the_same_weights(monkeypatch):
-    from sslam_fast.released.encoder import AudioEncoder
-
-    encoder = AudioEncoder(tiny_model(3).student).eval()
-    fbank = torch.randn(3, 1, 336, 128, generator=torch.Generator().manual_seed(3))  # 21 x 8 patches
-    model = inference.for_inference(encoder, "cpu", "fp32")
-    linears = [m for m in model.model.modules() if isinstance(m, inference.OneDNNLinear)]
-    assert len(linears) == 4 * len(encoder.encoder.blocks) and "oneDNN fp32 matmuls" in model.path.reason
-    assert not any(isinstance(m, inference.OneDNNLinear) for m in encoder.modules()), "the model passed in is left as it is"
-    assert model.model.state_dict().keys() == encoder.state_dict().keys()
-    with torch.no_grad():
-        ref, got = encoder(fbank), model(fbank)
-    assert got.shape == ref.shape
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert float(cosine_per_window(got, ref).min()) >= 0.999999
-    monkeypatch.setattr(inference, "onednn_linear_available", lambda: False)
-    plain = inference.for_inference(encoder, "cpu", "fp32")
-    assert plain.model is encoder and "torch's own fp32 matmuls" in plain.path.reason
-    with torch.no_grad():
-        assert torch.equal(plain(fbank), ref)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 Paths (``precision``):
 
-- ``"fp32"``: the model's fp32 maths; on a CPU whose torch has oneDNN, the transformer blocks'
-  Linear layers run as oneDNN matrix products (the MLP's GELU fused into its first), not through
-  the BLAS library torch's ``F.linear`` calls (MKL in the x86 wheels, whose fp32 GEMM runs at half
-  oneDNN's speed on AMD CPUs with AVX-512; benchmarks/RESULTS.md). Same weights, fp32 throughout:
-  the outputs differ from ``F.linear``'s by summation order only;
+- ``"fp32"``: the model as loaded, in fp32; on an x86 CPU its Linear layers run as oneDNN matrix
+  products (``sslam_fast.cpu_gemm``, the fused implementation's), not through the BLAS library
+  torch's ``F.linear`` calls (MKL in the x86 wheels, whose fp32 GEMM runs at half oneDNN's speed
+  on AMD CPUs with AVX-512; benchmarks/RESULTS.md); the outputs differ from ``F.linear``'s by
+  summation order only;
 - ``"bf16"``: the encoder's weights and activations in bfloat16, its output cast to fp32 (pooling,
   a classifier's head and sigmoid stay in fp32, so probabilities keep fp32 resolution). Fast only where the
   CPU computes bf16 matrix products natively (AVX512-BF16, or AMX-BF16 on recent Xeons); elsewhere
@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import functools
 import logging
-import platform
 import types
 import warnings
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import cpu_gemm
 from ..attention import attention
 from ..model import Attention, Block, Encoder, Mlp
 
@@ -100,13 +100,6 @@ class InferencePath:
         return f"inference: {self.precision} on {self.device}{threads} ({self.reason})"
 
 
-def onednn_linear_available() -> bool:
-    """True where this torch can run fp32 Linear layers as oneDNN matrix products, on x86 (where it
-    was measured against MKL; elsewhere torch's own BLAS choice stands)."""
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
 def choose_path(device: str = "cpu", precision: str = "auto", info: Optional[CpuInfo] = None) -> InferencePath:
     """The path for ``precision`` on ``device`` (see the module docstring)."""
     if precision not in PRECISIONS:
@@ -116,7 +109,7 @@ def choose_path(device: str = "cpu", precision: str = "auto", info: Optional[Cpu
         if precision == "int8":
             raise ValueError("int8 dynamic quantisation runs on the CPU only; use --device cpu or another precision")
         if precision == "auto":
-            return InferencePath("fp32", device, "the model as loaded; the bf16 / int8 / oneDNN paths are for CPUs")
+            return InferencePath("fp32", device, "the model as loaded; the bf16 / int8 paths are for CPUs")
         return InferencePath(precision, device, "chosen")
     info = info or cpu_info()
     flag = info.bf16_flag if native_bf16(info) else None
@@ -133,7 +126,7 @@ def choose_path(device: str = "cpu", precision: str = "auto", info: Optional[Cpu
 
 
 def _fp32_matmuls() -> str:
-    return "oneDNN fp32 matmuls" if onednn_linear_available() else "torch's own fp32 matmuls (oneDNN's: x86 torch builds with oneDNN)"
+    return "oneDNN fp32 matmuls" if cpu_gemm.available() else "torch's own fp32 matmuls (oneDNN's: x86 torch builds with oneDNN)"
 
 
 def _attend_by_modules(self: Attention, x: torch.Tensor):
@@ -163,40 +156,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-class OneDNNLinear(nn.Module):
-    """An fp32 Linear for inference computed by oneDNN's matrix product, with GELU (exact, erf)
-    fused into it when ``gelu``. Holds the Linear's own weight and bias (same names in a state
-    dict); no backward: it runs under ``torch.no_grad`` only."""
-
-    def __init__(self, linear: nn.Linear, gelu: bool = False):
-        super().__init__()
-        self.weight, self.bias, self.gelu = linear.weight, linear.bias, gelu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            raise RuntimeError("OneDNNLinear is for inference: call it under torch.no_grad()")
-        if self.gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-def _transform_fused_fc1(self: Mlp, x: torch.Tensor):
-    """``Mlp.transform`` whose ``fc1`` module computes fc1 + GELU (``OneDNNLinear(gelu=True)``)."""
-    return self.fc2(self.fc1(x)), x
-
-
-def onednn_linears(model: nn.Module) -> nn.Module:
-    """The Linear layers of every transformer block of ``model`` (fp32, CPU) as ``OneDNNLinear``
-    (in place), the MLP's GELU fused into fc1; the blocks' Attention and Mlp are rebound to call
-    them as modules."""
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        block.attn.qkv, block.attn.proj = OneDNNLinear(block.attn.qkv), OneDNNLinear(block.attn.proj)
-        block.mlp.fc1, block.mlp.fc2 = OneDNNLinear(block.mlp.fc1, gelu=True), OneDNNLinear(block.mlp.fc2)
-        block.attn.attend = types.MethodType(_attend_by_modules, block.attn)
-        block.mlp.transform = types.MethodType(_transform_fused_fc1, block.mlp)
-    return model
-
-
 def _float_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     return output.float()
 
@@ -214,25 +173,11 @@ def cosine_per_window(out: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     return F.cosine_similarity(out.float().flatten(1), reference.float().flatten(1), dim=1)
 
 
-def _holds_fp32_blocks(model: nn.Module) -> bool:
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    return bool(blocks) and all(p.dtype == torch.float32 and p.device.type == "cpu"
-                                for block in blocks for p in block.parameters())
-
-
-def _fp32_model(model: nn.Module) -> nn.Module:
-    """A oneDNN copy of ``model`` (``onednn_linears``) where oneDNN runs here and its blocks are fp32
-    on the CPU, else ``model`` itself."""
-    if onednn_linear_available() and _holds_fp32_blocks(model):
-        return onednn_linears(copy.deepcopy(model))
-    return model
-
-
 class InferenceModel(nn.Module):
     """A model (``AudioEncoder``, a classifier, ...) run on an ``InferencePath``: fp32 fbank in,
     fp32 outputs out, whatever the path computes in. ``path`` says which path runs it (after a
     fall back, fp32 and why). Attributes it does not have are the model's (``embed_dim``, ...).
-    The bf16, int8 and oneDNN fp32 paths run a converted copy: the model passed in is left as it is."""
+    The bf16 and int8 paths run a converted copy: the model passed in is left as it is."""
 
     def __init__(self, model: nn.Module, path: InferencePath):
         super().__init__()
@@ -242,8 +187,6 @@ class InferenceModel(nn.Module):
             model = encoders_to_bf16(copy.deepcopy(model))
         elif path.precision == "int8":
             model = quantize_int8(copy.deepcopy(model))
-        elif path.device == "cpu":
-            model = _fp32_model(model)
         self.model = model.eval()
 
     def __getattr__(self, name):
@@ -272,8 +215,8 @@ class InferenceModel(nn.Module):
             f"bf16 fell back to fp32: cosine similarity {float(cosine.min()):.5f} to fp32 on the first window, "
             f"below {COSINE_BOUND}"))
         logger.warning(self.path.describe())
-        self.model = _fp32_model(reference).eval()
-        return self.model(fbank.float()).float()
+        self.model = reference
+        return reference(fbank.float()).float()
 
 
 def for_inference(model: nn.Module, device: str = "cpu", precision: str = "auto") -> InferenceModel:
