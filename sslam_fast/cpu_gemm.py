@@ -25,8 +25,12 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 operands on the CPU, no autocast, and eager: not inside ``torch.compile`` / ``torch.export``
+    (which lower GEMMs themselves), a TorchScript trace or an ONNX export (which cannot hold the op)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and available())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
+            and available())
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False,
