@@ -33,6 +33,12 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and available())
 
 
+def applies_without_grad(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """``applies`` and no gradient is wanted (inference, the teachers' passes): the fused epilogues
+    of ``matmul`` have no backward."""
+    return applies(x, params[0]) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False,
            add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T (+ bias), then GELU (exact) when ``gelu``, or + ``add`` (same shape as the

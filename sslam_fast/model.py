@@ -158,6 +158,9 @@ class Mlp(nn.Module):
     def transform(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, x for the residual add; see ``residual_linear``)."""
         onednn = self.ops.cpu_gemm
+        if onednn and cpu_gemm.applies_without_grad(x, self.fc1.weight, self.fc1.bias):  # GELU in the GEMM's epilogue
+            h = cpu_gemm.matmul(x, self.fc1.weight, self.fc1.bias, gelu=True)
+            return cpu_gemm.matmul(h, self.fc2.weight, self.fc2.bias), x
         if self.ops.bias_gelu is None:
             h, x = residual_linear(x, self.fc1.weight, self.fc1.bias, self.ops.residual_gemm, onednn)
             return linear(F.gelu(h), self.fc2.weight, self.fc2.bias, onednn), x

@@ -101,3 +101,26 @@ def test_the_fused_implementation_runs_it_and_the_baselines_do_not(monkeypatch):
         out["loss"].backward()
         counts[name] = len(calls)
     assert counts["fused"] > 0 and counts["reference"] == 0 and counts["original"] == 0, counts
+
+
+@needs_onednn
+def test_mlp_without_grad_fuses_gelu_and_matches_the_reference(monkeypatch):
+    from sslam_fast.model import Mlp
+
+    fused = []
+    matmul = cpu_gemm.matmul
+    monkeypatch.setattr(cpu_gemm, "matmul", lambda *a, **k: fused.append(k.get("gelu", False)) or matmul(*a, **k))
+    mlp = Mlp(48, 83)
+    x = torch.randn(3, 37, 48, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = mlp(x)
+        want = F.linear(F.gelu(F.linear(x.double(), mlp.fc1.weight.double(), mlp.fc1.bias.double())),
+                        mlp.fc2.weight.double(), mlp.fc2.bias.double())
+        set_implementation(mlp, "reference")
+        reference = mlp(x)
+    _close(got, want, want.abs().max())
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    assert fused == [True, False], "fc1 with GELU in its epilogue, then fc2; the reference calls neither"
+    assert cpu_gemm.applies_without_grad(x, mlp.fc1.weight) is False  # parameters want gradients
+    with torch.no_grad():
+        assert cpu_gemm.applies_without_grad(x, mlp.fc1.weight)
