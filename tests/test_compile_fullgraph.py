@@ -72,3 +72,27 @@ def test_a_host_sync_breaks_the_graph():
     keep = sslam_kernels.keep_index_from_mask(draws.masks, sslam_kernels.mask_counts(draws.masks.shape[1])[1])
     with pytest.raises(Exception, match="(?i)graph break|data.dependent|nonzero|dynamic"):
         torch.compile(model.step, fullgraph=True, backend="aot_eager")(fbank, draws, keep)
+
+
+def test_compiled_vit_b_block_on_cpu_at_an_odd_token_count():
+    """A ViT-B block (768 wide, 12 heads) compiled by inductor for the CPU at 129 tokens, in a child
+    process: with the MLP's bias added after a bias-free GEMM, torch 2.13's generated code corrupted
+    the heap (the process aborted; under AVX2 caps the features came out wrong). The compiled block
+    must run and match the eager one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from sslam_fast.model import Block\n"
+        "torch.manual_seed(0)\n"
+        "block = Block(768, 12, 4.0, 1e-6, 'sdpa').eval()\n"
+        "x = torch.randn(2, 129, 768)\n"
+        "compiled = torch.compile(block)\n"
+        "with torch.no_grad():\n"
+        "    for _ in range(2):\n"
+        "        error = (compiled(x)[0] - block(x)[0]).abs().max().item()\n"
+        "        assert error < 1e-4, error\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
