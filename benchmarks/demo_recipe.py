@@ -1,6 +1,7 @@
 """The demo's recipe study (docs/demo_recipe.md): `sslam-fast demo` at its full size with one seed
-per variant, each variant changing one thing of `demo.RECIPE`; every variant's students are then
-probed on each probe input (CLS, last block mean-pooled, top blocks mean-pooled and averaged).
+per variant, each variant changing one thing of the first study's base (`BASE`, `BASE_SIZE`; "demo"
+is `demo.RECIPE` at `demo.FULL`); every variant's students are then probed on each probe input
+(`demo.PROBE_INPUTS`: CLS, last block mean-pooled, top blocks mean-pooled and averaged, CLS + mean).
 
     python benchmarks/demo_recipe.py OUT_DIR [VARIANT ...]    # default: every variant
 
@@ -20,7 +21,10 @@ import torch
 from sslam_fast.evaluation import demo
 from sslam_fast.released.formats import load_pretrainer
 
-BASE = demo.RECIPE
+# The first study's base (its rows in docs/demo_recipe.md): 132 + 120 training clips, 200 updates per
+# run (start and continuations), the top-2 mean probe input. The recipe's model, LR and EMA are the demo's.
+BASE = dataclasses.replace(demo.RECIPE, probe_input="top_mean")
+BASE_SIZE = demo.DemoSize(4.0, 400, 12, 6, 120, 60, 200, 3, (96, 192, 304))
 SLOW_EMA = {"ema_decay": 0.999, "ema_end_decay": 0.9999}
 FAST_EMA = {"ema_decay": 0.99, "ema_end_decay": 0.999}
 
@@ -30,14 +34,16 @@ def _model(**changes):
 
 
 VARIANTS = {
-    "base": (BASE, demo.FULL),
-    "ema_slow": (dataclasses.replace(BASE, model=_model(**SLOW_EMA)), demo.FULL),
-    "lr_5e-4": (dataclasses.replace(BASE, peak_lr=5e-4), demo.FULL),
-    "lr_3e-3": (dataclasses.replace(BASE, peak_lr=3e-3), demo.FULL),
-    "views_8": (dataclasses.replace(BASE, clone_batch=8), demo.FULL),
-    "mask_0.6": (dataclasses.replace(BASE, model=_model(mask_prob=0.6)), demo.FULL),
-    "updates_x2": (BASE, dataclasses.replace(demo.FULL, updates=2 * demo.FULL.updates)),
-    "depth_2_dim_128": (dataclasses.replace(BASE, model=_model(depth=2, embed_dim=128, average_top_k_layers=2)), demo.FULL),
+    "base": (BASE, BASE_SIZE),
+    "ema_slow": (dataclasses.replace(BASE, model=_model(**SLOW_EMA)), BASE_SIZE),
+    "lr_5e-4": (dataclasses.replace(BASE, peak_lr=5e-4), BASE_SIZE),
+    "lr_3e-3": (dataclasses.replace(BASE, peak_lr=3e-3), BASE_SIZE),
+    "views_8": (dataclasses.replace(BASE, clone_batch=8), BASE_SIZE),
+    "mask_0.6": (dataclasses.replace(BASE, model=_model(mask_prob=0.6)), BASE_SIZE),
+    "updates_x2": (BASE, dataclasses.replace(BASE_SIZE, updates=2 * BASE_SIZE.updates)),
+    "depth_2_dim_128": (dataclasses.replace(BASE, model=_model(depth=2, embed_dim=128, average_top_k_layers=2)), BASE_SIZE),
+    # the second study (benchmarks/demo_curve.py for the learning curves): the demo's recipe now
+    "demo": (demo.RECIPE, demo.FULL),
 }
 
 
@@ -63,7 +69,8 @@ def run(out_dir: str, name: str) -> dict:
             scores[f"{model} / {probe_input}"] = {"mono_accuracy": round(mono, 1), "poly_mAP": round(poly, 1)}
     scores["log-mel mean+std"] = {task: round(results["scores"]["log-mel mean+std"][task]["mean"], 1) for task in demo.TASKS}
     return {"variant": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "recipe": dataclasses.asdict(recipe),
-            "updates_per_run": size.updates, "pretraining_seconds": round(sum(r["seconds"] for r in runs.values()), 1),
+            "start_updates": size.start, "updates_per_run": size.updates,
+            "pretraining_seconds": round(sum(r["seconds"] for r in runs.values()), 1),
             "final_loss": {k: round(r["curve"]["loss"][-1], 2) for k, r in runs.items()}, "scores": scores}
 
 

@@ -5,15 +5,15 @@ small polyphonic benchmark, on a CPU, end to end, with 95 % intervals over seeds
    fluidsynth when it and a soundfont are installed, else real recordings from Debian packages,
    else the labelled synthesised fallback.
 2. For each of `size.seeds` seeds, pretrain a small model on the benchmark's training clips,
-   without their labels: stage 1 for U updates from scratch (the shared start), then two
-   continuations of U updates each from that checkpoint, with a fresh optimizer and warm-up +
+   without their labels: stage 1 for `size.start` updates from scratch (the shared start), then two
+   continuations of U = `size.updates` updates each from that checkpoint, with a fresh optimizer and warm-up +
    cosine schedule at a tenth of the peak LR (the released recipe's ratio, configs/as2m.json vs
    as2m_sslam.json): "stage 1 (EAT)" continues stage 1, "stage 1 + 2 (SSLAM)" runs stage 2. The
    two differ only in the objective of their last U updates; both see the same clips and the
    student the same number of masked views (stage 2 halves the masks per input as the recipe
    does; its update costs more, as the teacher also encodes the mixtures).
 3. Linear probe (`train_linear_probe`) on frozen features (`Recipe.probe_input`: by default the
-   patch tokens mean-pooled and averaged over the top blocks, as the papers' linear evaluation):
+   last block's CLS token and mean-pooled patch tokens, concatenated; docs/demo_recipe.md):
    single-label accuracy on the monophonic test clips, mAP on the polyphonic test scenes. Floors
    and yardsticks: a randomly initialised encoder of the same shape, and hand-made features
    (log-mel mean and standard deviation per band) with the same probe; chance is printed.
@@ -59,12 +59,17 @@ class DemoSize:
     test_clips_per_class: int
     train_scenes: int
     test_scenes: int
-    updates: int  # per pretraining run: the shared stage-1 start, then each continuation
+    updates: int  # per continuation (stage 1 continued, stage 2)
     seeds: int
     mix: tuple  # (window, w1_max, w2_max) in frames, the recipe's 240/496/782 of 1024 scaled
+    start_updates: Optional[int] = None  # the shared stage-1 start; None: `updates`
+
+    @property
+    def start(self) -> int:
+        return self.updates if self.start_updates is None else self.start_updates
 
 
-FULL = DemoSize(4.0, 400, 12, 6, 120, 60, 200, 3, (96, 192, 304))
+FULL = DemoSize(4.0, 400, 48, 12, 480, 120, 300, 3, (96, 192, 304), start_updates=1500)
 QUICK = DemoSize(2.0, 192, 4, 2, 40, 20, 20, 2, (48, 80, 144))
 
 
@@ -79,14 +84,14 @@ class Recipe:
     batch: int = 8
     peak_lr: float = 1e-3
     warmup_fraction: float = 0.1
-    probe_input: str = "top_mean"  # "cls", "mean" (last block's patch tokens) or "top_mean"
+    probe_input: str = "cls_mean"  # "cls", "mean" (last block's patch tokens), "top_mean" or "cls_mean"
     probe_top_layers: int = 2
     probe_epochs: int = 100
     probe_lr: float = 1e-3
 
 
 RECIPE = Recipe()
-PROBE_INPUTS = ("cls", "mean", "top_mean")
+PROBE_INPUTS = ("cls", "mean", "top_mean", "cls_mean")
 REPLICATES = 2000
 MODELS = ("log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
 PRETRAINED = ("stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
@@ -96,10 +101,11 @@ DIFFERENCES = (("stage 1 (EAT)", "random init"), ("stage 1 + 2 (SSLAM)", "random
 
 
 def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm: tuple, stage: int, lr: float,
-              seed: int, init_from: str = "", precision: str = "fp32") -> Dict[str, Any]:
+              seed: int, init_from: str = "", precision: str = "fp32", updates: Optional[int] = None) -> Dict[str, Any]:
+    """One pretraining run of `updates` updates (default `size.updates`)."""
     from .. import train
 
-    updates = size.updates
+    updates = updates or size.updates
     model = dict(recipe.model, stage=stage, clone_batch=recipe.clone_batch if stage == 1 else max(1, recipe.clone_batch // 2),
                  ema_anneal_end_step=updates, mix_window=size.mix[0], mix_w1_max=size.mix[1], mix_w2_max=size.mix[2])
     values = [f"model.{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in model.items()] + [
@@ -127,13 +133,13 @@ def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm:
 
 
 def embed(encoder: Encoder, fbank: torch.Tensor, probe_input: str, top_layers: int) -> torch.Tensor:
-    """[B, 1, T, F] fbank -> [B, D] probe features: the CLS token ("cls"), the last block's patch
-    tokens mean-pooled ("mean"), or the mean-pooled patch tokens of each of the top `top_layers`
-    blocks, averaged ("top_mean")."""
-    if probe_input == "cls":
-        return encoder.extract_features(fbank, granularity="utterance")
-    if probe_input == "mean":
-        return encoder.extract_features(fbank, granularity="frame").mean(dim=1)
+    """[B, 1, T, F] fbank -> probe features: the CLS token ("cls", [B, D]), the last block's patch
+    tokens mean-pooled ("mean", [B, D]), both concatenated ("cls_mean", [B, 2D]), or the
+    mean-pooled patch tokens of each of the top `top_layers` blocks, averaged ("top_mean", [B, D])."""
+    if probe_input in ("cls", "mean", "cls_mean"):
+        x = encoder.extract_features(fbank, granularity="all")
+        cls, mean = x[:, 0], x[:, 1:].mean(dim=1)
+        return cls if probe_input == "cls" else mean if probe_input == "mean" else torch.cat([cls, mean], dim=1)
     if probe_input != "top_mean":
         raise ValueError(f"probe_input must be one of {PROBE_INPUTS}, got {probe_input!r}")
     x = encoder.norm(encoder.tokens(fbank))
@@ -340,11 +346,11 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, size: Optional[De
     runs, per_seed = [], {name: [] for name in MODELS}
     predictions = {task: {name: [] for name in MODELS} for task in TASKS}
     for s in seeds:
-        def run(name: str, stage: int, lr: float, init_from: str = "") -> Dict[str, Any]:
+        def run(name: str, stage: int, lr: float, init_from: str = "", updates: Optional[int] = None) -> Dict[str, Any]:
             return _pretrain(os.path.join(runs_dir, f"seed{s}", name), manifest, size, recipe, norm, stage, lr, s, init_from,
-                             precision)
+                             precision, updates)
 
-        start = run("start", 1, recipe.peak_lr)
+        start = run("start", 1, recipe.peak_lr, updates=size.start)
         seed_runs = {"start": start, "stage1": run("stage1", 1, recipe.peak_lr / 10, start["checkpoint"]),
                      "sslam": run("sslam", 2, recipe.peak_lr / 10, start["checkpoint"])}
         runs.append(seed_runs)
@@ -372,8 +378,8 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, size: Optional[De
     replicates = {task: bootstrap_replicates(metric, predictions[task], targets, REPLICATES, seed=seed)
                   for task, (metric, targets) in metrics.items()}
     features = {"log-mel mean+std": "hand-made, no pretraining", "random init": f"{recipe.probe_input}, no pretraining",
-                "stage 1 (EAT)": f"{recipe.probe_input}, stage 1: {2 * size.updates}",
-                "stage 1 + 2 (SSLAM)": f"{recipe.probe_input}, stage 1: {size.updates} + 2: {size.updates}"}
+                "stage 1 (EAT)": f"{recipe.probe_input}, stage 1: {size.start + size.updates}",
+                "stage 1 + 2 (SSLAM)": f"{recipe.probe_input}, stage 1: {size.start} + 2: {size.updates}"}
     scores = {name: {"features": features[name], "per_seed": per_seed[name],
                      **{task: asdict(interval(np.mean([r[task] for r in per_seed[name]]), replicates[task][name]))
                         for task in TASKS}} for name in MODELS}
@@ -401,7 +407,8 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, size: Optional[De
                    # a random ranking's expected AP is the class's share of positive clips
                    "poly_mAP": float(100 * poly_test.mean(0)[poly_test.sum(0) > 0].mean())},
         "recipe": asdict(recipe),
-        "pretraining": {"clips_per_update": recipe.batch, "updates_per_run": size.updates, "precision": precision, "norm_mean": norm[0],
+        "pretraining": {"clips_per_update": recipe.batch, "start_updates": size.start, "updates_per_run": size.updates,
+                        "precision": precision, "norm_mean": norm[0],
                         "norm_std": norm[1], "target_length": size.target_length, "runs": runs},
         "scores": scores,
         "differences": differences,
@@ -424,8 +431,8 @@ def summary(results: Dict[str, Any]) -> List[str]:
     return [
         f"benchmark: {len(b['classes'])} classes ({kind}), {b['clip_seconds']:g} s clips, "
         + ", ".join(f"{k} {v}" for k, v in b["clips"].items()),
-        f"pretraining, per seed ({', '.join(map(str, results['seeds']))}): stage 1 for {pre['updates_per_run']} updates of "
-        f"{pre['clips_per_update']} clips, then {pre['updates_per_run']} more of stage 1 or of stage 2",
+        f"pretraining, per seed ({', '.join(map(str, results['seeds']))}): stage 1 for {pre.get('start_updates', pre['updates_per_run'])} "
+        f"updates of {pre['clips_per_update']} clips, then {pre['updates_per_run']} more of stage 1 or of stage 2",
         "",
         format_table(results),
         "",
