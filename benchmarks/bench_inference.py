@@ -58,6 +58,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from bench_model import fast_step
 from sslam_fast.config import SSLAMConfig
 from sslam_fast.pretrainer import SSLAMPretrainer
 from sslam_fast.data.audio import fbank_features, load_audio
@@ -259,22 +260,8 @@ def training_steps(model: str, rounds: int = ROUNDS) -> dict:
     for name, (implementation, bf16) in variants.items():
         torch.manual_seed(0)
         net = set_implementation(SSLAMPretrainer(SSLAMConfig(stage=2, **overrides)).train(), implementation)
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        gen, host = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-
-        def step(net=net, params=params, opt=opt, gen=gen, host=host, bf16=bf16, count=[0]):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = net(fbank, generator=gen, host_generator=host, stats=False)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 4.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            count[0] += 1
-            net.update_teacher(count[0])
-            return float(out["loss"])
-        losses[name] = step()
-        steps[name], times[name] = step, []
+        steps[name] = fast_step(net, fbank, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), autocast=bf16)
+        losses[name], times[name] = float(steps[name]()["loss"]), []
     names = list(variants)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:

@@ -53,6 +53,27 @@ def sync():
         torch.cuda.synchronize()
 
 
+def fast_step(model: SSLAMPretrainer, fbank: torch.Tensor, gen: torch.Generator, host: torch.Generator,
+              autocast: bool, fused: bool = False):
+    """The fast execution's step closure on ``fbank``: a non-logging forward (under bf16 autocast
+    when ``autocast``), backward, clipping at 4, AdamW, the EMA update; returns the outputs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+    updates = [0]
+
+    def step():
+        with torch.autocast(fbank.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(fbank, generator=gen, host_generator=host, stats=False)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 4.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        updates[0] += 1
+        model.update_teacher(updates[0])
+        return out
+    return step
+
+
 def make_step(stage: int, execution: str, batch: int = BATCH):
     """A step closure of the ``execution``, its config and the fbank batch it runs on."""
     cfg = model_config(stage)
@@ -64,22 +85,10 @@ def make_step(stage: int, execution: str, batch: int = BATCH):
     gen = torch.Generator(device=device).manual_seed(0)
     host = torch.Generator().manual_seed(1)  # the mix windows, drawn on the host (no sync), as the trainer does
     fbank = torch.randn(batch, 1, 1024, 128, device=device, generator=gen) * 0.5
+    if execution == "fast":
+        return fast_step(model, fbank, gen, host, autocast=CUDA, fused=CUDA), cfg, fbank
     params = [p for p in model.parameters() if p.requires_grad]
     updates = [0]
-    if execution == "fast":
-        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=CUDA)
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=CUDA):
-                out = model(fbank, generator=gen, host_generator=host, stats=False)  # a non-logging step
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 4.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            updates[0] += 1
-            model.update_teacher(updates[0])
-            return out
-        return step, cfg, fbank
 
     # original: fp16 weights (fp32 on a CPU, same code), fp32 masters stepped by AdamW, loss scaling
     if CUDA:
