@@ -1,5 +1,5 @@
 """`sslam-fast demo`: --quick end to end as CI runs it (twice: the same seed gives the same table),
-the below-random warning, the bootstrap interval, and the instrument benchmark's labels."""
+the below-random warning, the bootstrap interval, the probe inputs, and the instrument benchmark's labels."""
 import json
 import os
 import subprocess
@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from sslam_fast import data
 from sslam_fast.evaluation import benchmark, demo
@@ -94,6 +95,32 @@ def test_a_pretrained_model_below_random_init_is_warned_about():
     assert all(line in printed for line in results["warnings"])
     above = _results((10.0, 20.0, 20.0, 21.0), (10.0, 40.0, 41.0, 40.0))
     assert demo.below_random_warnings(above) == []
+
+
+def test_probe_inputs_pool_the_blocks_tokens_as_documented():
+    """`cls_layers` (the demo's input) is the last block's CLS token and each block's patch tokens
+    mean-pooled, in block order; `cls_mean` its first and last D columns; an unknown input is refused."""
+    torch.manual_seed(1)
+    cfg = demo.SSLAMConfig(**dict(demo.RECIPE.model, clone_batch=1))
+    encoder = demo.Encoder(cfg).eval()
+    x = torch.randn(3, 1, 48, 128)  # 3 time x 8 frequency patches
+    d = cfg.embed_dim
+    with torch.no_grad():
+        h = encoder.norm(encoder.tokens(x))
+        blocks = []
+        for block in encoder.blocks:
+            h, _ = block(h)
+            blocks.append(h)
+        layers = demo.embed(encoder, x, "cls_layers", 2)
+        cls_mean = demo.embed(encoder, x, "cls_mean", 2)
+    assert layers.shape == (3, (1 + cfg.depth) * d)
+    torch.testing.assert_close(layers[:, :d], blocks[-1][:, 0])
+    for i, out in enumerate(blocks):
+        torch.testing.assert_close(layers[:, (1 + i) * d:(2 + i) * d], out[:, 1:].mean(dim=1))
+    torch.testing.assert_close(cls_mean, torch.cat([layers[:, :d], layers[:, -d:]], dim=1), rtol=1e-5, atol=1e-5)
+    assert demo.RECIPE.probe_input == "cls_layers" and demo.RECIPE.probe_input in demo.PROBE_INPUTS
+    with pytest.raises(ValueError, match="probe_input"):
+        demo.embed(encoder, x, "cls_max", 2)
 
 
 def test_bootstrap_interval_matches_a_hand_computed_case():

@@ -13,7 +13,7 @@ small polyphonic benchmark, on a CPU, end to end, with 95 % intervals over seeds
    student the same number of masked views (stage 2 halves the masks per input as the recipe
    does; its update costs more, as the teacher also encodes the mixtures).
 3. Linear probe (`train_linear_probe`) on frozen features (`Recipe.probe_input`: by default the
-   last block's CLS token and mean-pooled patch tokens, concatenated; docs/demo_recipe.md):
+   last block's CLS token and every block's mean-pooled patch tokens, concatenated; docs/demo_recipe.md):
    single-label accuracy on the monophonic test clips, mAP on the polyphonic test scenes. Floors
    and yardsticks: a randomly initialised encoder of the same shape, and hand-made features
    (log-mel mean and standard deviation per band) with the same probe; chance is printed.
@@ -84,14 +84,14 @@ class Recipe:
     batch: int = 8
     peak_lr: float = 1e-3
     warmup_fraction: float = 0.1
-    probe_input: str = "cls_mean"  # "cls", "mean" (last block's patch tokens), "top_mean" or "cls_mean"
+    probe_input: str = "cls_layers"  # one of PROBE_INPUTS (`embed`)
     probe_top_layers: int = 2
     probe_epochs: int = 100
     probe_lr: float = 1e-3
 
 
 RECIPE = Recipe()
-PROBE_INPUTS = ("cls", "mean", "top_mean", "cls_mean")
+PROBE_INPUTS = ("cls", "mean", "top_mean", "cls_mean", "cls_layers")
 REPLICATES = 2000
 MODELS = ("log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
 PRETRAINED = ("stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
@@ -134,19 +134,22 @@ def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm:
 
 def embed(encoder: Encoder, fbank: torch.Tensor, probe_input: str, top_layers: int) -> torch.Tensor:
     """[B, 1, T, F] fbank -> probe features: the CLS token ("cls", [B, D]), the last block's patch
-    tokens mean-pooled ("mean", [B, D]), both concatenated ("cls_mean", [B, 2D]), or the
-    mean-pooled patch tokens of each of the top `top_layers` blocks, averaged ("top_mean", [B, D])."""
+    tokens mean-pooled ("mean", [B, D]), both concatenated ("cls_mean", [B, 2D]), the mean-pooled
+    patch tokens of each of the top `top_layers` blocks, averaged ("top_mean", [B, D]), or the CLS
+    token and every block's mean-pooled patch tokens, concatenated ("cls_layers", [B, (1 + depth) D])."""
     if probe_input in ("cls", "mean", "cls_mean"):
         x = encoder.extract_features(fbank, granularity="all")
         cls, mean = x[:, 0], x[:, 1:].mean(dim=1)
         return cls if probe_input == "cls" else mean if probe_input == "mean" else torch.cat([cls, mean], dim=1)
-    if probe_input != "top_mean":
+    if probe_input not in ("top_mean", "cls_layers"):
         raise ValueError(f"probe_input must be one of {PROBE_INPUTS}, got {probe_input!r}")
     x = encoder.norm(encoder.tokens(fbank))
     pooled = []
     for block in encoder.blocks:
         x, _ = block(x)
         pooled.append(x[:, 1:].mean(dim=1))
+    if probe_input == "cls_layers":
+        return torch.cat([x[:, 0], *pooled], dim=1)
     return torch.stack(pooled[-top_layers:]).mean(dim=0)
 
 
