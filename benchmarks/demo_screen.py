@@ -27,7 +27,7 @@ import shutil
 import numpy as np
 import torch
 
-from sslam_fast import data
+from sslam_fast import data, train
 from sslam_fast.evaluation import demo
 from sslam_fast.evaluation.benchmark import build_benchmark
 from sslam_fast.evaluation.intervals import bootstrap_replicates, interval
@@ -42,6 +42,8 @@ VARIANTS = {  # name: (recipe changes, model changes, stage-1 updates): about th
     "batch16": ({"batch": 16}, {}, 1200),  # 2x the clips and views per update, 1.26x the time per update
     "width128": ({}, {"embed_dim": 128}, 900),  # 1.7x the time per update
     "mask0.6": ({}, {"mask_prob": 0.6}, 1500),
+    "depth2": ({}, {"depth": 2, "average_top_k_layers": 2}, 1900),  # targets: every block, as in the demo
+    "depth6": ({}, {"depth": 6, "average_top_k_layers": 6}, 1200),
 }
 
 
@@ -142,8 +144,6 @@ def main() -> None:
                       seed, {"variant": variant, "encoder": "random init", "shape": list(shape)})
             run_dir = os.path.join(args.out, "runs", f"{variant}_{updates}_seed{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)
-            from sslam_fast import train
-
             launch = train.main
             every = args.every or updates
             train.main = lambda argv: launch([f"checkpoint.every_steps={every}" if a.startswith("checkpoint.every_steps=") else
