@@ -22,23 +22,16 @@ import time
 
 import torch
 
-from sslam_fast import data
 from sslam_fast.evaluation import demo
-from sslam_fast.evaluation.benchmark import build_benchmark
+from sslam_fast.evaluation.demo import SPLITS
 from sslam_fast.released.formats import load_pretrainer
-
-SPLITS = ("mono_train", "mono_test", "poly_train", "poly_test")
 
 
 def probe_inputs(encoder, fbank: torch.Tensor, freq_patches: int) -> dict:
     """Every probe input from one pass: the demo's, and the patch tokens pooled over time per
     frequency row, rows concatenated ("freq_rows", [B, F*D]; "freq_rows_top2": the top 2 blocks
     averaged first; "freq_rows_meanstd": per-row mean and standard deviation)."""
-    x = encoder.norm(encoder.tokens(fbank))
-    layers = []
-    for block in encoder.blocks:
-        x, _ = block(x)
-        layers.append(x)
+    layers = demo.block_tokens(encoder, fbank)
     b, last = fbank.shape[0], layers[-1]
     cls, patches = last[:, 0], last[:, 1:]
     top2 = torch.stack([layer[:, 1:] for layer in layers[-2:]]).mean(dim=0)
@@ -67,32 +60,13 @@ def main() -> None:
                                test_clips_per_class=args.test_clips_per_class, test_scenes=args.test_scenes)
     os.makedirs(args.out, exist_ok=True)
     clock = time.perf_counter()
-    bench = build_benchmark(os.path.join(args.out, "benchmark"), seed=0, clip_seconds=size.clip_seconds,
-                            train_clips_per_class=size.train_clips_per_class, test_clips_per_class=size.test_clips_per_class,
-                            train_scenes=size.train_scenes, test_scenes=size.test_scenes, source="instruments")
-    first, second = (data.read_manifest(bench.manifests[s]) for s in ("mono_train", "poly_train"))
-    manifest = os.path.join(args.out, "pretrain.tsv")
-    data.Manifest(manifest, bench.root, first.paths + second.paths, first.sizes + second.sizes).write(manifest)
-    mean, std, _ = data.norm_stats(manifest, size.target_length)
-    norm = (round(mean, 4), round(std, 4))
-    splits = {s: demo._load_split(bench, s, size, norm) for s in SPLITS}
+    bench, manifest, norm, splits = demo.prepare_benchmark(args.out, args.out, size, 0, "instruments")
     print(f"benchmark {time.perf_counter() - clock:.0f} s", flush=True)
-
-    from sslam_fast import train
-
-    every = args.every or args.updates
-    launch = train.main
-
-    def checkpointing(argv):  # the demo's _pretrain keeps only the last checkpoint: keep every one
-        argv = [f"checkpoint.every_steps={every}" if a.startswith("checkpoint.every_steps=") else
-                "checkpoint.keep_last=1000" if a.startswith("checkpoint.keep_last=") else a for a in argv]
-        return launch(argv)
 
     run_dir = os.path.join(args.out, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    train.main = checkpointing
-    start = demo._pretrain(run_dir, manifest, size, recipe, norm, 1, recipe.peak_lr, args.seed, updates=args.updates)
-    train.main = launch
+    start = demo._pretrain(run_dir, manifest, size, recipe, norm, 1, recipe.peak_lr, args.seed, updates=args.updates,
+                           checkpoint_every=args.every)
     seconds = start["seconds"]
     encoders = {os.path.basename(c): c for c in sorted(glob.glob(os.path.join(run_dir, "step_*")))}
     if args.cont:

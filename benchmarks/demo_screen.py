@@ -27,14 +27,12 @@ import shutil
 import numpy as np
 import torch
 
-from sslam_fast import data, train
 from sslam_fast.evaluation import demo
-from sslam_fast.evaluation.benchmark import build_benchmark
+from sslam_fast.evaluation.demo import SPLITS
 from sslam_fast.evaluation.intervals import bootstrap_replicates, interval
 from sslam_fast.evaluation.metrics import accuracy, mean_average_precision
 from sslam_fast.released.formats import load_pretrainer
 
-SPLITS = ("mono_train", "mono_test", "poly_train", "poly_test")
 M = demo.RECIPE.model
 VARIANTS = {  # name: (recipe changes, model changes, stage-1 updates): about the demo's start's time each
     "base": ({}, {}, 1500),  # the demo's stage-1 start
@@ -51,12 +49,9 @@ def inputs(encoder, fbank: torch.Tensor) -> dict:
     """Every probe input from one pass: the demo's CLS + mean ("cls_mean"), with the patch tokens'
     standard deviation over the clip ("cls_mean_std") or max ("cls_max"), and CLS with every block's
     mean-pooled patch tokens ("cls_layers", `demo.embed`'s) plus their max ("cls_layers_max")."""
-    x = encoder.norm(encoder.tokens(fbank))
-    layers = []
-    for block in encoder.blocks:
-        x, _ = block(x)
-        layers.append(x[:, 1:])
-    cls, last = x[:, 0], layers[-1]
+    blocks = demo.block_tokens(encoder, fbank)
+    layers = [x[:, 1:] for x in blocks]
+    cls, last = blocks[-1][:, 0], layers[-1]
     return {"cls_mean": torch.cat([cls, last.mean(1)], 1), "cls_mean_std": torch.cat([cls, last.mean(1), last.std(1)], 1),
             "cls_max": torch.cat([cls, last.amax(1)], 1), "cls_layers": torch.cat([cls] + [p.mean(1) for p in layers], 1),
             "cls_layers_max": torch.cat([cls] + [p.mean(1) for p in layers] + [p.amax(1) for p in layers], 1)}
@@ -93,16 +88,8 @@ def main() -> None:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     size = demo.FULL
-    bench = build_benchmark(os.path.join(args.out, "benchmark"), seed=seeds[0] if args.benchmark_seed is None else args.benchmark_seed,
-                            clip_seconds=size.clip_seconds, train_clips_per_class=size.train_clips_per_class,
-                            test_clips_per_class=size.test_clips_per_class, train_scenes=size.train_scenes,
-                            test_scenes=size.test_scenes, source="instruments")
-    first, second = (data.read_manifest(bench.manifests[s]) for s in ("mono_train", "poly_train"))
-    manifest = os.path.join(args.out, "pretrain.tsv")
-    data.Manifest(manifest, bench.root, first.paths + second.paths, first.sizes + second.sizes).write(manifest)
-    mean, std, _ = data.norm_stats(manifest, size.target_length)
-    norm = (round(mean, 4), round(std, 4))
-    splits = {s: demo._load_split(bench, s, size, norm) for s in SPLITS}
+    bench, manifest, norm, splits = demo.prepare_benchmark(
+        args.out, args.out, size, seeds[0] if args.benchmark_seed is None else args.benchmark_seed, "instruments")
     targets = {"mono_accuracy": splits["mono_test"][1].argmax(1).numpy(), "poly_mAP": splits["poly_test"][1].numpy()}
     metrics = {"mono_accuracy": lambda p, t: 100 * accuracy(p, t), "poly_mAP": lambda p, t: 100 * mean_average_precision(p, t)}
     probes = ("demo", "logreg") if args.logreg else ("demo",)
@@ -144,15 +131,8 @@ def main() -> None:
                       seed, {"variant": variant, "encoder": "random init", "shape": list(shape)})
             run_dir = os.path.join(args.out, "runs", f"{variant}_{updates}_seed{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)
-            launch = train.main
-            every = args.every or updates
-            train.main = lambda argv: launch([f"checkpoint.every_steps={every}" if a.startswith("checkpoint.every_steps=") else
-                                              "checkpoint.keep_last=1000" if a.startswith("checkpoint.keep_last=") else a
-                                              for a in argv])
-            try:
-                run = demo._pretrain(run_dir, manifest, size, recipe, norm, 1, recipe.peak_lr, seed, updates=updates)
-            finally:
-                train.main = launch
+            run = demo._pretrain(run_dir, manifest, size, recipe, norm, 1, recipe.peak_lr, seed, updates=updates,
+                                 checkpoint_every=args.every)
             for checkpoint in sorted(glob.glob(os.path.join(run_dir, "step_*"))):
                 step = int(checkpoint.rsplit("_", 1)[1])
                 model = load_pretrainer(os.path.join(checkpoint, "train.pt"))

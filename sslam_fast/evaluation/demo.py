@@ -93,6 +93,7 @@ class Recipe:
 RECIPE = Recipe()
 PROBE_INPUTS = ("cls", "mean", "top_mean", "cls_mean", "cls_layers")
 REPLICATES = 2000
+SPLITS = ("mono_train", "mono_test", "poly_train", "poly_test")
 MODELS = ("log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
 PRETRAINED = ("stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
 TASKS = {"mono_accuracy": "monophonic accuracy %", "poly_mAP": "polyphonic mAP %"}
@@ -101,8 +102,10 @@ DIFFERENCES = (("stage 1 (EAT)", "random init"), ("stage 1 + 2 (SSLAM)", "random
 
 
 def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm: tuple, stage: int, lr: float,
-              seed: int, init_from: str = "", precision: str = "fp32", updates: Optional[int] = None) -> Dict[str, Any]:
-    """One pretraining run of `updates` updates (default `size.updates`)."""
+              seed: int, init_from: str = "", precision: str = "fp32", updates: Optional[int] = None,
+              checkpoint_every: int = 0) -> Dict[str, Any]:
+    """One pretraining run of `updates` updates (default `size.updates`); its last checkpoint is
+    kept, or with `checkpoint_every` one every that many updates (the recipe studies' curves)."""
     from .. import train
 
     updates = updates or size.updates
@@ -115,7 +118,8 @@ def _pretrain(run_dir: str, manifest: str, size: DemoSize, recipe: Recipe, norm:
         f"train.precision={precision}", f"train.seed={seed}", f"train.collapse_after={updates}",
         f"optim.lr={lr}", f"optim.warmup_steps={max(1, int(updates * recipe.warmup_fraction))}",
         f"optim.cosine_steps={updates}",
-        f"checkpoint.dir={run_dir}", f"checkpoint.every_steps={updates}", "checkpoint.keep_last=1",
+        f"checkpoint.dir={run_dir}", f"checkpoint.every_steps={checkpoint_every or updates}",
+        f"checkpoint.keep_last={-(-updates // checkpoint_every) if checkpoint_every else 1}",
         f"logging.every_steps={max(1, updates // 60)}", "logging.progress_bar=false",
         f"logging.tensorboard={str(_importable('tensorboard')).lower()}",
     ]
@@ -143,14 +147,21 @@ def embed(encoder: Encoder, fbank: torch.Tensor, probe_input: str, top_layers: i
         return cls if probe_input == "cls" else mean if probe_input == "mean" else torch.cat([cls, mean], dim=1)
     if probe_input not in ("top_mean", "cls_layers"):
         raise ValueError(f"probe_input must be one of {PROBE_INPUTS}, got {probe_input!r}")
+    blocks = block_tokens(encoder, fbank)
+    pooled = [x[:, 1:].mean(dim=1) for x in blocks]
+    if probe_input == "cls_layers":
+        return torch.cat([blocks[-1][:, 0], *pooled], dim=1)
+    return torch.stack(pooled[-top_layers:]).mean(dim=0)
+
+
+def block_tokens(encoder: Encoder, fbank: torch.Tensor) -> List[torch.Tensor]:
+    """Every block's output tokens [B, 1 + P, D] (CLS first), first block first: one pass."""
     x = encoder.norm(encoder.tokens(fbank))
-    pooled = []
+    out = []
     for block in encoder.blocks:
         x, _ = block(x)
-        pooled.append(x[:, 1:].mean(dim=1))
-    if probe_input == "cls_layers":
-        return torch.cat([x[:, 0], *pooled], dim=1)
-    return torch.stack(pooled[-top_layers:]).mean(dim=0)
+        out.append(x)
+    return out
 
 
 def logmel_features(fbank: torch.Tensor) -> torch.Tensor:
@@ -170,6 +181,22 @@ def _load_split(bench, split: str, size: DemoSize, norm: tuple):
     for i, clip in enumerate(labels):
         targets[i, clip] = 1.0
     return clips, targets
+
+
+def prepare_benchmark(out_dir: str, runs_dir: str, size: DemoSize, seed: int, source: str):
+    """Build the benchmark at `size` under out_dir/benchmark from `seed`, write runs_dir/pretrain.tsv
+    (its mono and poly training clips, without labels: what pretraining reads) and measure its fbank
+    normalisation. Returns (benchmark, pretraining manifest path, (mean, std) rounded to 4 decimals,
+    split -> (normalised fbank [clips, 1, T, F], 0/1 targets [clips, classes]))."""
+    bench = build_benchmark(os.path.join(out_dir, "benchmark"), seed=seed, clip_seconds=size.clip_seconds,
+                            train_clips_per_class=size.train_clips_per_class, test_clips_per_class=size.test_clips_per_class,
+                            train_scenes=size.train_scenes, test_scenes=size.test_scenes, source=source)
+    first, second = (_data.read_manifest(bench.manifests[s]) for s in ("mono_train", "poly_train"))
+    manifest = os.path.join(runs_dir, "pretrain.tsv")
+    _data.Manifest(manifest, bench.root, first.paths + second.paths, first.sizes + second.sizes).write(manifest)
+    mean, std, _ = _data.norm_stats(manifest, size.target_length)
+    norm = (round(mean, 4), round(std, 4))
+    return bench, manifest, norm, {split: _load_split(bench, split, size, norm) for split in SPLITS}
 
 
 def _plot(results: Dict[str, Any], path: str) -> None:
@@ -333,15 +360,7 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, size: Optional[De
     shutil.rmtree(runs_dir, ignore_errors=True)  # the demo's own pretraining runs: start afresh
     os.makedirs(runs_dir)
 
-    bench = build_benchmark(os.path.join(out_dir, "benchmark"), seed=seed, clip_seconds=size.clip_seconds,
-                            train_clips_per_class=size.train_clips_per_class, test_clips_per_class=size.test_clips_per_class,
-                            train_scenes=size.train_scenes, test_scenes=size.test_scenes, source=source)
-    first, second = (_data.read_manifest(bench.manifests[s]) for s in ("mono_train", "poly_train"))
-    manifest = os.path.join(runs_dir, "pretrain.tsv")
-    _data.Manifest(manifest, bench.root, first.paths + second.paths, first.sizes + second.sizes).write(manifest)
-    mean, std, _ = _data.norm_stats(manifest, size.target_length)
-    norm = (round(mean, 4), round(std, 4))
-    splits = {split: _load_split(bench, split, size, norm) for split in ("mono_train", "mono_test", "poly_train", "poly_test")}
+    bench, manifest, norm, splits = prepare_benchmark(out_dir, runs_dir, size, seed, source)
     seconds["benchmark"], clock = time.perf_counter() - clock, time.perf_counter()
 
     from ..released.formats import load_pretrainer
