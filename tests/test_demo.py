@@ -181,6 +181,24 @@ def test_instrument_benchmark_labels_are_the_union_of_the_rendered_parts(tmp_pat
         assert not set(entry["train_recordings"]) & set(entry["test_recordings"])
 
 
+@pytest.mark.skipif(not instruments_available(), reason="apt-get install fluidsynth fluid-soundfont-gm")
+def test_instrument_benchmark_renders_the_phrases_per_program_it_is_given(tmp_path):
+    """phrases_per_program sets each family's recordings (programs x phrases; the drum kit 8x), split
+    into disjoint train and test recordings; the demo's full size renders 8 per program."""
+    bench = build_benchmark(str(tmp_path), seed=2, source="instruments", clip_seconds=1.0, train_clips_per_class=1,
+                            test_clips_per_class=1, train_scenes=2, test_scenes=2, phrases_per_program=3)
+    for entry in bench.info["classes"]:
+        programs = INSTRUMENT_FAMILIES[entry["label"]][1]
+        recordings = entry["train_recordings"] + entry["test_recordings"]
+        expected = {f"gm:{entry['label']}/program{p:03d}/phrase{k}" for p in programs
+                    for k in range(3 * (8 if entry["label"] == "drums" else 1))}
+        assert len(recordings) == len(expected) and set(recordings) == expected
+        assert not set(entry["train_recordings"]) & set(entry["test_recordings"])
+    assert demo.FULL.phrases_per_program == 8 and demo.QUICK.phrases_per_program == benchmark.INSTRUMENT_PHRASES
+    with pytest.raises(ValueError, match="phrases_per_program must be >= 1, got 0"):
+        build_benchmark(str(tmp_path / "none"), source="instruments", phrases_per_program=0)
+
+
 def test_demo_says_what_to_install_before_any_work(tmp_path):
     """Without matplotlib (or deepspeed) the demo stops at once with one line, writing nothing."""
     code = (

@@ -38,9 +38,9 @@ With `source="instruments"` the classes are General MIDI instrument families (`I
 piano, organ, guitar, bass, strings, brass, reed, pipe, ...) rendered by fluidsynth (Debian
 `fluidsynth`) from a GM soundfont (`fluid-soundfont-gm` or `timgm6mb-soundfont`): each "recording"
 is a phrase of notes and chords that one program of the family plays, drawn from the seed, so a
-family has programs x `INSTRUMENT_PHRASES` recordings; one MIDI file holds every phrase and is
-rendered once. A scene mixes events of distinct families, so its labels are the union of its
-events' families.
+family has programs x `phrases_per_program` recordings (default `INSTRUMENT_PHRASES`; the drum kit
+8x that); one MIDI file holds every phrase and is rendered once. A scene mixes events of
+distinct families, so its labels are the union of its events' families.
 
 With `source="synthetic"` (or "auto" when the recordings are missing) the classes are synthesised
 signals instead (tones, chirps, noise bursts, ...: `SYNTHETIC_CLASSES`), each "recording" one
@@ -285,14 +285,15 @@ def _midi_file(events: List[Tuple[float, bytes]]) -> bytes:
     return b"MThd" + struct.pack(">IHHH", 6, 0, 1, 480) + b"MTrk" + struct.pack(">I", len(track)) + track
 
 
-def _instrument_recordings(seed: int) -> Tuple[Dict[str, List[str]], Dict[str, np.ndarray]]:
-    """Render every family's phrases (one MIDI file, one fluidsynth run): (label -> recording ids,
-    recording id -> 16 kHz samples with silence trimmed)."""
+def _instrument_recordings(seed: int, phrases_per_program: int = INSTRUMENT_PHRASES
+                           ) -> Tuple[Dict[str, List[str]], Dict[str, np.ndarray]]:
+    """Render `phrases_per_program` phrases of every program of every family (one MIDI file, one
+    fluidsynth run): (label -> recording ids, recording id -> 16 kHz samples with silence trimmed)."""
     slot = PHRASE_SECONDS + RELEASE_SECONDS
     recordings, slots, events = {}, {}, []
     melodic = [c for c in range(16) if c != DRUM_CHANNEL]
     for f, (label, (_, programs, _)) in enumerate(INSTRUMENT_FAMILIES.items()):
-        phrases = INSTRUMENT_PHRASES * (8 if label == "drums" else 1)
+        phrases = phrases_per_program * (8 if label == "drums" else 1)
         recordings[label] = []
         for program in programs:
             for k in range(phrases):
@@ -344,14 +345,15 @@ def _place(length: int, n: int, rng: np.random.Generator) -> int:
 def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, train_clips_per_class: int = 12,
                     test_clips_per_class: int = 6, train_scenes: int = 120, test_scenes: int = 60, min_events: int = 2,
                     max_events: int = 4, test_fraction: float = 0.3, gain_db: Tuple[float, float] = (-10.0, 0.0),
-                    source: str = "auto") -> Benchmark:
+                    source: str = "auto", phrases_per_program: int = INSTRUMENT_PHRASES) -> Benchmark:
     """Write the benchmark (module docstring) under `out_dir/recordings` or `out_dir/synthesised`.
 
     source: "recordings" (the packaged recordings; an error when fewer than two classes have two
     recordings), "instruments" (GM instrument families rendered by fluidsynth; an error when
     fluidsynth or a soundfont is missing), "synthetic" (the labelled synthesised fallback) or
-    "auto" (recordings when available, else the fallback). The same arguments and the same installed files give the same
-    benchmark, byte for byte.
+    "auto" (recordings when available, else the fallback). phrases_per_program: the instruments'
+    recordings per GM program (more: more varied clips, and test clips from more held-out phrases).
+    The same arguments and the same installed files give the same benchmark, byte for byte.
     """
     if source not in ("auto", "recordings", "instruments", "synthetic"):
         raise ValueError(f"source must be 'auto', 'recordings', 'instruments' or 'synthetic', got {source!r}")
@@ -364,6 +366,8 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if min(train_clips_per_class, test_clips_per_class, train_scenes, test_scenes) < 0:
         raise ValueError("clip and scene counts must be >= 0")
+    if phrases_per_program < 1:
+        raise ValueError(f"phrases_per_program must be >= 1, got {phrases_per_program}")
     import soundfile as sf
 
     n = int(round(clip_seconds * SAMPLE_RATE))
@@ -390,7 +394,7 @@ def build_benchmark(out_dir: str, seed: int = 0, clip_seconds: float = 4.0, trai
         paths, dropped = {}, []
     elif source == "instruments":
         names = {label: entry[0] for label, entry in INSTRUMENT_FAMILIES.items()}
-        recordings, waves = _instrument_recordings(seed)
+        recordings, waves = _instrument_recordings(seed, phrases_per_program)
         paths, dropped = {}, []
     else:
         names = {label: RECORDED_CLASSES[label][0] for label in usable}
