@@ -1,16 +1,18 @@
-"""The demo recipe's third study (docs/demo_recipe.md): variants of the stage-1 start, several seeds
-each, on the demo's full-size benchmark, each compared with the random-init encoder of the same
-shape and seed by a paired bootstrap over seeds and test clips (the demo's intervals).
+"""The demo recipe's third and fourth studies (docs/demo_recipe.md): variants of the stage-1 start,
+several seeds each, on the demo's full-size benchmark, each compared with the random-init encoder of
+the same shape and seed by a paired bootstrap over seeds and test clips (the demo's intervals).
 
     python benchmarks/demo_screen.py OUT_DIR VARIANT [VARIANT ...] [--seeds 3,4,5]
-        [--benchmark-seed 3] [--updates N] [--every K] [--teacher] [--logreg]
+        [--benchmark-seed 3] [--updates N] [--every K] [--phrases N] [--target-length T]
+        [--teacher] [--logreg]
 
 For each variant and seed: one stage-1 run from scratch (`demo._pretrain`, the demo's schedule and
 EMA anneal over the run; no continuation), then the linear probes of `sslam-fast demo` on every
 probe input of `inputs` for the student (and with --teacher the EMA teacher) of each checkpoint
 (every K updates with --every, else the last) and for random init. --logreg adds a converged,
 L2-regularised logistic regression (scikit-learn, C = 0.1) beside the demo's probe. The benchmark
-is the demo's (`demo.FULL`), built from --benchmark-seed as the demo builds it from its first seed;
+is the demo's (`demo.FULL`; --phrases: with that many phrases per GM program), built from
+--benchmark-seed as the demo builds it from its first seed;
 pretraining never sees a test clip. Appends one JSON line per probed encoder to
 OUT_DIR/screen.jsonl and prints, per variant, checkpoint, encoder and input, the difference to
 random init with its 95 % interval.
@@ -34,7 +36,7 @@ from sslam_fast.evaluation.metrics import accuracy, mean_average_precision
 from sslam_fast.released.formats import load_pretrainer
 
 M = demo.RECIPE.model
-VARIANTS = {  # name: (recipe changes, model changes, stage-1 updates): about the demo's start's time each
+VARIANTS = {  # name: (recipe changes, model changes, stage-1 updates[, input scale]): about the demo's start's time each
     "base": ({}, {}, 1500),  # the demo's stage-1 start
     "batch16_views2": ({"batch": 16, "clone_batch": 2}, {}, 1500),  # 2x the clips, the same student views
     "batch16": ({"batch": 16}, {}, 1200),  # 2x the clips and views per update, 1.26x the time per update
@@ -42,6 +44,14 @@ VARIANTS = {  # name: (recipe changes, model changes, stage-1 updates): about th
     "mask0.6": ({}, {"mask_prob": 0.6}, 1500),
     "depth2": ({}, {"depth": 2, "average_top_k_layers": 2}, 1900),  # targets: every block, as in the demo
     "depth6": ({}, {"depth": 6, "average_top_k_layers": 6}, 1200),
+    # the normalised fbank times 2 / 4 (data.norm_std divided by it), for the encoder and its random init alike
+    "input_x2": ({}, {}, 1500, 2.0),
+    "input_x4": ({}, {}, 1500, 4.0),
+    # teachers: the demo's EMA until the fourth study, the first study's slow one, a frozen random teacher
+    # (the demo's own since the fourth study is the released recipe's, 0.9998 -> 0.99999: configs/as2m.json)
+    "ema_fast": ({}, {"ema_decay": 0.99, "ema_end_decay": 0.999}, 1500),
+    "ema_slow": ({}, {"ema_decay": 0.999, "ema_end_decay": 0.9999}, 1500),
+    "ema_frozen": ({}, {"ema_decay": 1.0, "ema_end_decay": 1.0}, 1500),
 }
 
 
@@ -83,11 +93,14 @@ def main() -> None:
     p.add_argument("--benchmark-seed", type=int, default=None, help="default: the first seed, as the demo does")
     p.add_argument("--updates", type=int, default=0, help="stage-1 updates instead of the variant's")
     p.add_argument("--every", type=int, default=0, help="also probe a checkpoint every this many updates")
+    p.add_argument("--phrases", type=int, default=0, help="the benchmark's phrases per GM program instead of the demo's")
+    p.add_argument("--target-length", type=int, default=0, help="fbank frames per clip instead of the demo's")
     p.add_argument("--teacher", action="store_true", help="probe the EMA teacher too")
     p.add_argument("--logreg", action="store_true", help="also a converged logistic-regression probe (scikit-learn)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    size = demo.FULL
+    size = dataclasses.replace(demo.FULL, **{k: v for k, v in (("phrases_per_program", args.phrases),
+                                                                ("target_length", args.target_length)) if v})
     bench, manifest, norm, splits = demo.prepare_benchmark(
         args.out, args.out, size, seeds[0] if args.benchmark_seed is None else args.benchmark_seed, "instruments")
     targets = {"mono_accuracy": splits["mono_test"][1].argmax(1).numpy(), "poly_mAP": splits["poly_test"][1].numpy()}
@@ -95,10 +108,10 @@ def main() -> None:
     probes = ("demo", "logreg") if args.logreg else ("demo",)
     predictions = {}  # (variant, checkpoint, encoder, input, probe) -> task -> per-seed test scores
 
-    def probe(rows, encoder, seed: int, meta: dict) -> None:
+    def probe(rows, encoder, seed: int, meta: dict, scale: float) -> None:
         encoder.eval()
         with torch.inference_mode():
-            outs = {s: [inputs(encoder, c) for c in clips.split(32)] for s, (clips, _) in splits.items()}
+            outs = {s: [inputs(encoder, c * scale) for c in clips.split(32)] for s, (clips, _) in splits.items()}
         feats = {s: {k: torch.cat([o[k] for o in out]) for k in out[0]} for s, out in outs.items()}
         scores = {}
         for key in feats["mono_train"]:
@@ -119,19 +132,20 @@ def main() -> None:
 
     randoms = {}
     for variant in args.variants:
-        recipe_changes, model_changes, updates = VARIANTS[variant]
+        recipe_changes, model_changes, updates, *scale = VARIANTS[variant]
+        scale = scale[0] if scale else 1.0
         recipe = dataclasses.replace(demo.RECIPE, model=dict(M, **model_changes), **recipe_changes)
         updates = args.updates or updates
-        shape = recipe.model["embed_dim"], recipe.model["depth"]
+        shape = recipe.model["embed_dim"], recipe.model["depth"], scale
         for seed in seeds:
             if (shape, seed) not in randoms:
                 torch.manual_seed(seed)  # as the demo draws its random-init encoder
                 randoms[shape, seed] = {}
                 probe(randoms[shape, seed], demo.Encoder(demo.SSLAMConfig(**dict(recipe.model, clone_batch=recipe.clone_batch))),
-                      seed, {"variant": variant, "encoder": "random init", "shape": list(shape)})
+                      seed, {"variant": variant, "encoder": "random init", "shape": list(shape)}, scale)
             run_dir = os.path.join(args.out, "runs", f"{variant}_{updates}_seed{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)
-            run = demo._pretrain(run_dir, manifest, size, recipe, norm, 1, recipe.peak_lr, seed, updates=updates,
+            run = demo._pretrain(run_dir, manifest, size, recipe, (norm[0], norm[1] / scale), 1, recipe.peak_lr, seed, updates=updates,
                                  checkpoint_every=args.every)
             for checkpoint in sorted(glob.glob(os.path.join(run_dir, "step_*"))):
                 step = int(checkpoint.rsplit("_", 1)[1])
@@ -139,7 +153,7 @@ def main() -> None:
                 for name in ("student", "teacher") if args.teacher else ("student",):
                     rows = predictions.setdefault((variant, step, name, shape), {})
                     probe(rows, getattr(model, name), seed, {"variant": variant, "updates": updates, "checkpoint": step,
-                                                              "encoder": name, "pretraining_s": round(run["seconds"], 1)})
+                                                              "encoder": name, "pretraining_s": round(run["seconds"], 1)}, scale)
 
     print(f"\npretrained - random init of the same shape, mean over seeds {seeds} [95 % interval], * resolved")
     for (variant, step, name, shape), rows in predictions.items():

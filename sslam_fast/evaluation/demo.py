@@ -43,7 +43,7 @@ from .. import data as _data
 from ..config import SSLAMConfig
 from ..data import audio as _audio
 from ..model import Encoder
-from .benchmark import build_benchmark, instruments_available
+from .benchmark import INSTRUMENT_PHRASES, build_benchmark, instruments_available
 from .intervals import bootstrap_replicates, interval
 from .metrics import accuracy, mean_average_precision
 from .probe import compute_features, train_linear_probe
@@ -63,13 +63,14 @@ class DemoSize:
     seeds: int
     mix: tuple  # (window, w1_max, w2_max) in frames, the recipe's 240/496/782 of 1024 scaled
     start_updates: Optional[int] = None  # the shared stage-1 start; None: `updates`
+    phrases_per_program: int = INSTRUMENT_PHRASES  # the instruments benchmark's recordings per GM program
 
     @property
     def start(self) -> int:
         return self.updates if self.start_updates is None else self.start_updates
 
 
-FULL = DemoSize(4.0, 400, 48, 12, 480, 120, 300, 3, (96, 192, 304), start_updates=1500)
+FULL = DemoSize(4.0, 400, 48, 24, 480, 240, 300, 3, (96, 192, 304), start_updates=1500, phrases_per_program=8)
 QUICK = DemoSize(2.0, 192, 4, 2, 40, 20, 20, 2, (48, 80, 144))
 
 
@@ -79,7 +80,7 @@ class Recipe:
 
     model: Dict[str, Any] = field(default_factory=lambda: {
         "embed_dim": 64, "depth": 4, "num_heads": 4, "decoder_layers": 2, "decoder_groups": 16,
-        "average_top_k_layers": 4, "attention": "sdpa", "ema_decay": 0.99, "ema_end_decay": 0.999})
+        "average_top_k_layers": 4, "attention": "sdpa", "ema_decay": 0.9998, "ema_end_decay": 0.99999})  # the released EMA
     clone_batch: int = 4  # masked views per clip in stage 1 (stage 2: half)
     batch: int = 8
     peak_lr: float = 1e-3
@@ -190,7 +191,8 @@ def prepare_benchmark(out_dir: str, runs_dir: str, size: DemoSize, seed: int, so
     split -> (normalised fbank [clips, 1, T, F], 0/1 targets [clips, classes]))."""
     bench = build_benchmark(os.path.join(out_dir, "benchmark"), seed=seed, clip_seconds=size.clip_seconds,
                             train_clips_per_class=size.train_clips_per_class, test_clips_per_class=size.test_clips_per_class,
-                            train_scenes=size.train_scenes, test_scenes=size.test_scenes, source=source)
+                            train_scenes=size.train_scenes, test_scenes=size.test_scenes, source=source,
+                            phrases_per_program=size.phrases_per_program)
     first, second = (_data.read_manifest(bench.manifests[s]) for s in ("mono_train", "poly_train"))
     manifest = os.path.join(runs_dir, "pretrain.tsv")
     _data.Manifest(manifest, bench.root, first.paths + second.paths, first.sizes + second.sizes).write(manifest)
