@@ -36,7 +36,8 @@ from sslam_fast.evaluation.metrics import accuracy, mean_average_precision
 from sslam_fast.released.formats import load_pretrainer
 
 M = demo.RECIPE.model
-VARIANTS = {  # name: (recipe changes, model changes, stage-1 updates[, input scale]): about the demo's start's time each
+# name: (recipe changes, model changes, stage-1 updates[, input scale]): about the demo's start's time each
+VARIANTS = {
     "base": ({}, {}, 1500),  # the demo's stage-1 start
     "batch16_views2": ({"batch": 16, "clone_batch": 2}, {}, 1500),  # 2x the clips, the same student views
     "batch16": ({"batch": 16}, {}, 1200),  # 2x the clips and views per update, 1.26x the time per update
@@ -145,8 +146,8 @@ def main() -> None:
                       seed, {"variant": variant, "encoder": "random init", "shape": list(shape)}, scale)
             run_dir = os.path.join(args.out, "runs", f"{variant}_{updates}_seed{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)
-            run = demo._pretrain(run_dir, manifest, size, recipe, (norm[0], norm[1] / scale), 1, recipe.peak_lr, seed, updates=updates,
-                                 checkpoint_every=args.every)
+            run = demo._pretrain(run_dir, manifest, size, recipe, (norm[0], norm[1] / scale), 1, recipe.peak_lr, seed,
+                                 updates=updates, checkpoint_every=args.every)
             for checkpoint in sorted(glob.glob(os.path.join(run_dir, "step_*"))):
                 step = int(checkpoint.rsplit("_", 1)[1])
                 model = load_pretrainer(os.path.join(checkpoint, "train.pt"))
