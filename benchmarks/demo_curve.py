@@ -23,7 +23,7 @@ import time
 import torch
 
 from sslam_fast.evaluation import demo
-from sslam_fast.evaluation.demo import SPLITS
+from sslam_fast.evaluation.benchmark import SPLITS
 from sslam_fast.released.formats import load_pretrainer
 
 

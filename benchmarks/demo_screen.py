@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sslam_fast.evaluation import demo
-from sslam_fast.evaluation.demo import SPLITS
+from sslam_fast.evaluation.benchmark import SPLITS
 from sslam_fast.evaluation.intervals import bootstrap_replicates, interval
 from sslam_fast.evaluation.metrics import accuracy, mean_average_precision
 from sslam_fast.released.formats import load_pretrainer

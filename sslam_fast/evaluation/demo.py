@@ -43,7 +43,7 @@ from .. import data as _data
 from ..config import SSLAMConfig
 from ..data import audio as _audio
 from ..model import Encoder
-from .benchmark import INSTRUMENT_PHRASES, build_benchmark, instruments_available
+from .benchmark import INSTRUMENT_PHRASES, SPLITS, build_benchmark, instruments_available
 from .intervals import bootstrap_replicates, interval
 from .metrics import accuracy, mean_average_precision
 from .probe import compute_features, train_linear_probe
@@ -94,7 +94,6 @@ class Recipe:
 RECIPE = Recipe()
 PROBE_INPUTS = ("cls", "mean", "top_mean", "cls_mean", "cls_layers")
 REPLICATES = 2000
-SPLITS = ("mono_train", "mono_test", "poly_train", "poly_test")
 MODELS = ("log-mel mean+std", "random init", "stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
 PRETRAINED = ("stage 1 (EAT)", "stage 1 + 2 (SSLAM)")
 TASKS = {"mono_accuracy": "monophonic accuracy %", "poly_mAP": "polyphonic mAP %"}
